@@ -1,0 +1,49 @@
+"""`alignkit <command>`: one sub-command per recipe, each with a tyro dataclass config."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, config class, entry function, one-line help). Imported lazily so that
+# `alignkit --help` does not pay for importing torch and transformers.
+COMMANDS = {
+    "demo": ("alignkit.demo", "DemoConfig", "main", "Main job: tokenizer + tiny model from scratch, pretrain, SFT, compare answers"),
+    "train-tokenizer": ("alignkit.tokenizer", "TokenizerConfig", "main", "Train a byte-level BPE tokenizer with a chat template"),
+    "init-model": ("alignkit.commands", "InitModelConfig", "init_model_main", "Create a randomly initialised Llama/Qwen2 model"),
+    "pretrain": ("alignkit.recipes.pretrain", "PretrainConfig", "main", "Next-token prediction on text (cosine or WSD + midtraining)"),
+    "sft": ("alignkit.recipes.sft", "SFTConfig", "main", "Supervised fine-tuning on assistant tokens"),
+    "generate": ("alignkit.commands", "GenerateConfig", "generate_main", "Generate completions for prompts"),
+    "chat": ("alignkit.commands", "ChatConfig", "chat_main", "Interactive chat with a model"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: alignkit <command> [--help] [options]", "", "commands:"]
+    lines += [f"  {name:<16} {spec[3]}" for name, spec in COMMANDS.items()]
+    lines += ["", "Training commands take --config FILE.yaml; flags override it."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return None
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"alignkit: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    module_name, cfg_name, fn_name, _ = COMMANDS[name]
+    from transformers.utils import logging as hf_logging
+
+    from alignkit.config import parse
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars drown our own progress bar
+    module = importlib.import_module(module_name)
+    cfg = parse(getattr(module, cfg_name), rest, prog=f"alignkit {name}")
+    return getattr(module, fn_name)(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Command configs: dataclass defaults < YAML file (`--config`) < command-line flags, parsed by tyro.
+
+Every training command's config dataclass inherits the fields of `TrainConfig` (plain data
+inheritance, no behaviour). The resolved config is written next to the run's outputs so a run can
+be reproduced with `--config OUTPUT/config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tyro
+import yaml
+
+# `--data a.jsonl --data b.jsonl` (repeatable), as in the issue's CLI contract.
+Repeatable = tyro.conf.UseAppendAction
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Fields shared by every training command."""
+
+    model: str = ""
+    """Local Hugging Face model directory (safetensors weights, tokenizer included)."""
+    data: Annotated[tuple[str, ...], Repeatable] = ()
+    """Training data file (JSONL, or .parquet/.arrow with the `datasets` extra). Repeat the flag for several files."""
+    output: str = "runs/out"
+    """Output directory: final model, metrics.jsonl, config.yaml, checkpoints/."""
+    config: str | None = None
+    """YAML file of defaults for these fields; command-line flags override it. Unknown keys are an error."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 = run `epochs` full passes over the data."""
+    epochs: float = 1.0
+    """Passes over the data when `max_steps` is -1 (fractions allowed)."""
+    batch_size: int = 8
+    """Sequences per micro-batch on each process. Global batch = batch_size * grad_accum * processes."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (higher = bigger batch at the same memory)."""
+    max_length: int = 512
+    """Longest sequence in tokens. Longer examples are truncated (or dropped) and counted; see `strict`."""
+    strict: bool = False
+    """Over-long examples are an error (naming file and line) instead of being truncated."""
+    lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Learning rate at the end of the schedule, as a fraction of `lr`."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norms)."""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm; 0 disables."""
+    seed: int = 0
+    """Seed of data order and initialisation. Same seed, same run."""
+    log_every: int = 1
+    """Write a metrics.jsonl row every N optimizer steps."""
+    save_every: int = 0
+    """Write a resumable checkpoint every N steps (0 = only at the end and on SIGTERM/SIGINT)."""
+    save_total_limit: int = 2
+    """Checkpoints kept in OUTPUT/checkpoints (oldest deleted first)."""
+    resume: bool = False
+    """Continue from the last complete checkpoint in OUTPUT/checkpoints."""
+    trust_remote_code: bool = False
+    """Allow model code shipped inside the model directory to run. Off by default: it executes arbitrary code."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, or cuda. CUDA paths are untested on this project's CI."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype. bfloat16 is meant for GPUs (untested here); CPU training uses float32."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def _list_fields(cls) -> set[str]:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = set()
+    for f in dataclasses.fields(cls):
+        meta = getattr(hints[f.name], "__metadata__", ())
+        if any(m is Repeatable for m in meta):
+            out.add(f.name)
+    return out
+
+
+def _flag_given(args: list[str], name: str) -> bool:
+    flag = "--" + name.replace("_", "-")
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def load_yaml_overrides(cls, path: str) -> dict[str, Any]:
+    """Read a YAML config file and check its keys against the command's fields."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"error: --config {path}: no such file")
+    with p.open() as f:
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise SystemExit(f"error: {path}: invalid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"error: {path}: expected a mapping of field: value, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise SystemExit(
+            f"error: {path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}"
+        )
+    for k, v in values.items():
+        if isinstance(v, list):
+            values[k] = tuple(v)
+    return values
+
+
+def parse(cls, args: list[str] | None = None, prog: str | None = None):
+    """Parse a command's config: dataclass defaults < `--config` YAML < flags."""
+    args = list(sys.argv[1:] if args is None else args)
+    default = cls()
+    config_path = None
+    for i, a in enumerate(args):
+        if a == "--config" and i + 1 < len(args):
+            config_path = args[i + 1]
+        elif a.startswith("--config="):
+            config_path = a.split("=", 1)[1]
+    if config_path:
+        values = load_yaml_overrides(cls, config_path)
+        if "config" in {f.name for f in dataclasses.fields(cls)}:
+            values["config"] = config_path
+        try:
+            default = cls(**values)
+        except TypeError as e:
+            raise SystemExit(f"error: {config_path}: {e}") from None
+    # A repeatable flag given on the command line replaces the YAML list instead of appending to it.
+    replace = {n: () for n in _list_fields(cls) if _flag_given(args, n)}
+    if replace:
+        default = dataclasses.replace(default, **replace)
+    return tyro.cli(cls, default=default, args=args, prog=prog)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def save_config(cfg, out_dir: str | Path) -> None:
+    """Write the fully resolved config as OUTPUT/config.yaml (reusable with --config)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    d = to_dict(cfg)
+    d.pop("config", None)
+    d.pop("resume", None)
+    tmp = out / "config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(d, sort_keys=False))
+    tmp.replace(out / "config.yaml")

@@ -1,0 +1,119 @@
+"""Loading, creating and saving Hugging Face causal LMs (safetensors only, no remote code unless asked)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+# Architectures `alignkit init-model` can create, at two sizes. `tiny` is the 1.9M-parameter shape
+# calibrated on a 2-core CPU (issue 5 notes: ~5,400 tokens/s pretraining).
+SIZES = {
+    "tiny": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=1024),
+    "small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+                  num_key_value_heads=2, max_position_embeddings=2048),
+}
+ARCHS = {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}
+
+
+def _check_model_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise SystemExit(f"error: model directory {p} does not exist (expected a local Hugging Face model dir)")
+    if not (p / "config.json").is_file():
+        raise SystemExit(f"error: {p} has no config.json; is it a Hugging Face model directory?")
+    if not any(p.glob("*.safetensors")) and not any(p.glob("*.safetensors.index.json")):
+        pickled = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
+        hint = f" (found {', '.join(pickled)}: pickled weights are not loaded, convert them to safetensors)" if pickled else ""
+        raise SystemExit(f"error: {p} has no .safetensors weights{hint}")
+    return p
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
+    if not Path(path).is_dir():
+        raise SystemExit(f"error: model/tokenizer directory {path} does not exist (expected a local Hugging Face directory)")
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        # Padding positions are masked out of every loss, so any id works; EOS is the usual choice.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False,
+                   device: str | torch.device = "cpu"):
+    p = _check_model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(p), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    return model.to(device)
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Token ids that end a generation: EOS, the chat template's end-of-turn token, and the model's
+    generation_config EOS ids (Qwen-style models list several)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    for t in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(t)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None and tid >= 0:
+            if tokenizer.convert_ids_to_tokens(tid) == t:
+                ids.add(tid)
+    gc = getattr(model, "generation_config", None) if model is not None else None
+    if gc is not None and gc.eos_token_id is not None:
+        ids.update([gc.eos_token_id] if isinstance(gc.eos_token_id, int) else gc.eos_token_id)
+    return sorted(ids)
+
+
+def init_model(arch: str, size: str, tokenizer, seed: int = 0, **overrides):
+    """A randomly initialised causal LM whose vocabulary matches `tokenizer`."""
+    import transformers
+
+    if arch not in ARCHS:
+        raise SystemExit(f"error: unknown --arch {arch}; choose from {', '.join(ARCHS)}")
+    if size not in SIZES:
+        raise SystemExit(f"error: unknown --size {size}; choose from {', '.join(SIZES)}")
+    cfg_cls = getattr(transformers, ARCHS[arch])
+    cfg = cfg_cls(
+        vocab_size=len(tokenizer), tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **{**SIZES[size], **overrides},
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.generation_config = GenerationConfig(
+        eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    return model
+
+
+def unwrap(model):
+    """The underlying HF model of a DDP/compiled wrapper."""
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike) -> None:
+    """save_pretrained (safetensors) + tokenizer into `out_dir`, atomically per file: a kill during the
+    save leaves either the previous files or the new ones, never a half-written weight file."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".tmp-save"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model = unwrap(model)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+def config_of(path: str | os.PathLike):
+    return AutoConfig.from_pretrained(str(path))

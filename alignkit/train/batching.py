@@ -1,0 +1,92 @@
+"""Batches without wasting compute on padding, in an order that is a pure function of (seed, step),
+so that resume and multi-process runs see exactly the same micro-batches as a plain run."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, mega_batch_mult: int = 32) -> list[list[int]]:
+    """Shuffle, cut into mega-batches of `mega_batch_mult * batch_size`, sort each by length and cut
+    into batches, then shuffle the batches (the `group_by_length` sampler of HF Trainer). Sequences
+    in a batch have similar lengths, so little of the padded (B, T) rectangle is padding, while the
+    order stays random at the scale of mega-batches. The last incomplete batch is kept."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    mega = mega_batch_mult * batch_size
+    batches = []
+    for i in range(0, len(order), mega):
+        chunk = sorted(order[i:i + mega], key=lambda j: -lengths[j])
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [order[k:k + batch_size] for k in range(0, n, batch_size)]
+
+
+def collate(seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int,
+            device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence of the batch. Returns input_ids, attention_mask and
+    loss_mask, all (B, T); loss_mask is 0 on padding. attention_mask is None when nothing is padded
+    (SDPA then runs its unmasked causal kernel, which is faster on CPU)."""
+    T = max(len(s) for s in seqs)
+    B = len(seqs)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    loss_mask = torch.zeros((B, T), dtype=torch.long)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        input_ids[i, :len(s)] = torch.as_tensor(s)
+        attention_mask[i, :len(s)] = 1
+        loss_mask[i, :len(m)] = torch.as_tensor(m)
+    padded = bool((attention_mask == 0).any())
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention_mask.to(device) if padded else None,
+        "loss_mask": loss_mask.to(device),
+    }
+
+
+class StepPlan:
+    """Maps an optimizer step to its micro-batches over repeated epochs.
+
+    `make_epoch(e)` returns the list of batches (lists of example indices) of epoch e. Each optimizer
+    step consumes `grad_accum * world_size` consecutive batches; process `rank` takes every
+    `world_size`-th of them, so 1 process x K accumulation and K processes x 1 see the same data.
+    An epoch's leftover batches that do not fill a step are skipped (and counted in `skipped_per_epoch`).
+    """
+
+    def __init__(self, make_epoch, grad_accum: int, world_size: int):
+        self.make_epoch = make_epoch
+        self.per_step = grad_accum * world_size
+        self.world_size = world_size
+        self._cache: dict[int, list[list[int]]] = {}
+        first = self._epoch(0)
+        self.steps_per_epoch = len(first) // self.per_step
+        self.skipped_per_epoch = len(first) - self.steps_per_epoch * self.per_step
+        if self.steps_per_epoch == 0:
+            raise SystemExit(
+                f"error: the data makes {len(first)} batches per epoch, fewer than one optimizer step needs "
+                f"({self.per_step} = grad_accum x processes); lower --batch-size or --grad-accum or add data"
+            )
+
+    def _epoch(self, e: int) -> list[list[int]]:
+        if e not in self._cache:
+            self._cache = {e: self.make_epoch(e)}
+        return self._cache[e]
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        e, i = divmod(step, self.steps_per_epoch)
+        window = self._epoch(e)[i * self.per_step:(i + 1) * self.per_step]
+        return window[rank::self.world_size]
+
+    def all_micro_batches(self, step: int) -> list[list[int]]:
+        e, i = divmod(step, self.steps_per_epoch)
+        return self._epoch(e)[i * self.per_step:(i + 1) * self.per_step]

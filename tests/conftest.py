@@ -1,0 +1,34 @@
+"""Shared fixtures: a tokenizer trained on the shipped data and a very small random Llama."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ASSETS = Path(__file__).resolve().parents[1] / "alignkit" / "assets"
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    return ASSETS
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """Tokenizer (BPE on the shipped corpus) + a 2-layer, 64-wide Llama saved as an HF directory."""
+    from alignkit.models import init_model, save_model
+    from alignkit.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    texts = []
+    for name in ("corpus.jsonl", "instructions.jsonl"):
+        for line in (ASSETS / name).read_text().splitlines():
+            rec = json.loads(line)
+            texts += [rec["text"]] if "text" in rec else [m["content"] for m in rec["messages"]]
+    tok = train_tokenizer(texts, vocab_size=512)
+    model = init_model("llama", "tiny", tok, seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
+    save_model(model, tok, root / "model")
+    return root / "model"
