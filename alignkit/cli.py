@@ -25,7 +25,8 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None):
+def run(argv: list[str] | None = None):
+    """Parse and run one command; returns the command's result (used by tests and notebooks)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -45,5 +46,11 @@ def main(argv: list[str] | None = None):
     return getattr(module, fn_name)(cfg)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: exit status 0 on success (errors exit through SystemExit)."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -23,9 +23,9 @@ class DemoConfig:
 
     output: str = "runs/demo"
     """Directory for every stage's outputs (tokenizer/, init/, base/, sft/)."""
-    pretrain_steps: int = 600
+    pretrain_steps: int = 300
     """Pretraining optimizer steps (batch 16 x 128 tokens)."""
-    sft_epochs: float = 12.0
+    sft_epochs: float = 20.0
     """SFT passes over the shipped instructions."""
     seed: int = 0
     """Seed of every stage."""
@@ -67,14 +67,16 @@ def main(cfg: DemoConfig) -> dict:
         ids = [encode_prompt(tok, p["prompt"], chat=True) for p in prompts]
         answers[stage] = [tok.decode(c, skip_special_tokens=True).strip() for c in generate(model, tok, ids, 40)]
 
-    print("\n== base model vs SFT model (greedy) ==")
+    print("\n== base model vs SFT model (greedy; + = the expected answer appears) ==")
+    correct = {stage: [p["answer"] in a for p, a in zip(prompts, answers[stage])] for stage in answers}
     for i, p in enumerate(prompts):
         print(f"\nQ: {p['prompt']}   [{p['kind']}; expected: {p['answer']}]")
-        print(f"  base: {answers['base'][i]!r}")
-        print(f"  sft : {answers['sft'][i]!r}")
+        for stage in answers:
+            print(f"  {stage:<4} {'+' if correct[stage][i] else ' '} {answers[stage][i]!r}")
+    print("\n" + "  ".join(f"{stage}: {sum(c)}/{len(c)} correct" for stage, c in correct.items()))
     print("\n== stage timings ==")
     for k, v in timings.items():
         print(f"  {k:<18} {v:7.1f} s")
-    result = {"timings": timings, "prompts": prompts, "answers": answers}
+    result = {"timings": timings, "prompts": prompts, "answers": answers, "correct": correct}
     (out / "demo.json").write_text(json.dumps(result, indent=1))
     return result

@@ -60,31 +60,36 @@ for _ in range(200):
     corpus.append({"text": " ".join(rng.sample(NOTES, 3))})
 rng.shuffle(corpus)
 
-QUESTIONS = {
-    "city": (["Where does {name} live?", "Which city is {name} from?"], "{name} lives in {city}."),
-    "job": (["What is {name}'s job?", "What does {name} do for a living?"], "{name} works as a {job}."),
-    "pet": (["What pet does {name} have?", "Which animal does {name} keep?"], "{name} has a {pet}."),
+QUESTIONS = {  # the last phrasing of each is never trained on: the demo asks it
+    "city": (["Where does {name} live?", "In which city does {name} live?", "Where is {name}'s home?",
+              "Which city is {name} from?"], "{name} lives in {city}."),
+    "job": (["What is {name}'s job?", "What work does {name} do?", "What is the job of {name}?",
+             "What does {name} do for a living?"], "{name} works as a {job}."),
+    "pet": (["What pet does {name} have?", "Which animal does {name} keep?", "Does {name} have a pet?",
+             "What kind of pet does {name} own?"], "{name} has a {pet}."),
 }
 seen, unseen = people[:30], people[30:]
 instructions, demo = [], []
 for p in seen:
     for attr, (qs, answer) in QUESTIONS.items():
-        # The first phrasing is trained; the second is held out for the demo.
-        instructions.append({"messages": [{"role": "user", "content": qs[0].format(**p)},
-                                          {"role": "assistant", "content": answer.format(**p)}]})
+        for q in qs[:-1]:
+            instructions.append({"messages": [{"role": "user", "content": q.format(**p)},
+                                              {"role": "assistant", "content": answer.format(**p)}]})
 for _ in range(150):
     a, b, c = arith()
     instructions.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
                                       {"role": "assistant", "content": f"{a} plus {b} is {c}."}]})
 rng.shuffle(instructions)
 
-demo += [{"prompt": QUESTIONS["city"][0][1].format(**seen[0]), "answer": seen[0]["city"],
-          "kind": "seen person, held-out phrasing"},
-         {"prompt": QUESTIONS["job"][0][1].format(**seen[1]), "answer": seen[1]["job"],
-          "kind": "seen person, held-out phrasing"},
-         {"prompt": QUESTIONS["pet"][0][0].format(**unseen[0]), "answer": unseen[0]["pet"],
-          "kind": "person never asked about in SFT (knowledge only from pretraining)"},
-         {"prompt": "What is 12 plus 7?", "answer": "19", "kind": "arithmetic"}]
+for p, attr in zip(seen[:3], ["city", "job", "pet"]):
+    demo.append({"prompt": QUESTIONS[attr][0][-1].format(**p), "answer": p[attr],
+                 "kind": "seen person, held-out phrasing"})
+for p, attr in zip(unseen[:2], ["pet", "city"]):
+    demo.append({"prompt": QUESTIONS[attr][0][0].format(**p), "answer": p[attr],
+                 "kind": "person never asked about in SFT (knowledge only from pretraining)"})
+for _ in range(3):
+    a, b, c = arith()
+    demo.append({"prompt": f"What is {a} plus {b}?", "answer": str(c), "kind": "arithmetic, new numbers"})
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "alignkit" / "assets")
 out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from alignkit.cli import main as cli
+from alignkit.cli import run as cli
 from helpers import read_metrics, run_cli
 
 

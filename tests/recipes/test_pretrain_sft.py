@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignkit.cli import main as cli
+from alignkit.cli import run as cli
 from helpers import read_metrics
 
 
