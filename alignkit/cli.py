@@ -13,6 +13,12 @@ COMMANDS = {
     "init-model": ("alignkit.commands", "InitModelConfig", "init_model_main", "Create a randomly initialised Llama/Qwen2 model"),
     "pretrain": ("alignkit.recipes.pretrain", "PretrainConfig", "main", "Next-token prediction on text (cosine or WSD + midtraining)"),
     "sft": ("alignkit.recipes.sft", "SFTConfig", "main", "Supervised fine-tuning on assistant tokens"),
+    "reward": ("alignkit.recipes.reward", "RewardConfig", "main", "Bradley-Terry reward model on preference pairs"),
+    "dpo": ("alignkit.recipes.dpo", "DPOConfig", "main", "Offline preference optimisation: DPO, IPO, robust, hinge, LN-DPO, SimPO"),
+    "kto": ("alignkit.recipes.kto", "KTOConfig", "main", "KTO on unpaired (or auto-unpaired) preferences"),
+    "ppo": ("alignkit.recipes.ppo", "PPOConfig", "main", "RLHF with PPO against a reward model"),
+    "grpo": ("alignkit.recipes.grpo", "GRPOConfig", "main", "GRPO with reward functions and/or a reward model"),
+    "best-of-n": ("alignkit.recipes.best_of_n", "BestOfNConfig", "main", "Rejection sampling: keep the best of N samples"),
     "generate": ("alignkit.commands", "GenerateConfig", "generate_main", "Generate completions for prompts"),
     "chat": ("alignkit.commands", "ChatConfig", "chat_main", "Interactive chat with a model"),
 }

@@ -74,6 +74,16 @@ class TrainConfig:
     """Parameter dtype. bfloat16 is meant for GPUs (untested here); CPU training uses float32."""
     progress: bool = True
     """Show a progress bar."""
+    skip_nonfinite: bool = False
+    """Skip (and count) an optimizer step whose loss is NaN/inf instead of stopping the run."""
+    lora_r: int = 0
+    """LoRA rank; > 0 trains adapters (peft) instead of all weights. In preference/RL commands the base model with adapters disabled is then the reference."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_targets: str = "all-linear"
+    """Comma-separated module names to adapt, or all-linear."""
+    merge_lora: bool = False
+    """Save merged full weights instead of the adapter."""
 
 
 def _list_fields(cls) -> set[str]:

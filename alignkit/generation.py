@@ -35,3 +35,15 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 6
             out.append(row[:cut])
     model.train(was_training)
     return out
+
+
+def sample_groups(model, tokenizer, prompts: list[list[int]], group_size: int, max_new_tokens: int,
+                  temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64):
+    """`group_size` samples per prompt, consecutive per prompt (rows g*G .. g*G+G-1 belong to prompt g),
+    the layout `losses.group_advantages` expects. Returns (completions, ended) where `ended[i]` says
+    completion i stopped at a stop token rather than at max_new_tokens."""
+    repeated = [p for p in prompts for _ in range(group_size)]
+    completions = generate(model, tokenizer, repeated, max_new_tokens, temperature, top_p, batch_size)
+    stops = set(stop_token_ids(tokenizer, model))
+    ended = [bool(c) and c[-1] in stops for c in completions]
+    return completions, ended

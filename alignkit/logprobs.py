@@ -14,3 +14,23 @@ def next_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
     logps = token_logps(logits[:, :-1], input_ids[:, 1:])  # (B, T-1)
     return logps, loss_mask[:, 1:].to(logps.dtype)  # (B, T-1)
+
+
+def pack_completions(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+                     device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Right-padded batch of prompt + completion rows, loss_mask 1 on completion tokens only."""
+    from alignkit.train.batching import collate
+
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    masks = [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)]
+    return collate(seqs, masks, pad_id, device)
+
+
+def completion_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a `pack_completions` batch: (summed completion log-probs (N,), completion lengths (N,),
+    per-token log-probs (N, T-1) with their mask (N, T-1) folded in as zeros).
+
+    Summed logps are log pi(y|x), the quantity the DPO family and KTO compare."""
+    logps, mask = next_token_logps(model, **batch)  # (N, T-1)
+    token = torch.where(mask.bool(), logps, 0.0)  # (N, T-1)
+    return token.sum(-1), mask.sum(-1), token  # (N,), (N,), (N, T-1)

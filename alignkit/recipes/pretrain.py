@@ -17,14 +17,14 @@ from typing import Annotated, Literal
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from alignkit.config import Repeatable, TrainConfig, save_config
+from alignkit import lora
+from alignkit.config import Repeatable, TrainConfig
 from alignkit.data import load_text
 from alignkit.logprobs import next_token_logps
 from alignkit.losses import aggregate
-from alignkit.models import load_causal_lm, load_tokenizer, save_model
-from alignkit.train import checkpoint, dist as distributed
+from alignkit.models import load_tokenizer
 from alignkit.train.optim import adamw, lr_factor, set_lr, wsd_decay_start
-from alignkit.train.tracking import GracefulStop, MetricsWriter, Throughput, check_finite, progress
+from alignkit.train.run import Run
 
 
 @dataclass
@@ -98,85 +98,56 @@ def main(cfg: PretrainConfig) -> dict:
         raise SystemExit("error: alignkit pretrain needs --data FILE")
     if cfg.mid_data and cfg.schedule != "wsd":
         raise SystemExit("error: --mid-data mixes data into the WSD decay stage; add --schedule wsd")
-    dist = distributed.setup(cfg.device)
-    torch.manual_seed(cfg.seed)
+    run = Run(cfg, "pretrain")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     blocks, dropped_tail = make_blocks(load_text(list(cfg.data), tokenizer), cfg.max_length)
     mid_blocks, mid_tail = make_blocks(load_text(list(cfg.mid_data), tokenizer), cfg.max_length) if cfg.mid_data else ([], 0)
     all_blocks = blocks + mid_blocks
-    per_step = cfg.batch_size * cfg.grad_accum * dist.world_size
+    per_step = cfg.batch_size * cfg.grad_accum * run.world_size
     if len(blocks) < per_step:
         raise SystemExit(f"error: the corpus makes {len(blocks)} blocks of {cfg.max_length} tokens, fewer than one "
                          f"optimizer step needs ({per_step}); lower --batch-size / --max-length or add text")
-    if dist.is_main:
+    if run.is_main:
         print(f"pretrain data: {len(blocks)} blocks of {cfg.max_length} tokens "
               f"({dropped_tail} tail tokens dropped)" + (f", mid data: {len(mid_blocks)} blocks" if cfg.mid_data else ""))
 
     steps_per_epoch = len(blocks) // per_step
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
     decay_start = wsd_decay_start(total_steps, cfg.warmup_steps, cfg.decay_fraction) if cfg.schedule == "wsd" else None
-    plan = MixturePlan(len(blocks), len(mid_blocks), per_step, cfg.batch_size, dist.world_size, cfg.seed,
+    plan = MixturePlan(len(blocks), len(mid_blocks), per_step, cfg.batch_size, run.world_size, cfg.seed,
                        decay_start, cfg.mid_ratio)
 
-    ckpt = checkpoint.latest_checkpoint(cfg.output) if cfg.resume else None
-    model = load_causal_lm(ckpt or cfg.model, cfg.dtype, cfg.trust_remote_code, dist.device)
+    model = lora.load_trainable(cfg, run.checkpoint, run.device)
     model.train()
-    ddp_model = DDP(model) if dist.world_size > 1 else model
+    ddp_model = DDP(model) if run.world_size > 1 else model
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
-    start_step = checkpoint.load_checkpoint(ckpt, optimizer)["step"] if ckpt else 0
-    if dist.is_main:
-        save_config(cfg, cfg.output)
-        if ckpt:
-            print(f"resuming from {ckpt} (step {start_step})")
-    metrics = MetricsWriter(cfg.output, dist.is_main, resume_step=start_step if ckpt else None)
-    bar = progress(total_steps, start_step, cfg.progress and dist.is_main, "pretrain")
-    speed = Throughput()
-    total_tokens = 0
+    start_step = run.begin(model, tokenizer, optimizer, total_steps)
     n_tokens = per_step * (cfg.max_length - 1)  # next-token labels in one global batch
-    ones = torch.ones((cfg.batch_size, cfg.max_length), dtype=torch.long, device=dist.device)
+    ones = torch.ones((cfg.batch_size, cfg.max_length), dtype=torch.long, device=run.device)
 
-    with GracefulStop() as stop:
-        for step in range(start_step, total_steps):
-            lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
-                                    cfg.decay_fraction)
-            set_lr(optimizer, lr)
-            micro = plan.micro_batches(step, dist.rank)
-            loss_sum = 0.0
-            for k, idx in enumerate(micro):
-                input_ids = torch.tensor([all_blocks[i] for i in idx], device=dist.device)  # (B, T)
-                sync = k == len(micro) - 1 or dist.world_size == 1
-                with nullcontext() if sync else ddp_model.no_sync():
-                    logps, mask = next_token_logps(ddp_model, input_ids, None, ones[:len(idx)])  # (B, T-1)
-                    loss = aggregate(-logps, mask, "token_mean", denominator=n_tokens) * dist.world_size
-                    loss.backward()
-                loss_sum += loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-            step_loss = dist.all_reduce_sum(loss_sum).item() / dist.world_size
-            check_finite(step_loss, step + 1, "loss", f" (blocks {micro})")
+    for step in range(start_step, total_steps):
+        lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
+                                cfg.decay_fraction)
+        set_lr(optimizer, lr)
+        micro = plan.micro_batches(step, run.dist.rank)
+        loss_sum = 0.0
+        for k, idx in enumerate(micro):
+            input_ids = torch.tensor([all_blocks[i] for i in idx], device=run.device)  # (B, T)
+            sync = k == len(micro) - 1 or run.world_size == 1
+            with nullcontext() if sync else ddp_model.no_sync():
+                logps, mask = next_token_logps(ddp_model, input_ids, None, ones[:len(idx)])  # (B, T-1)
+                loss = aggregate(-logps, mask, "token_mean", denominator=n_tokens) * run.world_size
+                loss.backward()
+            loss_sum += loss.item()
+        step_loss = run.dist.all_reduce_sum(loss_sum).item() / run.world_size
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+        if run.check(step_loss, step + 1, f" (blocks {plan.all_micro_batches(step)})"):
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            speed.add(per_step * cfg.max_length)
-            total_tokens += per_step * cfg.max_length
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
-            if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
-                metrics.log({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                             "tokens_per_s": speed.rate(),
-                             "mid_fraction": plan.mid_per_step / per_step if decay_start is not None and step >= decay_start else 0.0})
-            done = step + 1 == total_steps
-            if stop.requested or (cfg.save_every and (step + 1) % cfg.save_every == 0) or done:
-                if dist.is_main:
-                    checkpoint.save_checkpoint(cfg.output, step + 1, model, tokenizer, optimizer,
-                                               keep=cfg.save_total_limit)
-                dist.barrier()
-            if stop.requested and not done:
-                bar.close()
-                raise SystemExit(f"stopped at step {step + 1}; continue with --resume")
-    bar.close()
-    final = {"step": total_steps, "final": True, "tokens": total_tokens, "seconds": speed.elapsed(),
-             "blocks": len(blocks), "dropped_tail_tokens": dropped_tail + mid_tail}
-    metrics.log(final)
-    if dist.is_main:
-        save_model(model, tokenizer, cfg.output)
-    distributed.teardown()
-    return final
+        optimizer.zero_grad(set_to_none=True)
+        in_decay = decay_start is not None and step >= decay_start
+        run.log(step + 1, {"loss": step_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                           "mid_fraction": plan.mid_per_step / per_step if in_decay else 0.0},
+                tokens=per_step * cfg.max_length)
+        run.end_step(step + 1)
+    return run.finish({"tokens": (total_steps - start_step) * per_step * cfg.max_length, "blocks": len(blocks),
+                       "dropped_tail_tokens": dropped_tail + mid_tail})

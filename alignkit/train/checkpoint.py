@@ -106,6 +106,11 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def load_state(path: Path) -> dict:
+    """The recipe's own resume state (`extra` of save_checkpoint)."""
+    return json.loads((path / "trainer_state.json").read_text()).get("extra", {})
+
+
 def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer) -> dict:
     """Restore optimizer and RNG states from a checkpoint (the model is loaded from `path` by the
     recipe with from_pretrained). Returns trainer_state.json."""

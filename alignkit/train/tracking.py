@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import signal
 import sys
 import time
@@ -37,13 +36,6 @@ class MetricsWriter:
         clean = {k: (float(v) if hasattr(v, "item") else v) for k, v in row.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
-
-
-def check_finite(value: float, step: int, what: str = "loss", detail: str = "") -> None:
-    """Stop before a NaN/inf reaches the weights that would be saved."""
-    if not math.isfinite(value):
-        raise SystemExit(f"error: {what} is {value} at step {step}{detail}; stopping before the model is corrupted "
-                         "(lower --lr, check the data, or resume from the last checkpoint)")
 
 
 class GracefulStop:

@@ -1,0 +1,52 @@
+"""LoRA adapters through peft (optional extra `alignkit[peft]`) for every training command.
+
+With adapters, the frozen base model *is* the reference model: `reference(model)` disables the
+adapters for a forward pass, so preference/RL recipes keep one copy of the weights in memory.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+from alignkit.models import load_causal_lm
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise SystemExit("error: --lora-r needs peft: pip install 'alignkit[peft]'") from None
+    return peft
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def load_trainable(cfg, checkpoint: Path | None, device, loader=load_causal_lm, **loader_kwargs):
+    """The model a recipe trains: from the checkpoint when resuming, else from --model; wrapped with
+    fresh LoRA adapters when --lora-r > 0 (or with the checkpoint's adapters when resuming)."""
+    adapter_ckpt = checkpoint is not None and (checkpoint / "adapter_config.json").is_file()
+    path = checkpoint if checkpoint is not None and not adapter_ckpt else cfg.model
+    model = loader(path, cfg.dtype, cfg.trust_remote_code, device, **loader_kwargs)
+    if cfg.lora_r <= 0:
+        return model
+    peft = _peft()
+    if adapter_ckpt:
+        return peft.PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
+    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
+    lcfg = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
+                           task_type=loader_kwargs.get("task_type", "CAUSAL_LM"))
+    return peft.get_peft_model(model, lcfg)
+
+
+def reference(model):
+    """Context in which `model` computes the reference policy: adapters off (LoRA) or nothing to do
+    (callers without adapters keep a separate frozen reference, or precomputed log-probs)."""
+    return model.disable_adapter() if is_peft(model) else nullcontext()
+
+
+def merged(model):
+    """Full weights with the adapters folded in (--merge-lora), or the model itself."""
+    return model.merge_and_unload() if is_peft(model) else model
