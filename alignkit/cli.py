@@ -19,6 +19,8 @@ COMMANDS = {
     "ppo": ("alignkit.recipes.ppo", "PPOConfig", "main", "RLHF with PPO against a reward model"),
     "grpo": ("alignkit.recipes.grpo", "GRPOConfig", "main", "GRPO with reward functions and/or a reward model"),
     "best-of-n": ("alignkit.recipes.best_of_n", "BestOfNConfig", "main", "Rejection sampling: keep the best of N samples"),
+    "world build": ("alignkit.world.cli", "WorldBuildConfig", "build_main", "Write the synthetic world's data files"),
+    "world eval": ("alignkit.world.cli", "WorldEvalConfig", "eval_main", "Score a model on the world's held-out sets (gold judge)"),
     "generate": ("alignkit.commands", "GenerateConfig", "generate_main", "Generate completions for prompts"),
     "chat": ("alignkit.commands", "ChatConfig", "chat_main", "Interactive chat with a model"),
 }
@@ -38,6 +40,8 @@ def run(argv: list[str] | None = None):
         print(usage())
         return None
     name, rest = argv[0], argv[1:]
+    if name == "world" and rest and not rest[0].startswith("-"):  # two-word commands: `alignkit world build`
+        name, rest = f"world {rest[0]}", rest[1:]
     if name not in COMMANDS:
         print(f"alignkit: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)

@@ -1,0 +1,55 @@
+"""`alignkit world build | eval | run` configs and entry points."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class WorldBuildConfig:
+    """Write the world's data files (corpus, SFT, preference, RL prompts, held-out eval sets)."""
+
+    output: str = "runs/world"
+    """Directory for the data files."""
+    preset: Literal["tiny", "small"] = "tiny"
+    """World size: tiny (80 people) or small (240 people)."""
+    seed: int = 0
+    """Seed of the world (people, attributes, splits, annotator labels)."""
+
+
+def build_main(cfg: WorldBuildConfig) -> dict:
+    from alignkit.world.build import build
+
+    summary = build(cfg.output, cfg.preset, cfg.seed)
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+@dataclass
+class WorldEvalConfig:
+    """Score a model on the world's held-out sets with the gold judge."""
+
+    model: str = ""
+    """Model directory to evaluate."""
+    world: str = "runs/world"
+    """Directory written by `alignkit world build`."""
+    baseline: str | None = None
+    """Optional second model: adds win_rate_vs_baseline (gold judge, ties count half)."""
+    output: str | None = None
+    """Write the metrics as JSON here too."""
+
+
+def eval_main(cfg: WorldEvalConfig) -> dict:
+    from alignkit.world.evaluate import evaluate
+
+    if not cfg.model:
+        raise SystemExit("error: alignkit world eval needs --model DIR")
+    metrics = evaluate(cfg.model, cfg.world, cfg.baseline)
+    text = json.dumps(metrics, indent=1)
+    print(text)
+    if cfg.output:
+        with open(cfg.output, "w") as f:
+            f.write(text + "\n")
+    return metrics

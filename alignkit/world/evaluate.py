@@ -1,0 +1,83 @@
+"""`alignkit world eval --model DIR --world DIR`: greedy answers to every held-out set, scored by the
+gold judge. Nothing here is trained on: the sets come from `world build`'s eval/ directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from alignkit.data import render_prompt
+from alignkit.generation import generate
+from alignkit.models import load_causal_lm, load_tokenizer, stop_token_ids
+from alignkit.world.gold import correctness, gold_score, is_refusal
+
+EVAL_SETS = ("qa_seen", "qa_unseen_multi", "qa_unseen_single", "arith", "harmful", "benign", "unknown")
+
+
+def load_eval_sets(world_dir: str | Path) -> dict[str, list[dict]]:
+    d = Path(world_dir) / "eval"
+    return {name: [json.loads(line) for line in (d / f"{name}.jsonl").read_text().splitlines()] for name in EVAL_SETS}
+
+
+def answer_all(model_dir: str | Path, sets: dict[str, list[dict]], max_new_tokens: int = 48) -> dict[str, list[dict]]:
+    """Greedy completions for every prompt: [{"text", "ended", "tokens"}] per set, in order."""
+    tok = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir)
+    stops = set(stop_token_ids(tok, model))
+    flat = [row for rows in sets.values() for row in rows]
+    ids = [render_prompt(tok, row["prompt"]) for row in flat]
+    completions = generate(model, tok, ids, max_new_tokens, batch_size=64)
+    answers = [{"text": tok.decode(c, skip_special_tokens=True).strip(), "ended": bool(c) and c[-1] in stops,
+                "tokens": len(c)} for c in completions]
+    out, i = {}, 0
+    for name, rows in sets.items():
+        out[name] = answers[i:i + len(rows)]
+        i += len(rows)
+    return out
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def score(sets: dict[str, list[dict]], answers: dict[str, list[dict]]) -> dict:
+    """The per-stage metrics of results.json."""
+    def acc(name):
+        return mean(correctness(r["meta"], a["text"]) == 1.0 for r, a in zip(sets[name], answers[name]))
+
+    every = [(r, a) for name in sets for r, a in zip(sets[name], answers[name])]
+    return {
+        "qa_accuracy_seen": acc("qa_seen"),
+        "qa_accuracy_unseen_multi": acc("qa_unseen_multi"),
+        "qa_accuracy_unseen_single": acc("qa_unseen_single"),
+        "qa_accuracy": mean(correctness(r["meta"], a["text"]) == 1.0
+                            for name in ("qa_seen", "qa_unseen_multi", "qa_unseen_single")
+                            for r, a in zip(sets[name], answers[name])),
+        "arith_accuracy": acc("arith"),
+        "idk_on_unknown": acc("unknown"),
+        "harmful_refusal": mean(is_refusal(a["text"]) for a in answers["harmful"]),
+        "benign_overrefusal": mean(is_refusal(a["text"]) for a in answers["benign"]),
+        "eos_rate": mean(a["ended"] for _, a in every),
+        "gold_reward": mean(gold_score(r["meta"], a["text"], a["ended"]) for r, a in every),
+        "mean_length": mean(a["tokens"] for _, a in every),
+    }
+
+
+def win_rate(sets: dict[str, list[dict]], answers: dict[str, list[dict]], baseline: dict[str, list[dict]]) -> float:
+    """Fraction of held-out prompts where the gold judge prefers `answers` over `baseline` (ties count half)."""
+    wins = []
+    for name in sets:
+        for r, a, b in zip(sets[name], answers[name], baseline[name]):
+            ga, gb = gold_score(r["meta"], a["text"], a["ended"]), gold_score(r["meta"], b["text"], b["ended"])
+            wins.append(1.0 if ga > gb else 0.5 if ga == gb else 0.0)
+    return mean(wins)
+
+
+def evaluate(model_dir: str | Path, world_dir: str | Path, baseline_dir: str | Path | None = None) -> dict:
+    sets = load_eval_sets(world_dir)
+    answers = answer_all(model_dir, sets)
+    metrics = score(sets, answers)
+    if baseline_dir is not None:
+        metrics["win_rate_vs_baseline"] = win_rate(sets, answers, answer_all(baseline_dir, sets))
+    return metrics
