@@ -21,6 +21,7 @@ COMMANDS = {
     "best-of-n": ("alignkit.recipes.best_of_n", "BestOfNConfig", "main", "Rejection sampling: keep the best of N samples"),
     "world build": ("alignkit.world.cli", "WorldBuildConfig", "build_main", "Write the synthetic world's data files"),
     "world eval": ("alignkit.world.cli", "WorldEvalConfig", "eval_main", "Score a model on the world's held-out sets (gold judge)"),
+    "world run": ("alignkit.world.run", "WorldRunConfig", "main", "The whole ladder in the synthetic world, with a report"),
     "generate": ("alignkit.commands", "GenerateConfig", "generate_main", "Generate completions for prompts"),
     "chat": ("alignkit.commands", "ChatConfig", "chat_main", "Interactive chat with a model"),
 }

@@ -1,0 +1,206 @@
+"""`alignkit world run`: the whole ladder in the world, every stage measured against the gold judge.
+
+Each stage is an ordinary `alignkit` command on the world's files (printed, so the run doubles as a
+tutorial); after each stage the model answers the held-out sets and the gold judge scores them.
+Outputs: OUT/results.json (keys are a contract, see issue 5), OUT/report.md, OUT/report.html, plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from alignkit.cli import run as alignkit
+from alignkit.world.build import build
+from alignkit.world.evaluate import answer_all, load_eval_sets, mean, score, win_rate
+
+# Step budgets per preset. tiny is sized for <= 10 minutes on 2 CPU cores.
+PRESETS = {
+    "tiny": dict(pretrain_steps=800, sft_epochs=8, rm_epochs=2, dpo_epochs=1, ppo_steps=30, grpo_steps=25,
+                 bon_prompts=48, bon_n=16),
+    "small": dict(pretrain_steps=6000, sft_epochs=10, rm_epochs=3, dpo_epochs=2, ppo_steps=150, grpo_steps=120,
+                  bon_prompts=200, bon_n=64),
+}
+
+
+@dataclass
+class WorldRunConfig:
+    """Build the world, train tokenizer and model from scratch, run every stage, evaluate, report."""
+
+    output: str = "runs/world"
+    """Directory for data, models and the report."""
+    preset: Literal["tiny", "small"] = "tiny"
+    """tiny: <= 10 minutes on 2 CPU cores; small: about an hour, clearer effects."""
+    seed: int = 0
+    """Seed of the world and of every stage."""
+    stages: str = "all"
+    """Comma-separated subset of: sft,reward,dpo,simpo,ln_dpo,ppo,grpo,overopt (pretraining and the base model always run)."""
+    progress: bool = True
+    """Show the commands' progress bars."""
+
+
+class Stages:
+    """Runs commands, times them and records them for the report."""
+
+    def __init__(self, out: Path, progress: bool):
+        self.out, self.progress, self.timings, self.commands = out, progress, {}, []
+
+    def command(self, stage: str, *args: str) -> dict:
+        argv = [*args] + ([] if self.progress else ["--no-progress"])
+        self.commands.append("alignkit " + " ".join(shlex.quote(a) for a in argv))
+        print(f"\n== {stage}: alignkit {' '.join(argv)}", flush=True)
+        t = time.perf_counter()
+        result = alignkit(argv)
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t
+        return result
+
+    def timed(self, stage: str, fn, *args):
+        t = time.perf_counter()
+        result = fn(*args)
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t
+        return result
+
+
+def reward_model_eval(rm_dir: Path, world: Path) -> dict:
+    """Held-out pair accuracy of the proxy RM, its agreement with the gold label, and ECE."""
+    from alignkit.data import load_preference
+    from alignkit.eval.calibration import expected_calibration_error
+    from alignkit.models import load_tokenizer
+    from alignkit.rewards import RewardModelScorer
+
+    tok = load_tokenizer(rm_dir)
+    rows = [json.loads(line) for line in (world / "pref_eval.jsonl").read_text().splitlines()]
+    pairs, _ = load_preference([str(world / "pref_eval.jsonl")], tok, 512)
+    rm = RewardModelScorer(str(rm_dir), tok)
+    rc = rm.score_ids([p.prompt_ids + p.chosen_ids for p in pairs])
+    rr = rm.score_ids([p.prompt_ids + p.rejected_ids for p in pairs])
+    p_chosen = torch.sigmoid(torch.tensor(rc) - torch.tensor(rr))
+    labels = torch.ones_like(p_chosen)
+    gold = [(c > r) == row["gold_agrees"] for c, r, row in zip(rc, rr, rows) if not row["gold_tie"]]
+    agree = [row["gold_agrees"] for row in rows if not row["gold_tie"]]
+    return {"heldout_accuracy": float((p_chosen > 0.5).float().mean()),
+            "gold_label_accuracy": mean(gold), "annotator_gold_agreement": mean(agree),
+            "ece": float(expected_calibration_error(p_chosen, labels))}
+
+
+def best_of_n_curve(policy: Path, rm_dir: Path, world: Path, n_prompts: int, n_max: int, seed: int) -> dict:
+    """Over-optimisation by best-of-n against the proxy RM (Gao et al. 2023, arXiv 2210.10760): as n
+    grows the proxy reward of the pick rises; the gold reward rises, peaks and can fall where the proxy
+    rewards what the annotators' bias rewarded. KL(best-of-n || policy) = log n - (n-1)/n (Stiennon et al. 2020)."""
+    from alignkit.data import render_prompt
+    from alignkit.generation import sample_groups
+    from alignkit.models import load_causal_lm, load_tokenizer
+    from alignkit.rewards import RewardModelScorer
+    from alignkit.world.gold import gold_score
+
+    sets = load_eval_sets(world)
+    rows = [r for name in sets for r in sets[name]]
+    rows = rows[:: max(1, len(rows) // n_prompts)][:n_prompts]
+    tok = load_tokenizer(policy)
+    model = load_causal_lm(policy)
+    torch.manual_seed(seed)
+    prompt_ids = [render_prompt(tok, r["prompt"]) for r in rows]
+    completions, ended = sample_groups(model, tok, prompt_ids, n_max, max_new_tokens=48, temperature=1.0)
+    rm = RewardModelScorer(str(rm_dir), tok)
+    proxy = rm.score_ids([prompt_ids[i // n_max] + c for i, c in enumerate(completions)])
+    texts = [tok.decode(c, skip_special_tokens=True).strip() for c in completions]
+    gold = [gold_score(rows[i // n_max]["meta"], t, e) for i, (t, e) in enumerate(zip(texts, ended))]
+    curve = {"n": [], "kl": [], "proxy_reward": [], "gold_reward": [], "mean_length": []}
+    n = 1
+    while n <= n_max:
+        picks = [g * n_max + max(range(n), key=lambda j: proxy[g * n_max + j]) for g in range(len(rows))]
+        curve["n"].append(n)
+        curve["kl"].append(math.log(n) - (n - 1) / n)
+        curve["proxy_reward"].append(mean(proxy[i] for i in picks))
+        curve["gold_reward"].append(mean(gold[i] for i in picks))
+        curve["mean_length"].append(mean(len(completions[i]) for i in picks))
+        n *= 2
+    return curve
+
+
+def main(cfg: WorldRunConfig) -> dict:
+    out = Path(cfg.output)
+    world, models = out / "data", out / "models"
+    budget = PRESETS[cfg.preset]
+    wanted = {"sft", "reward", "dpo", "simpo", "ln_dpo", "ppo", "grpo", "overopt"} if cfg.stages == "all" \
+        else set(cfg.stages.split(","))
+    st = Stages(out, cfg.progress)
+    t0 = time.perf_counter()
+    seed = str(cfg.seed)
+    st.command("build", "world", "build", "--output", str(world), "--preset", cfg.preset, "--seed", seed)
+    sets = load_eval_sets(world)
+    results: dict = {"preset": cfg.preset, "seed": cfg.seed}
+
+    def evaluate(stage: str, model_dir: Path, baseline: dict | None = None) -> tuple[dict, dict]:
+        answers = st.timed(f"eval {stage}", answer_all, model_dir, sets)
+        metrics = score(sets, answers)
+        if baseline is not None:
+            metrics["win_rate_vs_sft"] = win_rate(sets, answers, baseline)
+        print(f"-- {stage}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()), flush=True)
+        return metrics, answers
+
+    st.command("tokenizer", "train-tokenizer", "--data", str(world / "corpus.jsonl"), "--data", str(world / "sft.jsonl"),
+               "--vocab-size", "1024", "--output", str(models / "tokenizer"))
+    st.command("init", "init-model", "--arch", "llama", "--size", "tiny" if cfg.preset == "tiny" else "small",
+               "--tokenizer", str(models / "tokenizer"), "--output", str(models / "init"), "--seed", seed)
+    common = ["--seed", seed]
+    st.command("pretrain", "pretrain", "--model", str(models / "init"), "--data", str(world / "corpus.jsonl"),
+               "--output", str(models / "base"), "--max-steps", str(budget["pretrain_steps"]), "--batch-size", "16",
+               "--max-length", "128", "--lr", "2e-3", "--warmup-steps", "40", *common)
+    results["base"], _ = evaluate("base", models / "base")
+    if "sft" not in wanted:
+        return results
+    st.command("sft", "sft", "--model", str(models / "base"), "--data", str(world / "sft.jsonl"), "--output",
+               str(models / "sft"), "--epochs", str(budget["sft_epochs"]), "--batch-size", "16", "--max-length", "192",
+               "--lr", "1e-3", *common)
+    results["sft"], sft_answers = evaluate("sft", models / "sft")
+
+    if wanted & {"reward", "ppo", "overopt"}:
+        st.command("reward", "reward", "--model", str(models / "sft"), "--data", str(world / "pref.jsonl"),
+                   "--output", str(models / "rm"), "--epochs", str(budget["rm_epochs"]), "--batch-size", "16",
+                   "--max-length", "192", "--lr", "3e-4", *common)
+        results["reward_model"] = st.timed("eval reward", reward_model_eval, models / "rm", world)
+    for loss, beta in (("sigmoid", "0.1"), ("simpo", "2.0"), ("ln_dpo", "1.0")):
+        name = {"sigmoid": "dpo"}.get(loss, loss)
+        if name not in wanted:
+            continue
+        st.command(name, "dpo", "--loss", loss, "--beta", beta, "--model", str(models / "sft"), "--data",
+                   str(world / "pref.jsonl"), "--output", str(models / name), "--epochs", str(budget["dpo_epochs"]),
+                   "--batch-size", "16", "--max-length", "192", "--lr", "5e-5", *common)
+        results[name], _ = evaluate(name, models / name, sft_answers)
+    if "ppo" in wanted:
+        st.command("ppo", "ppo", "--model", str(models / "sft"), "--reward-model", str(models / "rm"), "--data",
+                   str(world / "rl_prompts.jsonl"), "--output", str(models / "ppo"), "--max-steps",
+                   str(budget["ppo_steps"]), "--batch-size", "16", "--max-new-tokens", "48", "--kl-coef", "0.05",
+                   "--missing-eos-penalty", "1.0", "--lr", "3e-5", *common)
+        results["ppo"], _ = evaluate("ppo", models / "ppo", sft_answers)
+        ppo_rows = [json.loads(line) for line in (models / "ppo" / "metrics.jsonl").read_text().splitlines()]
+        results["ppo"]["kl"] = next((r["kl"] for r in reversed(ppo_rows) if "kl" in r), float("nan"))
+    if "grpo" in wanted:
+        st.command("grpo", "grpo", "--model", str(models / "sft"), "--data", str(world / "arith_prompts.jsonl"),
+                   "--reward", "alignkit.rewards:numeric_match", "--output", str(models / "grpo"), "--max-steps",
+                   str(budget["grpo_steps"]), "--batch-size", "4", "--group-size", "8", "--max-new-tokens", "64",
+                   "--lr", "3e-5", *common)
+        results["grpo"], _ = evaluate("grpo", models / "grpo", sft_answers)
+    if "overopt" in wanted:
+        results["overoptimization"] = st.timed("overopt", best_of_n_curve, models / "sft", models / "rm", world,
+                                               budget["bon_prompts"], budget["bon_n"], cfg.seed)
+    results["seconds"] = time.perf_counter() - t0
+    results["timings"] = st.timings
+    results["commands"] = st.commands
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    from alignkit.world.report import write_report
+
+    write_report(out, results)
+    print("\n== stage timings ==")
+    for k, v in st.timings.items():
+        print(f"  {k:<16} {v:7.1f} s")
+    print(f"  {'total':<16} {results['seconds']:7.1f} s\nreport: {out / 'report.md'}")
+    return results
