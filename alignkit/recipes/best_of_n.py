@@ -1,0 +1,205 @@
+"""alignkit best-of-n: rejection sampling (seed 001, slide 55; the rejection-sampling step of Llama 2,
+Touvron et al. 2023 §3.2.3, and of iterative "RAFT"/expert-iteration pipelines).
+
+For each prompt, sample n completions from the model, score them with a reward model and/or reward
+functions, and keep the best one. The kept completions are written as SFT data (OUTPUT/best.jsonl), and
+with --pairs the best and the worst of each prompt as preference pairs (OUTPUT/pairs.jsonl) for an
+iterative DPO round. Nothing is trained. The mean reward of the kept completions against the mean
+reward of all samples (what one random sample would get) is the gain selection buys.
+
+Runs under torchrun: prompt batch b goes to process b % world_size and is sampled with a seed derived
+from (seed, b), so the output does not depend on the number of processes; process 0 merges the shards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+import tyro
+from tqdm.auto import tqdm
+
+from alignkit.config import Repeatable, save_config
+from alignkit.data import load_prompts
+from alignkit.generation import sample_groups
+from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.rewards import load_rewards, score_completions
+from alignkit.train import dist as distributed
+from alignkit.train.tracking import MetricsWriter
+
+
+@dataclass
+class BestOfNConfig:
+    """Rejection sampling: keep the best of n samples per prompt as SFT data (and best/worst pairs)."""
+
+    model: str = ""
+    """Local Hugging Face model directory (the policy that samples)."""
+    data: Annotated[tuple[str, ...], Repeatable] = ()
+    """Prompt file(s): records with a 'prompt' field (string or messages); other fields go to reward functions."""
+    output: str = "runs/best-of-n"
+    """Output directory: best.jsonl, pairs.jsonl (--pairs), metrics.jsonl, config.yaml."""
+    config: str | None = None
+    """YAML file of defaults for these fields; command-line flags override it."""
+    n: Annotated[int, tyro.conf.arg(aliases=("--num-samples",))] = 8
+    """Samples per prompt (alias --num-samples: under torchrun, whose parser takes --n for its own flags)."""
+    batch_size: int = 8
+    """Prompts per sampling batch (each sampled n times)."""
+    max_new_tokens: int = 128
+    """Completion budget in tokens."""
+    max_length: int = 512
+    """Longest prompt + completion: prompts longer than max_length - max_new_tokens are dropped (counted)."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    generation_batch_size: int = 64
+    """Sequences per generate call."""
+    reward: Annotated[tuple[str, ...], Repeatable] = ()
+    """Reward function MODULE:FUNCTION or path/file.py:FUNCTION (repeatable; TRL's signature, see alignkit.rewards)."""
+    reward_weights: tuple[float, ...] = ()
+    """Weight per reward: one per --reward, in order, then one for --reward-model if given (default all 1)."""
+    reward_model: str | None = None
+    """Sequence-classification reward model directory (e.g. from `alignkit reward`)."""
+    pairs: bool = False
+    """Also write OUTPUT/pairs.jsonl: best (chosen) vs worst (rejected) per prompt; ties are skipped and counted."""
+    keep_truncated: bool = False
+    """Let completions that hit max_new_tokens without a stop token be kept (by default they cannot be best
+    or worst: as SFT data they would teach stopping mid-sentence)."""
+    seed: int = 0
+    """Sampling seed (per prompt batch: the output does not depend on the number of processes)."""
+    strict: bool = False
+    """Over-long prompts are an error instead of being dropped."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype."""
+    trust_remote_code: bool = False
+    """Allow model code shipped inside the model directory to run."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def completion_record(prompt, text: str) -> dict:
+    """SFT record: conversational when the prompt is a message list, else prompt/completion."""
+    if isinstance(prompt, list):
+        return {"messages": prompt + [{"role": "assistant", "content": text}]}
+    return {"prompt": prompt, "completion": text}
+
+
+def pair_record(prompt, chosen: str, rejected: str) -> dict:
+    if isinstance(prompt, list):
+        return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def main(cfg: BestOfNConfig) -> dict:
+    if not cfg.data:
+        raise SystemExit("error: alignkit best-of-n needs --data FILE (records with a 'prompt' field)")
+    if cfg.n < 1 or cfg.n < 2 and cfg.pairs:
+        raise SystemExit("error: --n must be >= 1 (>= 2 with --pairs)")
+    if cfg.temperature <= 0:
+        raise SystemExit("error: --temperature must be > 0: greedy decoding gives n identical samples")
+    d = distributed.setup(cfg.device)
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    if d.is_main:
+        save_config(cfg, out)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    prompts, stats = load_prompts(list(cfg.data), tokenizer, cfg.max_length - cfg.max_new_tokens, strict=cfg.strict)
+    if d.is_main:
+        stats.warn()
+    if not prompts:
+        raise SystemExit("error: no usable prompts (all longer than max_length - max_new_tokens?)")
+    model = load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code, d.device).eval()
+    reward_fns = load_rewards(cfg.reward, cfg.reward_model, tokenizer, d.device, cfg.trust_remote_code, cfg.dtype)
+    if cfg.reward_weights and len(cfg.reward_weights) != len(reward_fns):
+        raise SystemExit(f"error: {len(cfg.reward_weights)} --reward-weights for {len(reward_fns)} rewards")
+
+    batches = [list(range(s, min(s + cfg.batch_size, len(prompts)))) for s in range(0, len(prompts), cfg.batch_size)]
+    mine = list(range(d.rank, len(batches), d.world_size))
+    t0 = time.perf_counter()
+    shard = out / f".best-of-n-shard-{d.rank}.jsonl"
+    with shard.open("w") as f, torch.no_grad():
+        for b in tqdm(mine, disable=not (cfg.progress and d.is_main), desc="best-of-n"):
+            idx = batches[b]
+            torch.manual_seed(cfg.seed * 100003 + b)
+            comp_ids, ended = sample_groups(model, tokenizer, [prompts[i].prompt_ids for i in idx], cfg.n,
+                                            cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.generation_batch_size)
+            exs = [prompts[i] for i in idx for _ in range(cfg.n)]
+            texts = tokenizer.batch_decode(comp_ids, skip_special_tokens=True)
+            comps = [[{"role": "assistant", "content": t}] if isinstance(ex.prompt, list) else t
+                     for ex, t in zip(exs, texts)]
+            columns = {k: [ex.columns.get(k) for ex in exs] for k in sorted({k for ex in exs for k in ex.columns})}
+            # A failing reward function, or a NaN/inf reward, stops the run naming the function and sample.
+            rewards, per_function = score_completions(reward_fns, [ex.prompt for ex in exs], comps, columns,
+                                                      cfg.reward_weights, completion_ids=comp_ids,
+                                                      prompt_ids=[ex.prompt_ids for ex in exs])
+            for g, i in enumerate(idx):
+                rows = range(g * cfg.n, (g + 1) * cfg.n)
+                rs = [rewards[j].item() for j in rows]
+                ok = [j for j in rows if ended[j] or cfg.keep_truncated]
+                rec = {"index": i, "batch": b, "rewards": rs,
+                       "per_function": {k: [None if math.isnan(x) else x for x in v[list(rows)].tolist()]
+                                        for k, v in per_function.items()},
+                       "truncated": sum(not ended[j] for j in rows), "best": None, "pair": None, "tie": False}
+                if ok:
+                    best = max(ok, key=lambda j: rewards[j].item())  # first of equals: deterministic
+                    worst = min(ok, key=lambda j: rewards[j].item())
+                    rec["best"] = {**completion_record(exs[best].prompt, texts[best]), "reward": rewards[best].item()}
+                    rec["tie"] = rewards[best].item() == rewards[worst].item()
+                    if cfg.pairs and not rec["tie"]:
+                        rec["pair"] = {**pair_record(exs[best].prompt, texts[best], texts[worst]),
+                                       "score_chosen": rewards[best].item(), "score_rejected": rewards[worst].item()}
+                f.write(json.dumps(rec) + "\n")
+    d.barrier()
+    final = {}
+    if d.is_main:
+        final = merge(cfg, out, len(batches), d.world_size, time.perf_counter() - t0, stats.dropped)
+    d.barrier()
+    distributed.teardown()
+    return final
+
+
+def merge(cfg: BestOfNConfig, out: Path, n_batches: int, world_size: int, seconds: float, dropped: int) -> dict:
+    """Process 0: shards -> best.jsonl / pairs.jsonl in prompt order, and metrics.jsonl (a row per prompt
+    batch, then the final totals)."""
+    recs = []
+    for r in range(world_size):
+        shard = out / f".best-of-n-shard-{r}.jsonl"
+        recs += [json.loads(line) for line in shard.read_text().splitlines()]
+        shard.unlink()
+    recs.sort(key=lambda rec: rec["index"])
+    kept = [rec for rec in recs if rec["best"] is not None]
+    (out / "best.jsonl").write_text("".join(json.dumps(rec["best"]) + "\n" for rec in kept))
+    if cfg.pairs:
+        (out / "pairs.jsonl").write_text("".join(json.dumps(rec["pair"]) + "\n" for rec in recs if rec["pair"]))
+
+    def summary(rs: list[dict]) -> dict:
+        everything = [x for rec in rs for x in rec["rewards"] if x is not None]
+        best = [rec["best"]["reward"] for rec in rs if rec["best"] is not None]
+        row = {"reward_best": sum(best) / max(1, len(best)), "reward_mean": sum(everything) / max(1, len(everything)),
+               "completions": len(rs) * cfg.n, "prompts": len(rs), "kept": len(best),
+               "truncated": sum(rec["truncated"] for rec in rs)}
+        for name in (rs[0]["per_function"] if rs else {}):
+            vals = [x for rec in rs for x in rec["per_function"][name] if x is not None]
+            row[f"reward/{name}"] = sum(vals) / max(1, len(vals))
+        return row
+
+    metrics = MetricsWriter(out, True)
+    for b in range(n_batches):
+        metrics.log({"step": b + 1, **summary([rec for rec in recs if rec["batch"] == b])})
+    total = summary(recs)
+    final = {"step": n_batches, "final": True, **total, "reward_gain": total["reward_best"] - total["reward_mean"],
+             "skipped_prompts": total["prompts"] - total["kept"], "dropped_prompts": dropped,
+             "ties": sum(rec["tie"] for rec in recs), "pairs": sum(rec["pair"] is not None for rec in recs),
+             "seconds": seconds, "completions_per_s": total["completions"] / max(seconds, 1e-9)}
+    metrics.log(final)
+    print(f"best-of-{cfg.n}: {total['kept']}/{total['prompts']} prompts kept, reward of the best "
+          f"{total['reward_best']:.4f} vs a random sample {total['reward_mean']:.4f} -> {out / 'best.jsonl'}")
+    return final

@@ -1,0 +1,365 @@
+"""Rewards for online RL (GRPO) and rejection sampling (best-of-n): user reward functions, built-in
+verifiable rewards, and a reward-model scorer.
+
+Reward-function convention (the same as TRL's GRPOTrainer, so functions written for TRL carry over):
+
+    def my_reward(prompts, completions, **kwargs) -> list[float | None]
+
+* ``prompts``: the prompt field of each sample as written in the data file: a string, or a list of
+  messages for conversational data. Repeated once per completion (G times per prompt in GRPO).
+* ``completions``: the decoded completions (special tokens skipped). For conversational prompts each
+  is ``[{"role": "assistant", "content": text}]``, for string prompts the text itself (exactly TRL).
+* ``kwargs``: every other column of the data file (e.g. ``answer``) as a list aligned with
+  ``completions``; ``completion_ids`` (token id lists, incl. the stop token when one was produced);
+  ``prompt_ids``; ``trainer_state`` (an object with ``global_step`` and ``max_steps``). Functions with
+  ``**kwargs`` receive all of them; functions without it receive only the arguments they name.
+* Return one value per completion. ``None`` means "not applicable" (TRL): that function then adds
+  nothing to that sample's total (a sample where every function returns None gets 0, with a warning).
+
+`score_completions` calls each function, checks what it returned, and reports a failure with the
+function's name and the offending sample (prompt, completion, columns).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import math
+import numbers
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import torch
+
+# ----------------------------------------------------------------------------------------------
+# Loading user functions
+# ----------------------------------------------------------------------------------------------
+
+
+def load_reward_function(spec: str) -> Callable:
+    """``MODULE:FUNCTION`` -> the function. MODULE is an importable module path
+    (``alignkit.rewards:numeric_match``) or a path to a .py file (``/path/my_rewards.py:score``)."""
+    module_part, sep, fn_name = spec.rpartition(":")
+    if not sep or not module_part or not fn_name:
+        raise SystemExit(f"error: --reward {spec!r}: expected MODULE:FUNCTION, e.g. alignkit.rewards:numeric_match "
+                         "or path/to/my_rewards.py:score")
+    if module_part.endswith(".py") or "/" in module_part or "\\" in module_part:
+        path = Path(module_part)
+        if not path.is_file():
+            raise SystemExit(f"error: --reward {spec!r}: file {path} does not exist")
+        name = f"alignkit_user_rewards_{abs(hash(str(path.resolve())))}"
+        if name not in sys.modules:
+            loader_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[name] = module
+            try:
+                loader_spec.loader.exec_module(module)
+            except Exception as e:
+                del sys.modules[name]
+                raise SystemExit(f"error: --reward {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from e
+        module = sys.modules[name]
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except ModuleNotFoundError as e:
+            raise SystemExit(f"error: --reward {spec!r}: cannot import module {module_part!r} ({e}); give an "
+                             "importable module path or a path to a .py file") from None
+        except Exception as e:
+            raise SystemExit(f"error: --reward {spec!r}: importing {module_part} failed: {type(e).__name__}: {e}") from e
+    fn = getattr(module, fn_name, None)
+    if fn is None:
+        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise SystemExit(f"error: --reward {spec!r}: {module_part} has no attribute {fn_name!r}; "
+                         f"callables there: {', '.join(public) or 'none'}")
+    if not callable(fn):
+        raise SystemExit(f"error: --reward {spec!r}: {fn_name} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def reward_name(fn) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in verifiable rewards
+# ----------------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def completion_text(completion) -> str:
+    """The text of a completion: the string itself, or the content of its message list."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(m.get("content", "") for m in completion if isinstance(m, dict))
+
+
+def _to_number(x) -> float | None:
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, numbers.Real):
+        return float(x)
+    m = _NUMBER.search(str(x))
+    return float(m.group().replace(",", "")) if m else None
+
+
+def numeric_match(prompts, completions, answer=None, **kwargs) -> list[float]:
+    """1.0 if the last number in the completion equals the ``answer`` column numerically
+    ("47", "47.0" and "The answer is 47." all match answer "47"), else 0.0."""
+    if answer is None:
+        raise ValueError("numeric_match needs an 'answer' column in the prompt data")
+    out = []
+    for c, a in zip(completions, answer):
+        nums = _NUMBER.findall(completion_text(c))
+        target = _to_number(a)
+        if target is None:
+            raise ValueError(f"numeric_match: answer {a!r} is not a number")
+        got = float(nums[-1].replace(",", "")) if nums else None
+        out.append(1.0 if got is not None and abs(got - target) <= 1e-9 * max(1.0, abs(target)) else 0.0)
+    return out
+
+
+def format_check(prompts, completions, **kwargs) -> list[float]:
+    """1.0 if the completion is well-formed: non-empty, contains a number (an answer), and ends cleanly,
+    i.e. its last non-space character is a digit or one of . ! ? (not cut mid-word); else 0.0."""
+    out = []
+    for c in completions:
+        text = completion_text(c).strip()
+        ok = bool(text) and bool(_NUMBER.search(text)) and (text[-1].isdigit() or text[-1] in ".!?")
+        out.append(1.0 if ok else 0.0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reward model
+# ----------------------------------------------------------------------------------------------
+
+
+class RewardModelScorer:
+    """Scores prompt + completion with a sequence-classification reward model (num_labels=1, e.g. from
+    `alignkit reward`): the score head read at the last real token, as in training.
+
+    Input ids are ``prompt_ids + completion_ids`` directly when the reward model's tokenizer and chat
+    template are the policy's (the same ids the reward model saw in training, via `alignkit.data`
+    loaders); otherwise prompt and decoded completion are rendered with the reward model's own tokenizer
+    by `alignkit.data.render_prompt_completion`."""
+
+    __name__ = "reward_model"
+
+    def __init__(self, path: str, tokenizer, device="cpu", batch_size: int = 32, dtype: str = "float32",
+                 trust_remote_code: bool = False):
+        from transformers import AutoModelForSequenceClassification
+
+        from alignkit.models import load_tokenizer
+
+        p = Path(path)
+        if not (p / "config.json").is_file():
+            raise SystemExit(f"error: --reward-model {path}: not a Hugging Face model directory (no config.json)")
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            str(p), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True).to(device)
+        if self.model.config.num_labels != 1:
+            raise SystemExit(f"error: --reward-model {path} has num_labels={self.model.config.num_labels}; a reward "
+                             "model has one output (num_labels=1)")
+        self.model.eval().requires_grad_(False)
+        has_tok = any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        self.tokenizer = load_tokenizer(p, trust_remote_code) if has_tok else tokenizer
+        self.same_ids = (self.tokenizer.get_vocab() == tokenizer.get_vocab()
+                         and getattr(self.tokenizer, "chat_template", None) == getattr(tokenizer, "chat_template", None))
+        self.device, self.batch_size = device, batch_size
+
+    def sequences(self, prompts, completions, completion_ids=None, prompt_ids=None) -> list[list[int]]:
+        if self.same_ids and completion_ids is not None and prompt_ids is not None:
+            return [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+        from alignkit.data import render_prompt_completion
+
+        return [render_prompt_completion(self.tokenizer, p, c).input_ids for p, c in zip(prompts, completions)]
+
+    @torch.no_grad()
+    def score_ids(self, seqs: list[list[int]]) -> list[float]:
+        out: list[float] = []
+        base = getattr(self.model, getattr(self.model, "base_model_prefix", ""), None)
+        head = getattr(self.model, "score", None)
+        for s in range(0, len(seqs), self.batch_size):
+            chunk = seqs[s:s + self.batch_size]
+            if base is None or head is None:  # unknown architecture: one unpadded sequence at a time
+                for q in chunk:
+                    ids = torch.tensor([q], device=self.device)
+                    out.append(float(self.model(input_ids=ids).logits[0, 0]))
+                continue
+            T = max(len(q) for q in chunk)
+            ids = torch.full((len(chunk), T), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+            attn = torch.zeros((len(chunk), T), dtype=torch.long)
+            for i, q in enumerate(chunk):
+                ids[i, :len(q)] = torch.as_tensor(q)
+                attn[i, :len(q)] = 1
+            # Read the head at the last real token from the attention mask, not from pad_token_id
+            # (which may equal EOS, the token a completion ends with).
+            hidden = base(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).last_hidden_state
+            last = torch.tensor([len(q) - 1 for q in chunk], device=self.device)
+            out += head(hidden[torch.arange(len(chunk), device=self.device), last])[:, 0].float().tolist()
+        return out
+
+    def __call__(self, prompts, completions, completion_ids=None, prompt_ids=None, **kwargs) -> list[float]:
+        return self.score_ids(self.sequences(prompts, completions, completion_ids, prompt_ids))
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------------------------
+
+
+class RewardError(SystemExit):
+    """A reward function failed or returned something unusable; the message names it and the sample."""
+
+
+def _accepts(fn) -> tuple[bool, set[str]]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True, set()
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return var_kw, {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _short(x: Any, n: int = 300) -> str:
+    s = repr(x)
+    return s if len(s) <= n else s[:n] + f"... ({len(s)} chars)"
+
+
+def describe_sample(i: int, prompts, completions, kwargs: dict) -> str:
+    cols = {k: v[i] for k, v in kwargs.items() if isinstance(v, list) and k not in ("completion_ids", "prompt_ids")}
+    return (f"  prompt: {_short(prompts[i])}\n  completion: {_short(completions[i])}"
+            + (f"\n  columns: {_short(cols)}" if cols else ""))
+
+
+def _call(fn, prompts, completions, kwargs: dict):
+    var_kw, names = _accepts(fn)
+    kw = {"prompts": prompts, "completions": completions, **kwargs}
+    return fn(**(kw if var_kw else {k: v for k, v in kw.items() if k in names}))
+
+
+def _check_values(name: str, out, n: int, prompts, completions, kwargs, offset: int = 0) -> list[float]:
+    """One float per sample (None -> NaN marker handled by the caller via a mask); errors name the sample."""
+    if isinstance(out, torch.Tensor):
+        out = out.detach().cpu().reshape(-1).tolist()
+    elif hasattr(out, "tolist") and not isinstance(out, (list, tuple)):
+        out = out.tolist()
+    if not isinstance(out, (list, tuple)):
+        raise RewardError(f"error: reward function {name!r} returned a {type(out).__name__}; it must return a list "
+                          f"of {n} numbers (one per completion)")
+    if len(out) != n:
+        raise RewardError(f"error: reward function {name!r} returned {len(out)} values for {n} completions; it must "
+                          "return exactly one reward per completion (None = not applicable)")
+    values = []
+    for i, v in enumerate(out):
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if v is None:
+            values.append(None)
+        elif isinstance(v, numbers.Real):
+            values.append(float(v))
+        else:
+            raise RewardError(f"error: reward function {name!r} returned {_short(v, 80)} ({type(v).__name__}) for "
+                              f"sample {i + offset} of {n}; expected a number or None\n"
+                              + describe_sample(i, prompts, completions, kwargs))
+    return values
+
+
+def _run_one(name, fn, prompts, completions, kwargs, on_error: str) -> list[float | None]:
+    n = len(completions)
+    try:
+        out = _call(fn, prompts, completions, kwargs)
+    except Exception as batch_error:
+        # Call sample by sample to find (and name) the offending one(s).
+        values: list[float | None] = []
+        failures = []
+        for i in range(n):
+            one = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == n else v) for k, v in kwargs.items()}
+            try:
+                values += _check_values(name, _call(fn, prompts[i:i + 1], completions[i:i + 1], one), 1,
+                                        prompts[i:i + 1], completions[i:i + 1], one, offset=i)
+            except RewardError:
+                raise
+            except Exception as e:
+                failures.append((i, e))
+                values.append(math.nan)
+        if not failures:
+            raise RewardError(f"error: reward function {name!r} failed on the batch of {n} completions "
+                              f"({type(batch_error).__name__}: {batch_error}) but on no single sample") from batch_error
+        i, e = failures[0]
+        msg = (f"reward function {name!r} failed on sample {i} of {n} ({len(failures)} failing): "
+               f"{type(e).__name__}: {e}\n" + describe_sample(i, prompts, completions, kwargs))
+        if on_error == "nan":
+            print(f"warning: {msg}\n  -> reward set to NaN (--skip-nonfinite)", file=sys.stderr)
+            return values
+        raise RewardError("error: " + msg) from e
+    values = _check_values(name, out, n, prompts, completions, kwargs)
+    bad = [i for i, v in enumerate(values) if v is not None and not math.isfinite(v)]
+    if bad and on_error == "raise":
+        raise RewardError(f"error: reward function {name!r} returned {values[bad[0]]} for sample {bad[0]} of {n} "
+                          f"({len(bad)} non-finite); pass --skip-nonfinite to skip such steps\n"
+                          + describe_sample(bad[0], prompts, completions, kwargs))
+    return values
+
+
+def score_completions(fns, prompts: list, completions: list, columns: dict[str, list] | None = None,
+                      weights=None, *, completion_ids=None, prompt_ids=None, trainer_state=None,
+                      on_error: str = "raise") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total reward per completion, ``sum_f weight_f * r_f`` -> (rewards (N,) float32, {name: (N,)}).
+
+    In the per-function tensors "not applicable" (None) is NaN; in the total it adds 0, as in TRL.
+    A function that raises is called sample by sample to name the offending sample; then a
+    `RewardError` (SystemExit) is raised, or, with ``on_error="nan"`` (the recipes pass it under
+    --skip-nonfinite), the failing samples get NaN with a warning, so the total is NaN and the recipe
+    skips the step. Returned NaN/inf are errors too unless ``on_error="nan"``.
+    """
+    n = len(completions)
+    weights = [1.0] * len(fns) if weights is None or len(weights) == 0 else list(weights)
+    if len(weights) != len(fns):
+        raise SystemExit(f"error: {len(weights)} reward weights for {len(fns)} reward functions")
+    columns = dict(columns or {})
+    for reserved in ("completion_ids", "prompt_ids", "trainer_state"):
+        if reserved in columns:
+            raise SystemExit(f"error: the data has a column {reserved!r}, a name reserved for reward-function arguments")
+    kwargs: dict[str, Any] = {**columns}
+    if completion_ids is not None:
+        kwargs["completion_ids"] = [list(c) for c in completion_ids]
+    if prompt_ids is not None:
+        kwargs["prompt_ids"] = [list(p) for p in prompt_ids]
+    kwargs["trainer_state"] = trainer_state if trainer_state is not None else SimpleNamespace(global_step=0, max_steps=0)
+
+    total = torch.zeros(n, dtype=torch.float64)
+    applicable = torch.zeros(n, dtype=torch.bool)
+    per_function: dict[str, torch.Tensor] = {}
+    for fn, w in zip(fns, weights):
+        name = reward_name(fn)
+        values = _run_one(name, fn, prompts, completions, kwargs, on_error)
+        r = torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float64)  # (N,)
+        given = torch.tensor([v is not None for v in values], dtype=torch.bool)  # (N,)
+        total += torch.where(given, w * r, 0.0)
+        applicable |= given
+        key, k = name, 2
+        while key in per_function:
+            key, k = f"{name}_{k}", k + 1
+        per_function[key] = r.float()
+    if n and not bool(applicable.all()):
+        i = int((~applicable).nonzero()[0])
+        print(f"warning: every reward function returned None for {int((~applicable).sum())} of {n} completions "
+              f"(reward 0), e.g. sample {i}:\n" + describe_sample(i, prompts, completions, kwargs), file=sys.stderr)
+    return total.float(), per_function
+
+
+def load_rewards(specs, reward_model: str | None, tokenizer, device, trust_remote_code: bool = False,
+                 dtype: str = "float32") -> list:
+    """The reward callables of a command: each --reward MODULE:FUNCTION, then --reward-model DIR last."""
+    fns = [load_reward_function(s) for s in specs]
+    if reward_model:
+        fns.append(RewardModelScorer(reward_model, tokenizer, device, dtype=dtype,
+                                     trust_remote_code=trust_remote_code))
+    if not fns:
+        raise SystemExit("error: give at least one --reward MODULE:FUNCTION or a --reward-model DIR")
+    return fns
