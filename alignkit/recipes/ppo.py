@@ -28,7 +28,6 @@ response_length, no_eos_ratio, completions_per_s, lr.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -197,11 +196,6 @@ def chunks(rows: list[int], n: int) -> list[list[int]]:
     return [rows[a:a + size] for a in range(0, len(rows), size)]
 
 
-def value_state_dir(checkpoint: Path) -> Path:
-    """The value function of checkpoint step-N lives in value-step-N next to it (Run saves only the policy)."""
-    return checkpoint.parent / f"value-{checkpoint.name}"
-
-
 def save_value(value_model, value_head, tokenizer, out: Path) -> None:
     """The value function as OUT/value_head.safetensors (head) or an HF model directory OUT (separate model)."""
     if value_head is not None:
@@ -210,23 +204,6 @@ def save_value(value_model, value_head, tokenizer, out: Path) -> None:
                   str(out / "value_head.safetensors"))
     else:
         save_model(value_model, tokenizer, out)
-
-
-def save_value_checkpoint(run: Run, step: int, value_model, value_head, tokenizer) -> None:
-    """Run checkpoints the policy and optimizer only, so the value function is written (atomically) to
-    value-step-N next to step-N on the steps Run.end_step saves, and pruned like them. This mirrors
-    end_step's condition because Run has no hook for a second module."""
-    cfg, root = run.cfg, Path(run.cfg.output) / "checkpoints"
-    if not run.is_main or not (step == run.total_steps or run._stop.requested
-                               or (cfg.save_every and step % cfg.save_every == 0)):
-        return
-    tmp, final = root / f".tmp-value-step-{step:08d}", value_state_dir(root / f"step-{step:08d}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_value(value_model, value_head, tokenizer, tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(root.glob("value-step-*"))[:-cfg.save_total_limit] if cfg.save_total_limit > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def main(cfg: PPOConfig) -> dict:
@@ -249,7 +226,7 @@ def main(cfg: PPOConfig) -> dict:
     reference = None if lora.is_peft(policy) else (
         load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code, dev).eval().requires_grad_(False))
     reward_model = load_scorer(cfg.reward_model, cfg, dev, tokenizer, must_be_trained=True).eval().requires_grad_(False)
-    resume_value = value_state_dir(run.checkpoint) if run.checkpoint else None
+    resume_value = run.checkpoint / "value" if run.checkpoint else None  # written by save_extra below
     if resume_value and not resume_value.is_dir():
         raise SystemExit(f"error: {run.checkpoint} has no value function state ({resume_value}); "
                          "delete that checkpoint to resume from the previous one")
@@ -263,6 +240,9 @@ def main(cfg: PPOConfig) -> dict:
     else:
         path = resume_value or cfg.value_model or cfg.reward_model
         value_model = load_scorer(str(path), cfg, dev, tokenizer, must_be_trained=False)
+    def save_value_state(checkpoint_dir: Path) -> None:  # into each checkpoint, atomically with the policy
+        save_value(value_model, value_head, tokenizer, checkpoint_dir / "value")
+
     actor_critic = ActorCritic(policy, value_model, value_head, cfg.temperature).eval()
     ddp_ac = DDP(actor_critic) if ws > 1 else actor_critic
     optimizer = adamw(actor_critic, cfg.lr, cfg.weight_decay, cfg.adam_betas)
@@ -320,7 +300,8 @@ def main(cfg: PPOConfig) -> dict:
                          f"completion {tokenizer.decode(completions[i])!r})" for i in bad)
         if not run.check(run.dist.all_reduce_sum(scores.sum()).item(), step + 1, detail):
             run.log(step + 1, {"skipped_nonfinite_reward": 1.0, "lr": lr})
-            run.end_step(step + 1, {"kl_coef": kl_coef})
+            run.end_step(step + 1, {"kl_coef": kl_coef},
+                         save_extra=save_value_state)
             continue
 
         # 3. KL-shaped per-token rewards -> GAE -> whitened advantages (all in the completion layout).
@@ -382,8 +363,8 @@ def main(cfg: PPOConfig) -> dict:
             kl_coef = adaptive_kl_coef(kl_coef, row["kl"], cfg.target_kl, cfg.kl_horizon, n_global)
         total_completions, total_tokens = total_completions + n_global, total_tokens + step_tokens
         run.log(step + 1, row, tokens=step_tokens)
-        save_value_checkpoint(run, step + 1, value_model, value_head, tokenizer)
-        run.end_step(step + 1, {"kl_coef": kl_coef})
+        run.end_step(step + 1, {"kl_coef": kl_coef},
+                     save_extra=save_value_state)
 
     if run.is_main:
         save_value(value_model, value_head, tokenizer,

@@ -77,8 +77,10 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], param_groups: list[di
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, optimizer, extra: dict | None = None,
-                    keep: int = 2) -> Path:
-    """Write OUTPUT/checkpoints/step-N atomically and prune old ones (keeping `keep`)."""
+                    keep: int = 2, save_extra=None) -> Path:
+    """Write OUTPUT/checkpoints/step-N atomically and prune old ones (keeping `keep`). `save_extra(dir)`
+    writes a recipe's other trained state (e.g. PPO's value function) into the same directory before
+    the rename, so it is part of the same atomic checkpoint."""
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -91,6 +93,8 @@ def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, optimizer,
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     state = {"step": step, "param_groups": groups, "rng": rng_state(), "extra": extra or {}}
     (tmp / "trainer_state.json").write_text(json.dumps(state))
+    if save_extra is not None:
+        save_extra(tmp)
     _fsync_dir(tmp)
     if final.exists():  # same step saved twice (e.g. SIGTERM right after a periodic save)
         shutil.rmtree(final)

@@ -74,14 +74,15 @@ class Run:
         if step % self.cfg.log_every == 0 or step == self.total_steps:
             self.metrics.log({"step": step, **row, "tokens_per_s": self.speed.rate()})
 
-    def end_step(self, step: int, state: dict | None = None) -> None:
+    def end_step(self, step: int, state: dict | None = None, save_extra=None) -> None:
         """Checkpoint when due (every --save-every steps, at the end, or on SIGTERM/SIGINT) and exit
-        after a signal. `state` is JSON the recipe needs to resume (e.g. an adaptive KL coefficient)."""
+        after a signal. `state` is JSON the recipe needs to resume (e.g. an adaptive KL coefficient);
+        `save_extra(dir)` writes other trained modules into the checkpoint directory (e.g. a value model)."""
         done = step == self.total_steps
         if self._stop.requested or (self.cfg.save_every and step % self.cfg.save_every == 0) or done:
             if self.is_main:
                 checkpoint.save_checkpoint(self.cfg.output, step, self.model, self.tokenizer, self.optimizer,
-                                           extra=state, keep=self.cfg.save_total_limit)
+                                           extra=state, keep=self.cfg.save_total_limit, save_extra=save_extra)
             self.dist.barrier()
         if self._stop.requested and not done:
             self.bar.close()
