@@ -69,7 +69,8 @@ def load_reward_function(spec: str) -> Callable:
             raise SystemExit(f"error: --reward {spec!r}: cannot import module {module_part!r} ({e}); give an "
                              "importable module path or a path to a .py file") from None
         except Exception as e:
-            raise SystemExit(f"error: --reward {spec!r}: importing {module_part} failed: {type(e).__name__}: {e}") from e
+            raise SystemExit(f"error: --reward {spec!r}: importing {module_part} failed: "
+                             f"{type(e).__name__}: {e}") from e
     fn = getattr(module, fn_name, None)
     if fn is None:
         public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
@@ -167,8 +168,8 @@ class RewardModelScorer:
         self.model.eval().requires_grad_(False)
         has_tok = any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
         self.tokenizer = load_tokenizer(p, trust_remote_code) if has_tok else tokenizer
-        self.same_ids = (self.tokenizer.get_vocab() == tokenizer.get_vocab()
-                         and getattr(self.tokenizer, "chat_template", None) == getattr(tokenizer, "chat_template", None))
+        template = lambda t: getattr(t, "chat_template", None)  # noqa: E731
+        self.same_ids = self.tokenizer.get_vocab() == tokenizer.get_vocab() and template(self.tokenizer) == template(tokenizer)
         self.device, self.batch_size = device, batch_size
 
     def sequences(self, prompts, completions, completion_ids=None, prompt_ids=None) -> list[list[int]]:
@@ -324,13 +325,16 @@ def score_completions(fns, prompts: list, completions: list, columns: dict[str, 
     columns = dict(columns or {})
     for reserved in ("completion_ids", "prompt_ids", "trainer_state"):
         if reserved in columns:
-            raise SystemExit(f"error: the data has a column {reserved!r}, a name reserved for reward-function arguments")
+            raise SystemExit(f"error: the data has a column {reserved!r}, a name reserved for reward-function "
+                             "arguments")
     kwargs: dict[str, Any] = {**columns}
     if completion_ids is not None:
         kwargs["completion_ids"] = [list(c) for c in completion_ids]
     if prompt_ids is not None:
         kwargs["prompt_ids"] = [list(p) for p in prompt_ids]
-    kwargs["trainer_state"] = trainer_state if trainer_state is not None else SimpleNamespace(global_step=0, max_steps=0)
+    if trainer_state is None:
+        trainer_state = SimpleNamespace(global_step=0, max_steps=0)
+    kwargs["trainer_state"] = trainer_state
 
     total = torch.zeros(n, dtype=torch.float64)
     applicable = torch.zeros(n, dtype=torch.bool)

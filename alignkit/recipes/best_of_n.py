@@ -49,6 +49,8 @@ class BestOfNConfig:
     """Samples per prompt (alias --num-samples: under torchrun, whose parser takes --n for its own flags)."""
     batch_size: int = 8
     """Prompts per sampling batch (each sampled n times)."""
+    max_prompts: int = -1
+    """Use only the first N prompts of the data (-1 = all)."""
     max_new_tokens: int = 128
     """Completion budget in tokens."""
     max_length: int = 512
@@ -114,6 +116,7 @@ def main(cfg: BestOfNConfig) -> dict:
     prompts, stats = load_prompts(list(cfg.data), tokenizer, cfg.max_length - cfg.max_new_tokens, strict=cfg.strict)
     if d.is_main:
         stats.warn()
+    prompts = prompts[:cfg.max_prompts] if cfg.max_prompts >= 0 else prompts
     if not prompts:
         raise SystemExit("error: no usable prompts (all longer than max_length - max_new_tokens?)")
     model = load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code, d.device).eval()

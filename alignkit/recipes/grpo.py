@@ -99,10 +99,13 @@ def main(cfg: GRPOConfig) -> dict:
         raise SystemExit("error: alignkit grpo needs --data FILE (records with a 'prompt' field)")
     if cfg.group_size < 2:
         raise SystemExit("error: --group-size must be >= 2 (the group is the baseline)")
+    if cfg.num_iterations < 1:
+        raise SystemExit("error: --num-iterations must be >= 1")
     if cfg.temperature <= 0:
         raise SystemExit("error: --temperature must be > 0: a greedy group has identical completions and no signal")
     if cfg.max_new_tokens >= cfg.max_length:
-        raise SystemExit(f"error: --max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in --max-length {cfg.max_length}")
+        raise SystemExit(f"error: --max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in "
+                         f"--max-length {cfg.max_length}")
     run = Run(cfg, "grpo")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     prompts, stats = load_prompts(list(cfg.data), tokenizer, cfg.max_length - cfg.max_new_tokens, strict=cfg.strict)
@@ -125,7 +128,8 @@ def main(cfg: GRPOConfig) -> dict:
     ddp_model = DDP(model) if run.world_size > 1 else model
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
 
-    plan = StepPlan(lambda e: shuffled_batches(len(prompts), cfg.batch_size, cfg.seed + e), cfg.grad_accum, run.world_size)
+    plan = StepPlan(lambda e: shuffled_batches(len(prompts), cfg.batch_size, cfg.seed + e), cfg.grad_accum,
+                    run.world_size)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * plan.steps_per_epoch)
     start_step = run.begin(model, tokenizer, optimizer, total_steps)
     G, ws = cfg.group_size, run.world_size
@@ -160,6 +164,9 @@ def main(cfg: GRPOConfig) -> dict:
             trainer_state=SimpleNamespace(global_step=step, max_steps=total_steps),
             on_error="nan" if cfg.skip_nonfinite else "raise")  # (N,)
         advantages = group_advantages(rewards, G, normalize_std=cfg.scale_rewards).to(run.device)  # (N,)
+        nonfinite = (~torch.isfinite(rewards)).nonzero().flatten().tolist()  # NaN only under --skip-nonfinite
+        detail = f" (prompts {plan.all_micro_batches(step)})" + (f", non-finite rewards of completions {nonfinite}"
+                                                                 if nonfinite else "")
 
         # 3. Loss masks: completion tokens incl. the stop token (generation cuts right after it).
         in_loss = [e or not cfg.mask_truncated for e in ended]
@@ -200,8 +207,7 @@ def main(cfg: GRPOConfig) -> dict:
                 clip_sum += m["clip_frac"].item() * mask.sum().item()
             step_loss = run.dist.all_reduce_sum(loss_sum).item() / ws
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-            bad = "" if torch.isfinite(rewards).all() else f" (non-finite rewards for completions {(~torch.isfinite(rewards)).nonzero().flatten().tolist()})"
-            if run.check(step_loss, step + 1, f" (prompts {plan.all_micro_batches(step)}){bad}"):
+            if run.check(step_loss, step + 1, detail):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if it == 0:

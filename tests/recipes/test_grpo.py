@@ -150,9 +150,10 @@ def test_padding_does_not_change_the_loss(stopping_model, toy):
 
 
 def test_reward_error_names_the_sample_or_skips_the_step(tiny_model, toy):
+    small = ["--max-steps", "2", "--batch-size", "8", "--group-size", "2"]  # the 16 prompts in 2 steps
     with pytest.raises(SystemExit, match=r"(?s)'fragile' failed on sample \d+ of 16.*ZeroDivisionError.*boom"):
-        cli(grpo_args(tiny_model, toy, toy / "err", "--max-steps", "8", reward="fragile"))
-    final = cli(grpo_args(tiny_model, toy, toy / "skip", "--max-steps", "8", "--skip-nonfinite", reward="fragile"))
+        cli(grpo_args(tiny_model, toy, toy / "err", *small, reward="fragile"))
+    final = cli(grpo_args(tiny_model, toy, toy / "skip", *small, "--skip-nonfinite", reward="fragile"))
     assert final["skipped_nonfinite_steps"] == 1
 
 
