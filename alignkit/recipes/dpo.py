@@ -1,0 +1,238 @@
+"""alignkit dpo: offline preference optimisation (DPO and its family) on {prompt, chosen, rejected} pairs.
+
+DPO (Rafailov et al. 2023, eq. 7; seed notes 002 §13.6.2) needs no reward model and no RL loop:
+the policy's log-ratio to a frozen reference, beta * log(pi(y|x) / ref(y|x)), is an implicit
+reward, and a logistic loss on the chosen-minus-rejected difference of that reward raises chosen
+answers relative to rejected ones. `--loss` picks the pairwise objective (all in `alignkit.losses`):
+
+    sigmoid  DPO; with --label-smoothing eps, conservative DPO (Mitchell 2023)      beta 0.1
+    robust   unbiased under label-flip rate eps (Chowdhury et al. 2024)            beta 0.1
+    hinge    SLiC hinge on reference-normalised log-ratios (Zhao et al. 2023)      beta 0.1
+    ipo      IPO, squared loss on length-averaged log-ratios (Azar et al. 2023)    beta (= tau) 0.1
+    ln_dpo   length-normalised DPO (Tulu 3, Lambert et al. 2024; seed §13.6.3)     beta 5.0
+    simpo    SimPO, reference-free, with target margin --gamma (Meng et al. 2024)  beta 2.0
+
+(the right column is the default when --beta is not given: per-token log-ratios are ~|y| times
+smaller than sequence ones, so the length-normalised losses need a much larger beta.)
+
+Reference log-probs never change, so by default (`--precompute-ref`) they are computed once, before
+training, for the pairs the run will use, and the reference model is freed: training then holds
+one model. With LoRA the reference is the base model with adapters disabled (no second copy).
+SimPO has no reference at all. On `--resume` they are recomputed (deterministic, and cheaper to
+redo than to keep a cache consistent with the data, the model and --max-length).
+
+Chosen and rejected rows of a micro-batch go through the policy in ONE forward pass (2B rows).
+Dropout is off, as in TRL (disable_dropout): the implicit reward compares policy and reference
+log-probs, which must be computed the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from alignkit import lora
+from alignkit.config import TrainConfig
+from alignkit.data import load_preference
+from alignkit.logprobs import completion_logps, pack_completions
+from alignkit.losses import dpo_loss, length_normalized_dpo_loss, simpo_loss
+from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.train.batching import StepPlan, length_grouped_batches, shuffled_batches
+from alignkit.train.optim import adamw, lr_factor, set_lr
+from alignkit.train.run import Run
+
+DEFAULT_BETA = {"sigmoid": 0.1, "robust": 0.1, "hinge": 0.1, "ipo": 0.1, "ln_dpo": 5.0, "simpo": 2.0}
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation (and IPO, robust, hinge, LN-DPO, SimPO) on preference pairs."""
+
+    lr: float = 1e-6
+    """Peak learning rate (AdamW). DPO moves far from the reference quickly; TRL's default is 1e-6."""
+    batch_size: int = 8
+    """Pairs per micro-batch on each process (2x rows go through the model). Global batch = batch_size * grad_accum * processes."""
+    loss: Literal["sigmoid", "robust", "hinge", "ipo", "ln_dpo", "simpo"] = "sigmoid"
+    """sigmoid = DPO (Rafailov 2023), robust (Chowdhury 2024), hinge = SLiC (Zhao 2023), ipo (Azar 2023), ln_dpo (Tulu 3), simpo (Meng 2024)."""
+    beta: float | None = None
+    """Strength of the implicit KL to the reference (higher = stay closer). Default per loss: 0.1 (sigmoid, robust, hinge, ipo), 5.0 (ln_dpo), 2.0 (simpo)."""
+    gamma: float = 0.5
+    """SimPO target reward margin (simpo only)."""
+    label_smoothing: float = 0.0
+    """Assumed rate of flipped preference labels, in [0, 0.5) (sigmoid = cDPO, robust)."""
+    precompute_ref: bool = True
+    """Compute reference log-probs once before training, so no reference model is held during training."""
+    ref_model: str | None = None
+    """Reference model directory (default: --model, or the base model with adapters disabled under LoRA)."""
+    group_by_length: bool = True
+    """Batch pairs of similar length together (less padding, same expected gradient)."""
+
+
+def pair_logps(model, pairs, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log pi(chosen|x), log pi(rejected|x) (summed over completion tokens) and completion lengths,
+    each (B,), from ONE forward pass over the 2B rows [chosen; rejected]."""
+    prompts = [ex.prompt_ids for ex in pairs] * 2
+    completions = [ex.chosen_ids for ex in pairs] + [ex.rejected_ids for ex in pairs]
+    logps, lengths, _ = completion_logps(model, pack_completions(prompts, completions, pad_id, device))  # (2B,)
+    B = len(pairs)
+    return logps[:B], logps[B:], lengths[:B], lengths[B:]
+
+
+@torch.no_grad()
+def reference_logps(ref_model, examples, indices, pad_id: int, batch_size: int, device, dist=None) -> torch.Tensor:
+    """(N, 2) float64 table of reference log-probs [chosen, rejected] for the pairs in `indices`
+    (0 elsewhere). Pairs are sorted by length so batches carry little padding; under DDP each
+    process computes every world_size-th batch and the table is summed across processes."""
+    table = torch.zeros(len(examples), 2, dtype=torch.float64)
+    order = sorted(indices, key=lambda i: -(len(examples[i].prompt_ids) + max(len(examples[i].chosen_ids),
+                                                                            len(examples[i].rejected_ids))))
+    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    was_training = ref_model.training
+    ref_model.eval()
+    with lora.reference(ref_model):  # adapters off: the base model is the reference
+        for idx in batches[rank::world]:
+            chosen, rejected, _, _ = pair_logps(ref_model, [examples[i] for i in idx], pad_id, device)
+            table[idx, 0], table[idx, 1] = chosen.double().cpu(), rejected.double().cpu()
+    ref_model.train(was_training)
+    return dist.all_reduce_sum(table).cpu() if dist is not None else table
+
+
+def preference_loss(cfg, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    chosen_lengths, rejected_lengths):
+    """Per-pair losses (B,) and implicit rewards of chosen and rejected (B,), per `--loss`."""
+    if cfg.loss == "simpo":
+        losses = simpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, cfg.beta, cfg.gamma)
+        # SimPO's implicit reward is the length-averaged log-prob itself, scaled by beta (eq. 4).
+        per_token = lambda logps, n: cfg.beta * logps.detach() / n.clamp(min=1)  # noqa: E731
+        return losses, per_token(chosen_logps, chosen_lengths), per_token(rejected_logps, rejected_lengths)
+    if cfg.loss == "ln_dpo":
+        return length_normalized_dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                          chosen_lengths, rejected_lengths, cfg.beta)
+    if cfg.loss == "ipo":  # IPO's target 1/(2 tau) is on a per-token scale: length-average the logps
+        nc, nr = chosen_lengths.clamp(min=1), rejected_lengths.clamp(min=1)
+        return dpo_loss(chosen_logps / nc, rejected_logps / nr, ref_chosen_logps / nc, ref_rejected_logps / nr,
+                        cfg.beta, "ipo")
+    return dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, cfg.beta, cfg.loss,
+                    cfg.label_smoothing)
+
+
+def main(cfg: DPOConfig) -> dict:
+    if not cfg.data:
+        raise SystemExit("error: alignkit dpo needs --data FILE")
+    if cfg.label_smoothing and cfg.loss not in ("sigmoid", "robust"):
+        raise SystemExit(f"error: --label-smoothing applies to --loss sigmoid or robust, not {cfg.loss}")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise SystemExit(f"error: --label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    cfg = dataclasses.replace(cfg, beta=DEFAULT_BETA[cfg.loss] if cfg.beta is None else cfg.beta)  # saved resolved
+    if cfg.beta <= 0:
+        raise SystemExit(f"error: --beta must be > 0, got {cfg.beta}")
+    run = Run(cfg, "dpo")
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    pad_id = tokenizer.pad_token_id
+    examples, stats = load_preference(list(cfg.data), tokenizer, cfg.max_length, strict=cfg.strict)
+    if run.is_main:
+        stats.warn()
+    lengths = [len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids)) for ex in examples]
+    row_tokens = [2 * len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids) for ex in examples]
+
+    model = lora.load_trainable(cfg, run.checkpoint, run.device)
+    model.eval()  # dropout off (see the module docstring); gradients still flow
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
+
+    def make_epoch(epoch: int) -> list[list[int]]:
+        if cfg.group_by_length:  # keyed on the longer of the two rows: it sets the padded width
+            return length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)
+        return shuffled_batches(len(examples), cfg.batch_size, seed=cfg.seed + epoch)
+
+    plan = StepPlan(make_epoch, cfg.grad_accum, run.world_size)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * plan.steps_per_epoch)
+    start_step = run.begin(model, tokenizer, optimizer, total_steps)
+
+    # The reference: the policy itself before its first update (no extra copy), the base model with
+    # adapters disabled under LoRA, else (--ref-model, resuming full fine-tuning, or a per-batch
+    # reference with --no-precompute-ref) a frozen model loaded from disk. SimPO needs none.
+    t_start = time.perf_counter()
+    ref, ref_table = None, None
+    if cfg.loss != "simpo":
+        separate = not lora.is_peft(model) and (run.checkpoint is not None or not cfg.precompute_ref)
+        if cfg.ref_model or separate:
+            ref = load_causal_lm(cfg.ref_model or cfg.model, cfg.dtype, cfg.trust_remote_code, run.device).eval()
+            ref.requires_grad_(False)
+        else:
+            ref = model
+        if cfg.precompute_ref:
+            needed = sorted({i for s in range(start_step, total_steps) for b in plan.all_micro_batches(s) for i in b})
+            if run.is_main:
+                print(f"computing reference log-probs for {len(needed)} pairs")
+            ref_table = reference_logps(ref, examples, needed, pad_id, cfg.batch_size, run.device, run.dist)
+            ref = None  # freed (or, when it is the policy, no longer used as the reference)
+    ref_seconds = time.perf_counter() - t_start
+    run.speed.rate()  # restart the tokens/s interval after the reference pass
+    ddp_model = DDP(model) if run.world_size > 1 else model
+    # Totals over the whole run, carried across --resume in the checkpoint's state.
+    total_pairs, total_tokens = run.state.get("pairs", 0), run.state.get("tokens", 0)
+    done_before = total_pairs
+
+    for step in range(start_step, total_steps):
+        t_step = time.perf_counter()
+        lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup_steps, "cosine", cfg.min_lr_ratio)
+        set_lr(optimizer, lr)
+        global_batches = plan.all_micro_batches(step)
+        # Mean over the pairs of the whole global batch: each micro-batch divides its summed loss by
+        # the global pair count; DDP averages gradients over processes, hence the factor world_size.
+        n_pairs = sum(len(b) for b in global_batches)
+        step_tokens = sum(row_tokens[i] for b in global_batches for i in b)
+        micro = plan.micro_batches(step, run.dist.rank)
+        # loss, correct, margin, chosen/rejected logps, lengths, rewards: summed over pairs
+        sums = torch.zeros(9, dtype=torch.float64)
+        for k, idx in enumerate(micro):
+            pairs = [examples[i] for i in idx]
+            sync = k == len(micro) - 1 or run.world_size == 1
+            with nullcontext() if sync else ddp_model.no_sync():
+                chosen_logps, rejected_logps, chosen_lengths, rejected_lengths = pair_logps(
+                    ddp_model, pairs, pad_id, run.device)
+                if ref_table is not None:
+                    ref_chosen_logps = ref_table[idx, 0].to(chosen_logps)
+                    ref_rejected_logps = ref_table[idx, 1].to(chosen_logps)
+                elif ref is not None:  # --no-precompute-ref: a reference forward per micro-batch
+                    with torch.no_grad(), lora.reference(ref):
+                        ref_chosen_logps, ref_rejected_logps, _, _ = pair_logps(ref, pairs, pad_id, run.device)
+                else:  # simpo
+                    ref_chosen_logps = ref_rejected_logps = torch.zeros_like(chosen_logps)
+                losses, chosen_rewards, rejected_rewards = preference_loss(
+                    cfg, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                    chosen_lengths, rejected_lengths)  # (B,) each
+                loss = losses.sum() / n_pairs * run.world_size
+                loss.backward()
+            # a tie counts half (alignkit.eval.pairwise_accuracy): policy == reference gives 0.5
+            correct = (chosen_rewards > rejected_rewards) + 0.5 * (chosen_rewards == rejected_rewards)
+            sums += torch.stack([t.detach().double().sum().cpu() for t in (
+                losses, correct, chosen_rewards - rejected_rewards, chosen_logps,
+                rejected_logps, chosen_lengths, rejected_lengths, chosen_rewards, rejected_rewards)])
+        means = (run.dist.all_reduce_sum(sums) / n_pairs).tolist()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+        if run.check(means[0], step + 1, f" (pairs {global_batches})"):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total_pairs += n_pairs
+        total_tokens += step_tokens
+        names = ("loss", "reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps", "chosen_length",
+                 "rejected_length", "chosen_rewards", "rejected_rewards")
+        run.log(step + 1, {"epoch": (step + 1) / plan.steps_per_epoch, **dict(zip(names, means)), "lr": lr,
+                           "grad_norm": grad_norm.item(), "pairs_per_s": n_pairs / (time.perf_counter() - t_step)},
+                tokens=step_tokens)
+        run.end_step(step + 1, {"pairs": total_pairs, "tokens": total_tokens})
+
+    seconds = time.perf_counter() - t_start  # reference pass + training, as a peer trainer would time it
+    return run.finish({"pairs": total_pairs, "tokens": total_tokens,
+                       "pairs_per_s": (total_pairs - done_before) / seconds,  # this process's pairs / its time
+                       "ref_seconds": ref_seconds, "examples": len(examples), "truncated": stats.truncated,
+                       "dropped": stats.dropped, "skipped_batches_per_epoch": plan.skipped_per_epoch})

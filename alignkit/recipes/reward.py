@@ -1,0 +1,216 @@
+"""alignkit reward: a Bradley-Terry reward model, InstructGPT step 2.
+
+The SFT model's backbone with the language-modelling head replaced by a scalar head (a linear
+"reward head", seed notes 002 §13.4.1: the backbone is reused so the scorer inherits the model's
+understanding of language). Trained on preference pairs with ``-log sigmoid(r_c - r_r - m)``
+(Bradley & Terry 1952; Ouyang et al. 2022, eq. 1; the optional per-pair margin m is Llama 2's,
+Touvron et al. 2023, eq. 2). The score of a sequence is the head's output at its last
+non-padding token. Chosen and rejected rows go through the model in one forward pass.
+
+Held-out evaluation (`--eval-data`) reports pairwise accuracy and the calibration of
+P(chosen wins) = sigmoid(r_c - r_r) (expected calibration error, `alignkit.eval.calibration`).
+The saved model loads with `AutoModelForSequenceClassification.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers import AutoModelForSequenceClassification
+
+from alignkit import lora
+from alignkit.config import Repeatable, TrainConfig
+from alignkit.data import load_preference
+from alignkit.data.formats import read_records
+from alignkit.eval import pairwise_accuracy, preference_calibration_error, reliability_bins
+from alignkit.logprobs import pack_completions
+from alignkit.losses import bradley_terry_loss
+from alignkit.models import _check_model_dir, load_tokenizer
+from alignkit.train.batching import StepPlan, length_grouped_batches, shuffled_batches
+from alignkit.train.optim import adamw, lr_factor, set_lr
+from alignkit.train.run import Run
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """Train a scalar reward model on preference pairs {prompt, chosen, rejected}."""
+
+    lr: float = 1e-5
+    """Peak learning rate (AdamW). InstructGPT's reward models used 9e-6; tiny models take more."""
+    batch_size: int = 8
+    """Pairs per micro-batch on each process (2x rows go through the model). Global batch = batch_size * grad_accum * processes."""
+    margin: bool = False
+    """Use the per-pair `margin` field of the data in the loss (Llama 2); pairs without one get 0."""
+    eval_data: Annotated[tuple[str, ...], Repeatable] = ()
+    """Held-out preference pairs: accuracy and calibration at the end (and every --eval-every steps)."""
+    eval_every: int = 0
+    """Also evaluate every N optimizer steps (0 = only at the end)."""
+    group_by_length: bool = True
+    """Batch pairs of similar length together (less padding, same expected gradient)."""
+
+
+def load_reward_model(path, dtype: str = "float32", trust_remote_code: bool = False, device="cpu", *,
+                      pad_token_id: int | None = None, task_type: str | None = None):
+    """A causal LM directory (or a saved reward model) as a sequence classifier with one output.
+
+    Same contract as `models.load_causal_lm`: safetensors only, no remote code unless asked. The
+    head (`score`) is newly initialised when `path` holds a causal LM. `config.pad_token_id` must
+    be set: HF scores a row at its rightmost token that is not padding. `task_type` is accepted
+    (and ignored) because `lora.load_trainable` passes its keyword arguments on to the loader."""
+    p = _check_model_dir(path)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(p), num_labels=1, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+            use_safetensors=True)
+    except ValueError as e:  # an architecture without a ...ForSequenceClassification class
+        raise SystemExit(f"error: {p} cannot be loaded as a reward model (sequence classifier): {e}") from None
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    if model.config.pad_token_id is None:
+        raise SystemExit(f"error: {p}: no pad_token_id; a reward model needs one to find each row's last token")
+    return model.to(device)
+
+
+def read_margins(paths: list[str], n_pairs: int) -> list[float]:
+    """The `margin` field of every record (0 where absent), in file order."""
+    margins = [float(rec.get("margin", 0.0)) for path in paths for _, rec in read_records(path)]
+    if len(margins) != n_pairs:
+        raise SystemExit(f"error: --margin: {len(margins) - n_pairs} pair(s) were dropped as too long, so margins "
+                         "cannot be matched to pairs; raise --max-length or drop those records")
+    if not any(margins):
+        print("warning: --margin given but no record has a nonzero `margin` field; the loss uses margin 0")
+    return margins
+
+
+def pair_rewards(model, pairs, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Rewards of chosen and rejected, each (B,), from ONE forward over the 2B rows [chosen; rejected]."""
+    prompts = [ex.prompt_ids for ex in pairs] * 2
+    completions = [ex.chosen_ids for ex in pairs] + [ex.rejected_ids for ex in pairs]
+    batch = pack_completions(prompts, completions, pad_id, device)
+    rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]  # (2B,)
+    return rewards[:len(pairs)], rewards[len(pairs):], batch
+
+
+@torch.no_grad()
+def evaluate(model, examples, margins, pad_id: int, batch_size: int, device="cpu", rank: int = 0,
+             world_size: int = 1) -> dict:
+    """Held-out accuracy, mean margin r_c - r_r, loss and calibration. Each process scores its share
+    of the pairs; the scores are gathered so every process returns the same numbers."""
+    was_training = model.training
+    model.eval()
+    mine = list(range(rank, len(examples), world_size))
+    scores = []  # (index, r_c, r_r)
+    for k in range(0, len(mine), batch_size):
+        idx = mine[k:k + batch_size]
+        r_c, r_r, _ = pair_rewards(model, [examples[i] for i in idx], pad_id, device)
+        scores += list(zip(idx, r_c.tolist(), r_r.tolist()))
+    if world_size > 1:
+        gathered = [None] * world_size
+        torch_dist.all_gather_object(gathered, scores)
+        scores = [s for part in gathered for s in part]
+    scores.sort()
+    model.train(was_training)
+    r_c = torch.tensor([s[1] for s in scores], dtype=torch.float64)  # (N,)
+    r_r = torch.tensor([s[2] for s in scores], dtype=torch.float64)  # (N,)
+    m = torch.tensor([margins[s[0]] for s in scores], dtype=torch.float64) if margins else None
+    p = torch.sigmoid(r_c - r_r)  # (N,) P(chosen wins)
+    return {"accuracy": pairwise_accuracy(r_c, r_r), "margin": float((r_c - r_r).mean()),
+            "loss": float(bradley_terry_loss(r_c, r_r, m).mean()), "ece": preference_calibration_error(r_c, r_r),
+            "pairs": len(scores),
+            "bins": reliability_bins(torch.cat([p, 1 - p]), torch.cat([torch.ones_like(p), torch.zeros_like(p)]))}
+
+
+def main(cfg: RewardConfig) -> dict:
+    if not cfg.data:
+        raise SystemExit("error: alignkit reward needs --data FILE")
+    run = Run(cfg, "reward")
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    examples, stats = load_preference(list(cfg.data), tokenizer, cfg.max_length, strict=cfg.strict)
+    if run.is_main:
+        stats.warn()
+    margins = read_margins(list(cfg.data), len(examples)) if cfg.margin else None
+    eval_examples, eval_margins = [], None
+    if cfg.eval_data:
+        eval_examples, eval_stats = load_preference(list(cfg.eval_data), tokenizer, cfg.max_length, strict=cfg.strict)
+        eval_margins = read_margins(list(cfg.eval_data), len(eval_examples)) if cfg.margin else None
+    lengths = [len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids)) for ex in examples]
+    row_tokens = [2 * len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids) for ex in examples]
+
+    # The LM head is replaced by a fresh scalar head; with LoRA, peft's SEQ_CLS task keeps that head
+    # fully trainable (and saved with the adapter) through modules_to_save.
+    model = lora.load_trainable(cfg, run.checkpoint, run.device, loader=load_reward_model,
+                                pad_token_id=tokenizer.pad_token_id, task_type="SEQ_CLS")
+    model.train()
+    ddp_model = DDP(model) if run.world_size > 1 else model
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
+
+    def make_epoch(epoch: int) -> list[list[int]]:
+        if cfg.group_by_length:
+            return length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)
+        return shuffled_batches(len(examples), cfg.batch_size, seed=cfg.seed + epoch)
+
+    plan = StepPlan(make_epoch, cfg.grad_accum, run.world_size)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * plan.steps_per_epoch)
+    start_step = run.begin(model, tokenizer, optimizer, total_steps)
+    # Totals over the whole run, carried across --resume in the checkpoint's state.
+    total_pairs, total_tokens = run.state.get("pairs", 0), run.state.get("tokens", 0)
+
+    def run_eval(step: int) -> dict:
+        result = evaluate(model, eval_examples, eval_margins, tokenizer.pad_token_id, cfg.batch_size, run.device,
+                          run.dist.rank, run.world_size)
+        run.metrics.log({"step": step, "eval": True, **{f"eval_{k}": v for k, v in result.items() if k != "bins"}})
+        return result
+
+    for step in range(start_step, total_steps):
+        lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup_steps, "cosine", cfg.min_lr_ratio)
+        set_lr(optimizer, lr)
+        global_batches = plan.all_micro_batches(step)
+        # Mean over the pairs of the whole global batch: each micro-batch divides its summed loss by
+        # the global pair count; DDP averages gradients over processes, hence the factor world_size.
+        n_pairs = sum(len(b) for b in global_batches)
+        step_tokens = sum(row_tokens[i] for b in global_batches for i in b)
+        micro = plan.micro_batches(step, run.dist.rank)
+        sums = torch.zeros(3, dtype=torch.float64)  # loss, correct pairs, margin r_c - r_r
+        for k, idx in enumerate(micro):
+            sync = k == len(micro) - 1 or run.world_size == 1
+            with nullcontext() if sync else ddp_model.no_sync():
+                r_c, r_r, _ = pair_rewards(ddp_model, [examples[i] for i in idx], tokenizer.pad_token_id, run.device)
+                m = torch.tensor([margins[i] for i in idx], dtype=r_c.dtype, device=r_c.device) if margins else None
+                losses = bradley_terry_loss(r_c, r_r, m)  # (B,)
+                loss = losses.sum() / n_pairs * run.world_size
+                loss.backward()
+            r_c, r_r = r_c.detach().double().cpu(), r_r.detach().double().cpu()
+            sums += torch.tensor([losses.detach().sum().item(), pairwise_accuracy(r_c, r_r) * len(idx),
+                                  (r_c - r_r).sum().item()], dtype=torch.float64)
+        loss_sum, correct, margin_sum = (run.dist.all_reduce_sum(sums) / n_pairs).tolist()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+        if run.check(loss_sum, step + 1, f" (pairs {global_batches})"):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total_pairs += n_pairs
+        total_tokens += step_tokens
+        run.log(step + 1, {"epoch": (step + 1) / plan.steps_per_epoch, "loss": loss_sum, "accuracy": correct,
+                           "margin": margin_sum, "lr": lr, "grad_norm": grad_norm.item()}, tokens=step_tokens)
+        if eval_examples and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
+            run_eval(step + 1)
+        run.end_step(step + 1, {"pairs": total_pairs, "tokens": total_tokens})
+
+    final = {"pairs": total_pairs, "tokens": total_tokens, "examples": len(examples), "truncated": stats.truncated,
+             "dropped": stats.dropped, "skipped_batches_per_epoch": plan.skipped_per_epoch}
+    if eval_examples:
+        result = run_eval(total_steps)
+        if run.is_main:
+            Path(cfg.output).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.output) / "eval.json").write_text(json.dumps(
+                {"step": total_steps, **result, "truncated": eval_stats.truncated, "dropped": eval_stats.dropped},
+                indent=1))
+        final.update({f"eval_{k}": v for k, v in result.items() if k != "bins"})
+    return run.finish(final)

@@ -1,0 +1,123 @@
+"""alignkit reward: a Bradley-Terry reward model learns separable pairs (held out too), its score
+ignores padding, and the saved model is a plain HF sequence classifier with the same scores."""
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+from alignkit.cli import run as cli
+from alignkit.data import load_preference
+from alignkit.models import load_tokenizer
+from alignkit.recipes.reward import evaluate, load_reward_model, pair_rewards
+from helpers import read_metrics
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A 64-wide model gains nothing from 2 threads, and on a shared 2-core machine they wait on each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def toy_preferences(assets, path, rows=slice(None), seed=0, margin=None):
+    """Separable pairs from the shipped instructions: chosen = the right answer, rejected = its words shuffled."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for line in (assets / "instructions.jsonl").read_text().splitlines()[rows]:
+            user, assistant = (m["content"] for m in json.loads(line)["messages"])
+            words = shuffled = assistant.split()
+            while shuffled == words:
+                shuffled = rng.sample(words, len(words))
+            rec = {"prompt": [{"role": "user", "content": user}],
+                   "chosen": [{"role": "assistant", "content": assistant}],
+                   "rejected": [{"role": "assistant", "content": " ".join(shuffled)}]}
+            f.write(json.dumps(rec if margin is None else {**rec, "margin": margin}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rm")
+    return toy_preferences(assets, root / "train.jsonl", slice(0, 320)), toy_preferences(
+        assets, root / "eval.jsonl", slice(320, None))
+
+
+def rm_args(model, train, out, *extra):
+    return ["reward", "--model", str(model), "--data", str(train), "--output", str(out), "--max-length", "64",
+            "--lr", "3e-3", "--warmup-steps", "5", "--batch-size", "8", "--no-progress", *extra]
+
+
+def test_reward_model_learns_separable_pairs_and_generalises(tiny_model, data, tmp_path):
+    train, held_out = data
+    tok = load_tokenizer(tiny_model)
+    eval_pairs = load_preference([str(held_out)], tok, 64)[0]
+    untrained = evaluate(load_reward_model(tiny_model, pad_token_id=tok.pad_token_id), eval_pairs, None,
+                         tok.pad_token_id, 16)
+
+    out = tmp_path / "rm"
+    final = cli(rm_args(tiny_model, train, out, "--max-steps", "40", "--eval-data", str(held_out),
+                        "--eval-every", "20"))
+    rows = read_metrics(out)
+    train_rows = [r for r in rows if "loss" in r and not r.get("final")]
+    evals = [r for r in rows if r.get("eval")]
+    assert [r["step"] for r in evals] == [20, 40]
+    assert sum(r["accuracy"] for r in train_rows[-10:]) / 10 > 0.85
+    assert train_rows[-1]["margin"] > train_rows[0]["margin"] + 1
+    assert final["eval_accuracy"] >= 0.85 and final["eval_accuracy"] > untrained["accuracy"] + 0.2
+    assert final["eval_ece"] < untrained["ece"] + 0.1 and 0 <= final["eval_ece"] <= 1
+    assert final["pairs"] == 40 * 8 and final["tokens"] > 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["pairs"] == 100 and report["accuracy"] == final["eval_accuracy"]
+    assert sum(b["count"] for b in report["bins"]) == 200  # each pair scored both ways
+
+    # The output is a plain HF sequence classifier that gives the same scores as during training.
+    saved = AutoModelForSequenceClassification.from_pretrained(out)
+    assert saved.config.num_labels == 1 and saved.config.pad_token_id == tok.pad_token_id
+    again = evaluate(saved, eval_pairs, None, tok.pad_token_id, 7)
+    assert again["accuracy"] == report["accuracy"]
+    assert again["margin"] == pytest.approx(report["margin"], abs=1e-5)
+
+
+def test_score_ignores_padding(tiny_model, data):
+    train, _ = data
+    tok = load_tokenizer(tiny_model)
+    model = load_reward_model(tiny_model, pad_token_id=tok.pad_token_id).eval()
+    with torch.no_grad():  # a head whose output varies a lot with the token it reads
+        model.score.weight.normal_(0, 1)
+    pairs = load_preference([str(train)], tok, 64)[0]
+    size = lambda ex: len(ex.prompt_ids) + len(ex.chosen_ids)  # noqa: E731
+    short, long = min(pairs, key=size), max(pairs, key=size)
+    assert size(long) > size(short) + 5
+    with torch.no_grad():
+        alone = pair_rewards(model, [short], tok.pad_token_id, "cpu")
+        batched = pair_rewards(model, [short, long], tok.pad_token_id, "cpu")
+        last_token_moved = pair_rewards(model, [short.__class__(short.prompt_ids, short.chosen_ids[:-1],
+                                                                short.rejected_ids)], tok.pad_token_id, "cpu")
+    assert alone[0].item() == pytest.approx(batched[0][0].item(), abs=1e-4)
+    assert alone[1].item() == pytest.approx(batched[1][0].item(), abs=1e-4)
+    assert abs(alone[0].item() - last_token_moved[0].item()) > 1e-2  # the score does read the last token
+
+
+def test_margin_column_enters_the_loss(tiny_model, assets, tmp_path):
+    data = toy_preferences(assets, tmp_path / "m.jsonl", slice(0, 32), margin=3.0)
+    for flag, low, high in (([], 0.6, 0.8), (["--margin"], 2.9, 3.2)):  # -log sigmoid(~0 - m)
+        out = tmp_path / f"m{len(flag)}"
+        cli(rm_args(tiny_model, data, out, "--max-steps", "1", *flag))
+        assert low < read_metrics(out)[0]["loss"] < high
+
+
+def test_lora_reward_model_trains_adapters_and_the_head(tiny_model, data, tmp_path):
+    pytest.importorskip("peft")
+    train, _ = data
+    out = tmp_path / "lora"
+    cli(rm_args(tiny_model, train, out, "--max-steps", "6", "--lora-r", "4"))
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    # peft's SEQ_CLS task keeps the new scalar head trainable and saves it with the adapters
+    assert any(k.endswith("score.weight") for k in adapter) and any("lora_" in k for k in adapter)
+    assert all("lora_" in k or "score" in k for k in adapter)
