@@ -233,6 +233,6 @@ def main(cfg: DPOConfig) -> dict:
 
     seconds = time.perf_counter() - t_start  # reference pass + training, as a peer trainer would time it
     return run.finish({"pairs": total_pairs, "tokens": total_tokens,
-                       "pairs_per_s": (total_pairs - done_before) / seconds,  # this process's pairs / its time
+                       "pairs_per_s": (total_pairs - done_before) / seconds,  # pairs trained in this launch
                        "ref_seconds": ref_seconds, "examples": len(examples), "truncated": stats.truncated,
                        "dropped": stats.dropped, "skipped_batches_per_epoch": plan.skipped_per_epoch})

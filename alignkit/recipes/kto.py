@@ -75,7 +75,7 @@ def mismatched_pairs(global_batches: list[list[int]], examples) -> list[list[tup
     return out
 
 
-def sequence_logps(model, examples, rows: list[tuple[int, int]], pad_id: int, device) -> torch.Tensor:
+def rows_logps(model, examples, rows: list[tuple[int, int]], pad_id: int, device) -> torch.Tensor:
     """log pi(completion of c | prompt of p), (R,), for rows (p, c), in one forward pass."""
     batch = pack_completions([examples[p].prompt_ids for p, _ in rows],
                              [examples[c].completion_ids for _, c in rows], pad_id, device)
@@ -95,7 +95,7 @@ def reference_logps(ref_model, examples, rows: list[tuple[int, int]], pad_id: in
     ref_model.eval()
     with lora.reference(ref_model):  # adapters off: the base model is the reference
         for b in range(rank, len(batches), world):
-            values[b * batch_size:b * batch_size + len(batches[b])] = sequence_logps(
+            values[b * batch_size:b * batch_size + len(batches[b])] = rows_logps(
                 ref_model, examples, batches[b], pad_id, device).double().cpu()
     ref_model.train(was_training)
     values = dist.all_reduce_sum(values).cpu() if dist is not None else values
@@ -160,7 +160,7 @@ def main(cfg: KTOConfig) -> dict:
         if ref_table is not None:
             return torch.tensor([ref_table[r] for r in rows], dtype=like.dtype, device=like.device)
         with torch.no_grad(), lora.reference(ref):
-            return sequence_logps(ref, examples, rows, pad_id, run.device)
+            return rows_logps(ref, examples, rows, pad_id, run.device)
 
     ref_seconds = time.perf_counter() - t_start
     run.speed.rate()  # restart the tokens/s interval after the reference pass
@@ -187,7 +187,7 @@ def main(cfg: KTOConfig) -> dict:
         kl_sum = 0.0
         with torch.no_grad():
             for rows in kl_rows:
-                logps = sequence_logps(model, examples, rows, pad_id, run.device)  # (B,)
+                logps = rows_logps(model, examples, rows, pad_id, run.device)  # (B,)
                 kl_sum += (logps - ref_logps(rows, logps)).sum().item()
         kl = run.dist.all_reduce_sum(kl_sum).item() / n  # kto_loss clamps it at 0 and detaches it
 
@@ -199,7 +199,7 @@ def main(cfg: KTOConfig) -> dict:
             rows = [(i, i) for i in idx]
             labels = torch.tensor([examples[i].label for i in idx], device=run.device)
             with nullcontext() if sync else ddp_model.no_sync():
-                logps = sequence_logps(ddp_model, examples, rows, pad_id, run.device)  # (B,)
+                logps = rows_logps(ddp_model, examples, rows, pad_id, run.device)  # (B,)
                 ref_lp = ref_logps(rows, logps)  # (B,)
                 losses = kto_loss(logps, ref_lp, labels, kl, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
                 loss = losses.sum() / n * run.world_size
@@ -226,6 +226,6 @@ def main(cfg: KTOConfig) -> dict:
 
     seconds = time.perf_counter() - t_start
     return run.finish({"pairs": total_examples, "tokens": total_tokens,
-                       "pairs_per_s": (total_examples - done_before) / seconds,  # this process's pairs / its time
+                       "pairs_per_s": (total_examples - done_before) / seconds,  # examples trained in this launch
                        "ref_seconds": ref_seconds, "examples": len(examples), "truncated": stats.truncated,
                        "dropped": stats.dropped, "skipped_batches_per_epoch": plan.skipped_per_epoch})

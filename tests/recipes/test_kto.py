@@ -10,7 +10,7 @@ import torch
 from alignkit.cli import run as cli
 from alignkit.data import load_unpaired
 from alignkit.models import load_causal_lm, load_tokenizer
-from alignkit.recipes.kto import mismatched_pairs, sequence_logps
+from alignkit.recipes.kto import mismatched_pairs, rows_logps
 from helpers import read_metrics
 
 
@@ -56,8 +56,8 @@ def implicit_reward_gap(model_dir, base_dir, examples, pad_id) -> float:
     """mean log(pi/ref) over desirable minus over undesirable examples (0 when pi == ref)."""
     idx = [(i, i) for i in range(len(examples))]
     with torch.no_grad():
-        ratio = (sequence_logps(load_causal_lm(model_dir).eval(), examples, idx, pad_id, "cpu")
-                 - sequence_logps(load_causal_lm(base_dir).eval(), examples, idx, pad_id, "cpu"))  # (N,)
+        ratio = (rows_logps(load_causal_lm(model_dir).eval(), examples, idx, pad_id, "cpu")
+                 - rows_logps(load_causal_lm(base_dir).eval(), examples, idx, pad_id, "cpu"))  # (N,)
     labels = torch.tensor([ex.label for ex in examples])
     return (ratio[labels].mean() - ratio[~labels].mean()).item()
 
