@@ -71,7 +71,7 @@ class Stages:
 def reward_model_eval(rm_dir: Path, world: Path) -> dict:
     """Held-out pair accuracy of the proxy RM, its agreement with the gold label, and ECE."""
     from alignkit.data import load_preference
-    from alignkit.eval.calibration import expected_calibration_error
+    from alignkit.eval.calibration import pairwise_accuracy, preference_calibration_error
     from alignkit.models import load_tokenizer
     from alignkit.rewards import RewardModelScorer
 
@@ -81,13 +81,14 @@ def reward_model_eval(rm_dir: Path, world: Path) -> dict:
     rm = RewardModelScorer(str(rm_dir), tok)
     rc = rm.score_ids([p.prompt_ids + p.chosen_ids for p in pairs])
     rr = rm.score_ids([p.prompt_ids + p.rejected_ids for p in pairs])
-    p_chosen = torch.sigmoid(torch.tensor(rc) - torch.tensor(rr))
-    labels = torch.ones_like(p_chosen)
+    if len(pairs) != len(rows):
+        raise SystemExit(f"error: {len(rows) - len(pairs)} held-out pairs were dropped; cannot match gold labels")
+    # gold_label_accuracy: does the RM rank the pair as the gold judge does (the annotator's label
+    # agreed with gold iff gold_agrees)? The annotators' own agreement is the ceiling to compare with.
     gold = [(c > r) == row["gold_agrees"] for c, r, row in zip(rc, rr, rows) if not row["gold_tie"]]
     agree = [row["gold_agrees"] for row in rows if not row["gold_tie"]]
-    return {"heldout_accuracy": float((p_chosen > 0.5).float().mean()),
-            "gold_label_accuracy": mean(gold), "annotator_gold_agreement": mean(agree),
-            "ece": float(expected_calibration_error(p_chosen, labels))}
+    return {"heldout_accuracy": pairwise_accuracy(rc, rr), "gold_label_accuracy": mean(gold),
+            "annotator_gold_agreement": mean(agree), "ece": preference_calibration_error(rc, rr)}
 
 
 def best_of_n_curve(policy: Path, rm_dir: Path, world: Path, n_prompts: int, n_max: int, seed: int) -> dict:
