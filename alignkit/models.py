@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          GenerationConfig)
 
 # Architectures `alignkit init-model` can create, at two sizes. `tiny` is the 1.9M-parameter shape
 # calibrated on a 2-core CPU (issue 5 notes: ~5,400 tokens/s pretraining).
@@ -49,6 +50,28 @@ def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", trust_remote
     model = AutoModelForCausalLM.from_pretrained(
         str(p), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True
     )
+    return model.to(device)
+
+
+def load_reward_model(path, dtype: str = "float32", trust_remote_code: bool = False, device="cpu", *,
+                      pad_token_id: int | None = None, task_type: str | None = None):
+    """A causal LM directory (or a saved reward model) as a sequence classifier with one output.
+
+    Same contract as `models.load_causal_lm`: safetensors only, no remote code unless asked. The
+    head (`score`) is newly initialised when `path` holds a causal LM. `config.pad_token_id` must
+    be set: HF scores a row at its rightmost token that is not padding. `task_type` is accepted
+    (and ignored) because `lora.load_trainable` passes its keyword arguments on to the loader."""
+    p = _check_model_dir(path)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(p), num_labels=1, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
+            use_safetensors=True)
+    except ValueError as e:  # an architecture without a ...ForSequenceClassification class
+        raise SystemExit(f"error: {p} cannot be loaded as a reward model (sequence classifier): {e}") from None
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    if model.config.pad_token_id is None:
+        raise SystemExit(f"error: {p}: no pad_token_id; a reward model needs one to find each row's last token")
     return model.to(device)
 
 

@@ -153,15 +153,10 @@ class RewardModelScorer:
 
     def __init__(self, path: str, tokenizer, device="cpu", batch_size: int = 32, dtype: str = "float32",
                  trust_remote_code: bool = False):
-        from transformers import AutoModelForSequenceClassification
-
-        from alignkit.models import load_tokenizer
+        from alignkit.models import load_reward_model, load_tokenizer
 
         p = Path(path)
-        if not (p / "config.json").is_file():
-            raise SystemExit(f"error: --reward-model {path}: not a Hugging Face model directory (no config.json)")
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            str(p), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True).to(device)
+        self.model = load_reward_model(p, dtype, trust_remote_code, device, pad_token_id=tokenizer.pad_token_id)
         if self.model.config.num_labels != 1:
             raise SystemExit(f"error: --reward-model {path} has num_labels={self.model.config.num_labels}; a reward "
                              "model has one output (num_labels=1)")

@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
 from alignkit import lora
 from alignkit.config import TrainConfig
@@ -46,7 +46,7 @@ from alignkit.generation import sample_groups
 from alignkit.logprobs import pack_completions
 from alignkit.losses import (aggregate, gae, kl_penalty, masked_sum, ppo_policy_loss, ppo_value_loss,
                              token_entropy, token_logps, whiten)
-from alignkit.models import load_causal_lm, load_tokenizer, save_model
+from alignkit.models import load_causal_lm, load_reward_model, load_tokenizer, save_model
 from alignkit.train.batching import StepPlan, shuffled_batches
 from alignkit.train.optim import adamw, lr_factor, set_lr
 from alignkit.train.run import Run
@@ -111,11 +111,7 @@ class PPOConfig(TrainConfig):
 def load_scorer(path: str, cfg: PPOConfig, device, tokenizer, must_be_trained: bool):
     """A sequence classifier with one output (reward or value model), safetensors only."""
     p = Path(path)
-    if not (p / "config.json").is_file():
-        raise SystemExit(f"error: {p} is not a Hugging Face model directory (no config.json)")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(p), num_labels=1, dtype=getattr(torch, cfg.dtype), trust_remote_code=cfg.trust_remote_code,
-        use_safetensors=True)
+    model = load_reward_model(p, cfg.dtype, cfg.trust_remote_code, pad_token_id=tokenizer.pad_token_id)
     if must_be_trained and not any("SequenceClassification" in a for a in model.config.architectures or []):
         raise SystemExit(f"error: --reward-model {p} is not a reward model (architectures {model.config.architectures}); "
                          "its score head would be random. Train one with `alignkit reward`.")

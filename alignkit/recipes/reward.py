@@ -24,7 +24,6 @@ from typing import Annotated
 import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from transformers import AutoModelForSequenceClassification
 
 from alignkit import lora
 from alignkit.config import Repeatable, TrainConfig
@@ -33,7 +32,7 @@ from alignkit.data.formats import read_records
 from alignkit.eval import pairwise_accuracy, preference_calibration_error, reliability_bins
 from alignkit.logprobs import pack_completions
 from alignkit.losses import bradley_terry_loss
-from alignkit.models import _check_model_dir, load_tokenizer
+from alignkit.models import load_reward_model, load_tokenizer
 from alignkit.train.batching import StepPlan, length_grouped_batches, shuffled_batches
 from alignkit.train.optim import adamw, lr_factor, set_lr
 from alignkit.train.run import Run
@@ -55,28 +54,6 @@ class RewardConfig(TrainConfig):
     """Also evaluate every N optimizer steps (0 = only at the end)."""
     group_by_length: bool = True
     """Batch pairs of similar length together (less padding, same expected gradient)."""
-
-
-def load_reward_model(path, dtype: str = "float32", trust_remote_code: bool = False, device="cpu", *,
-                      pad_token_id: int | None = None, task_type: str | None = None):
-    """A causal LM directory (or a saved reward model) as a sequence classifier with one output.
-
-    Same contract as `models.load_causal_lm`: safetensors only, no remote code unless asked. The
-    head (`score`) is newly initialised when `path` holds a causal LM. `config.pad_token_id` must
-    be set: HF scores a row at its rightmost token that is not padding. `task_type` is accepted
-    (and ignored) because `lora.load_trainable` passes its keyword arguments on to the loader."""
-    p = _check_model_dir(path)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(p), num_labels=1, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
-            use_safetensors=True)
-    except ValueError as e:  # an architecture without a ...ForSequenceClassification class
-        raise SystemExit(f"error: {p} cannot be loaded as a reward model (sequence classifier): {e}") from None
-    if pad_token_id is not None:
-        model.config.pad_token_id = pad_token_id
-    if model.config.pad_token_id is None:
-        raise SystemExit(f"error: {p}: no pad_token_id; a reward model needs one to find each row's last token")
-    return model.to(device)
 
 
 def read_margins(paths: list[str], n_pairs: int) -> list[float]:

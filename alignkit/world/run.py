@@ -52,8 +52,8 @@ class Stages:
     def __init__(self, out: Path, progress: bool):
         self.out, self.progress, self.timings, self.commands = out, progress, {}, []
 
-    def command(self, stage: str, *args: str) -> dict:
-        argv = [*args] + ([] if self.progress else ["--no-progress"])
+    def command(self, stage: str, *args: str, trains: bool = True) -> dict:
+        argv = [*args] + ([] if self.progress or not trains else ["--no-progress"])
         self.commands.append("alignkit " + " ".join(shlex.quote(a) for a in argv))
         print(f"\n== {stage}: alignkit {' '.join(argv)}", flush=True)
         t = time.perf_counter()
@@ -135,7 +135,7 @@ def main(cfg: WorldRunConfig) -> dict:
     st = Stages(out, cfg.progress)
     t0 = time.perf_counter()
     seed = str(cfg.seed)
-    st.command("build", "world", "build", "--output", str(world), "--preset", cfg.preset, "--seed", seed)
+    st.command("build", "world", "build", "--output", str(world), "--preset", cfg.preset, "--seed", seed, trains=False)
     sets = load_eval_sets(world)
     results: dict = {"preset": cfg.preset, "seed": cfg.seed}
 
@@ -148,9 +148,9 @@ def main(cfg: WorldRunConfig) -> dict:
         return metrics, answers
 
     st.command("tokenizer", "train-tokenizer", "--data", str(world / "corpus.jsonl"), "--data", str(world / "sft.jsonl"),
-               "--vocab-size", "1024", "--output", str(models / "tokenizer"))
+               "--vocab-size", "1024", "--output", str(models / "tokenizer"), trains=False)
     st.command("init", "init-model", "--arch", "llama", "--size", "tiny" if cfg.preset == "tiny" else "small",
-               "--tokenizer", str(models / "tokenizer"), "--output", str(models / "init"), "--seed", seed)
+               "--tokenizer", str(models / "tokenizer"), "--output", str(models / "init"), "--seed", seed, trains=False)
     common = ["--seed", seed]
     st.command("pretrain", "pretrain", "--model", str(models / "init"), "--data", str(world / "corpus.jsonl"),
                "--output", str(models / "base"), "--max-steps", str(budget["pretrain_steps"]), "--batch-size", "16",
