@@ -160,8 +160,15 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
     ghosts = unknown_names(world, 60, seed)
     ghosts_train, ghosts_eval = ghosts[:30], ghosts[30:]
 
-    corpus = bios(world, rng) + arithmetic_text(rng, size.noise_docs) + noise(world, rng, size.noise_docs)
-    rng.shuffle(corpus)
+    snippets = bios(world, rng) + arithmetic_text(rng, size.noise_docs) + noise(world, rng, size.noise_docs)
+    rng.shuffle(snippets)
+    # Web-page-like documents of several unrelated snippets: the base model learns to keep going
+    # (a continuation machine) rather than to end its text after one sentence.
+    corpus, i = [], 0
+    while i < len(snippets):
+        k = rng.randint(3, 8)
+        corpus.append(" ".join(snippets[i:i + k]))
+        i += k
 
     sft = []
     for p in seen:
@@ -233,6 +240,7 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
         write(f"eval/{name}.jsonl", [{"prompt": user(q), "meta": m} for q, m in items])
     agree = [r["gold_agrees"] for r in pref if not r["gold_tie"]]
     summary = {"preset": preset, "seed": seed, "people": len(world.people), "corpus_docs": len(corpus),
+               "corpus_snippets": len(snippets),
                "sft_examples": len(sft), "pref_pairs": len(pref),
                "annotator_gold_agreement": sum(agree) / max(1, len(agree)),
                "eval_sets": {n: len(v) for n, v in eval_sets.items()}}

@@ -23,11 +23,15 @@ def answer_all(model_dir: str | Path, sets: dict[str, list[dict]], max_new_token
     """Greedy completions for every prompt: [{"text", "ended", "tokens"}] per set, in order."""
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir)
-    stops = set(stop_token_ids(tok, model))
+    # Stopping cleanly means closing the assistant turn; a base model that ends a document with
+    # <|endoftext|> has stopped generating but not answered.
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    turn_end = {im_end} if isinstance(im_end, int) and tok.convert_ids_to_tokens(im_end) == "<|im_end|>" \
+        else set(stop_token_ids(tok, model))
     flat = [row for rows in sets.values() for row in rows]
     ids = [render_prompt(tok, row["prompt"]) for row in flat]
     completions = generate(model, tok, ids, max_new_tokens, batch_size=64)
-    answers = [{"text": tok.decode(c, skip_special_tokens=True).strip(), "ended": bool(c) and c[-1] in stops,
+    answers = [{"text": tok.decode(c, skip_special_tokens=True).strip(), "ended": bool(c) and c[-1] in turn_end,
                 "tokens": len(c)} for c in completions]
     out, i = {}, 0
     for name, rows in sets.items():

@@ -21,12 +21,15 @@ from alignkit.cli import run as alignkit
 from alignkit.world.build import build
 from alignkit.world.evaluate import answer_all, load_eval_sets, mean, score, win_rate
 
-# Step budgets per preset. tiny is sized for <= 10 minutes on 2 CPU cores.
+# Optimizer-step budgets per preset. tiny is sized for <= 10 minutes on 2 CPU cores; smoke only checks
+# the pipeline end to end (CI) and shows no effects.
 PRESETS = {
-    "tiny": dict(pretrain_steps=800, sft_epochs=8, rm_epochs=2, dpo_epochs=1, ppo_steps=30, grpo_steps=25,
-                 bon_prompts=48, bon_n=16),
-    "small": dict(pretrain_steps=6000, sft_epochs=10, rm_epochs=3, dpo_epochs=2, ppo_steps=150, grpo_steps=120,
-                  bon_prompts=200, bon_n=64),
+    "smoke": dict(world="tiny", pretrain_steps=20, sft_steps=10, rm_steps=5, dpo_steps=3, ppo_steps=2,
+                  grpo_steps=2, bon_prompts=8, bon_n=4),
+    "tiny": dict(world="tiny", pretrain_steps=800, sft_steps=600, rm_steps=150, dpo_steps=75, ppo_steps=30,
+                 grpo_steps=25, bon_prompts=48, bon_n=16),
+    "small": dict(world="small", pretrain_steps=6000, sft_steps=1200, rm_steps=750, dpo_steps=500, ppo_steps=150,
+                  grpo_steps=120, bon_prompts=200, bon_n=64),
 }
 
 
@@ -36,8 +39,8 @@ class WorldRunConfig:
 
     output: str = "runs/world"
     """Directory for data, models and the report."""
-    preset: Literal["tiny", "small"] = "tiny"
-    """tiny: <= 10 minutes on 2 CPU cores; small: about an hour, clearer effects."""
+    preset: Literal["smoke", "tiny", "small"] = "tiny"
+    """tiny: <= 10 minutes on 2 CPU cores; small: about an hour, clearer effects; smoke: a 1-2 minute pipeline check."""
     seed: int = 0
     """Seed of the world and of every stage."""
     stages: str = "all"
@@ -135,7 +138,8 @@ def main(cfg: WorldRunConfig) -> dict:
     st = Stages(out, cfg.progress)
     t0 = time.perf_counter()
     seed = str(cfg.seed)
-    st.command("build", "world", "build", "--output", str(world), "--preset", cfg.preset, "--seed", seed, trains=False)
+    st.command("build", "world", "build", "--output", str(world), "--preset", budget["world"], "--seed", seed,
+               trains=False)
     sets = load_eval_sets(world)
     results: dict = {"preset": cfg.preset, "seed": cfg.seed}
 
@@ -149,7 +153,7 @@ def main(cfg: WorldRunConfig) -> dict:
 
     st.command("tokenizer", "train-tokenizer", "--data", str(world / "corpus.jsonl"), "--data", str(world / "sft.jsonl"),
                "--vocab-size", "1024", "--output", str(models / "tokenizer"), trains=False)
-    st.command("init", "init-model", "--arch", "llama", "--size", "tiny" if cfg.preset == "tiny" else "small",
+    st.command("init", "init-model", "--arch", "llama", "--size", "small" if cfg.preset == "small" else "tiny",
                "--tokenizer", str(models / "tokenizer"), "--output", str(models / "init"), "--seed", seed, trains=False)
     common = ["--seed", seed]
     st.command("pretrain", "pretrain", "--model", str(models / "init"), "--data", str(world / "corpus.jsonl"),
@@ -159,13 +163,13 @@ def main(cfg: WorldRunConfig) -> dict:
     if "sft" not in wanted:
         return results
     st.command("sft", "sft", "--model", str(models / "base"), "--data", str(world / "sft.jsonl"), "--output",
-               str(models / "sft"), "--epochs", str(budget["sft_epochs"]), "--batch-size", "16", "--max-length", "192",
+               str(models / "sft"), "--max-steps", str(budget["sft_steps"]), "--batch-size", "16", "--max-length", "192",
                "--lr", "1e-3", *common)
     results["sft"], sft_answers = evaluate("sft", models / "sft")
 
     if wanted & {"reward", "ppo", "overopt"}:
         st.command("reward", "reward", "--model", str(models / "sft"), "--data", str(world / "pref.jsonl"),
-                   "--output", str(models / "rm"), "--epochs", str(budget["rm_epochs"]), "--batch-size", "16",
+                   "--output", str(models / "rm"), "--max-steps", str(budget["rm_steps"]), "--batch-size", "16",
                    "--max-length", "192", "--lr", "3e-4", *common)
         results["reward_model"] = st.timed("eval reward", reward_model_eval, models / "rm", world)
     for loss, beta in (("sigmoid", "0.1"), ("simpo", "2.0"), ("ln_dpo", "1.0")):
@@ -173,7 +177,7 @@ def main(cfg: WorldRunConfig) -> dict:
         if name not in wanted:
             continue
         st.command(name, "dpo", "--loss", loss, "--beta", beta, "--model", str(models / "sft"), "--data",
-                   str(world / "pref.jsonl"), "--output", str(models / name), "--epochs", str(budget["dpo_epochs"]),
+                   str(world / "pref.jsonl"), "--output", str(models / name), "--max-steps", str(budget["dpo_steps"]),
                    "--batch-size", "16", "--max-length", "192", "--lr", "5e-5", *common)
         results[name], _ = evaluate(name, models / name, sft_answers)
     if "ppo" in wanted:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from alignkit.world.build import build
-from alignkit.world.facts import IDK, REFUSAL
+from alignkit.world.facts import IDK, REFUSAL, STATEMENTS
 from alignkit.world.gold import Annotator, gold_score
 
 
@@ -45,10 +45,11 @@ def test_people_split_and_bio_styles(world_dir):
     sft = "\n".join(json.dumps(r) for r in rows(world_dir / "sft.jsonl"))
     groups = {(p["seen"], p["bio_style"]) for p in world["people"]}
     assert groups == {(True, "multi"), (True, "single"), (False, "multi"), (False, "single")}
-    docs = [r["text"] for r in rows(world_dir / "corpus.jsonl")]
+    corpus = "\n".join(r["text"] for r in rows(world_dir / "corpus.jsonl"))
     for p in world["people"]:
         assert (p["name"] in sft) == p["seen"]
-        bios = sum(1 for d in docs if p["name"] in d and p["year"] in d)  # every bio states the birth year
+        # every bio states the birth year once, each bio of a person in its own phrasing
+        bios = sum(corpus.count(t.format(**p)) for t in STATEMENTS["year"])
         assert bios == (3 if p["bio_style"] == "multi" else 1), p
 
 
