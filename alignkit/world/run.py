@@ -178,7 +178,7 @@ def main(cfg: WorldRunConfig) -> dict:
             continue
         st.command(name, "dpo", "--loss", loss, "--beta", beta, "--model", str(models / "sft"), "--data",
                    str(world / "pref.jsonl"), "--output", str(models / name), "--max-steps", str(budget["dpo_steps"]),
-                   "--batch-size", "16", "--max-length", "192", "--lr", "5e-5", *common)
+                   "--batch-size", "16", "--max-length", "192", "--lr", "3e-4", *common)
         results[name], _ = evaluate(name, models / name, sft_answers)
     if "ppo" in wanted:
         st.command("ppo", "ppo", "--model", str(models / "sft"), "--reward-model", str(models / "rm"), "--data",
