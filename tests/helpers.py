@@ -18,3 +18,28 @@ def run_cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.Complet
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "alignkit.cli", *args], env=full_env, capture_output=True,
                           text=True, **kwargs)
+
+
+# Message builders and a loss-mask reader for the data-layer tests.
+def u(x):
+    return {"role": "user", "content": x}
+
+
+def a(x):
+    return {"role": "assistant", "content": x}
+
+
+def s(x):
+    return {"role": "system", "content": x}
+
+
+def spans(tokenizer, ex):
+    """Decoded text of the trained-on tokens, one string per contiguous masked span."""
+    out, cur = [], []
+    for t, m in zip(ex.input_ids + [None], ex.loss_mask + [0]):
+        if m:
+            cur.append(t)
+        elif cur:
+            out.append(tokenizer.decode(cur))
+            cur = []
+    return out

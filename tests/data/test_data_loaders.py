@@ -7,27 +7,7 @@ from alignkit.data import (DataError, DataStats, Example, PreferenceExample, Pro
                            load_preference, load_prompts, load_sft, load_text, load_unpaired, render_prompt)
 
 
-def u(x):
-    return {"role": "user", "content": x}
-
-
-def a(x):
-    return {"role": "assistant", "content": x}
-
-
-def s(x):
-    return {"role": "system", "content": x}
-
-
-def spans(tokenizer, ex):
-    out, cur = [], []
-    for t, m in zip(ex.input_ids + [None], ex.loss_mask + [0]):
-        if m:
-            cur.append(t)
-        elif cur:
-            out.append(tokenizer.decode(cur))
-            cur = []
-    return out
+from helpers import a, s, spans, u  # noqa: E402  (message builders shared by the data tests)
 
 
 def data_error(fn, *args, **kw) -> DataError:

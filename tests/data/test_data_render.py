@@ -7,28 +7,7 @@ from alignkit.data import (ChatTemplateError, Example, has_generation_markers, r
                            render_prompt_completion)
 
 
-def u(x):
-    return {"role": "user", "content": x}
-
-
-def a(x):
-    return {"role": "assistant", "content": x}
-
-
-def s(x):
-    return {"role": "system", "content": x}
-
-
-def spans(tokenizer, ex):
-    """Decoded text of the trained-on tokens, one string per contiguous masked span."""
-    out, cur = [], []
-    for t, m in zip(ex.input_ids + [None], ex.loss_mask + [0]):
-        if m:
-            cur.append(t)
-        elif cur:
-            out.append(tokenizer.decode(cur))
-            cur = []
-    return out
+from helpers import a, s, spans, u  # noqa: E402  (message builders shared by the data tests)
 
 
 def unmasked(tokenizer, ex):
