@@ -10,6 +10,18 @@ import pytest
 ASSETS = Path(__file__).resolve().parents[1] / "alignkit" / "assets"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The test models are 64 wide: a second thread buys nothing, and where cores are shared two threads
+    per process oversubscribe them (several times slower). Subprocess tests set OMP_NUM_THREADS=1."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def assets() -> Path:
     return ASSETS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,25 @@ def spans(tokenizer, ex):
             out.append(tokenizer.decode(cur))
             cur = []
     return out
+
+
+def shuffled_answer_pairs(assets, rows=slice(None), seed=0):
+    """From the shipped instructions: (prompt messages, right answer, the same words shuffled) — pairs a
+    preference learner can separate."""
+    rng = random.Random(seed)
+    for line in (Path(assets) / "instructions.jsonl").read_text().splitlines()[rows]:
+        user, assistant = (m["content"] for m in json.loads(line)["messages"])
+        words = shuffled = assistant.split()
+        while shuffled == words:
+            shuffled = rng.sample(words, len(words))
+        yield ([{"role": "user", "content": user}], [{"role": "assistant", "content": assistant}],
+               [{"role": "assistant", "content": " ".join(shuffled)}])
+
+
+def toy_preferences(assets, path, rows=slice(None), seed=0, margin=None):
+    """Separable {prompt, chosen, rejected} pairs (chosen = the right answer, rejected = its words shuffled)."""
+    with Path(path).open("w") as f:
+        for prompt, chosen, rejected in shuffled_answer_pairs(assets, rows, seed):
+            rec = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+            f.write(json.dumps(rec if margin is None else {**rec, "margin": margin}) + "\n")
+    return path

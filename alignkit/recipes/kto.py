@@ -17,7 +17,6 @@ their reference log-probs are precomputed with the others (`--precompute-ref`, d
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from contextlib import nullcontext

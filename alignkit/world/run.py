@@ -18,7 +18,6 @@ from typing import Literal
 import torch
 
 from alignkit.cli import run as alignkit
-from alignkit.world.build import build
 from alignkit.world.evaluate import answer_all, load_eval_sets, mean, score, win_rate
 
 # Optimizer-step budgets per preset. tiny is sized for <= 10 minutes on 2 CPU cores; smoke only checks

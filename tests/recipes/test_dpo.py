@@ -1,10 +1,8 @@
 """alignkit dpo: the intended effect on a toy problem, the reference pass, padding, and the
 grad-accumulation / DDP / resume / LoRA invariants."""
 
-import json
 import math
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -17,31 +15,7 @@ from alignkit.cli import run as cli
 from alignkit.data import load_preference
 from alignkit.models import load_causal_lm, load_tokenizer
 from alignkit.recipes.dpo import pair_logps, reference_logps
-from helpers import read_metrics, run_cli
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A 64-wide model gains nothing from 2 threads, and on a shared 2-core machine they wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def toy_preferences(assets, path, rows=slice(None), seed=0):
-    """Separable pairs from the shipped instructions: chosen = the right answer, rejected = its words shuffled."""
-    rng = random.Random(seed)
-    with path.open("w") as f:
-        for line in (assets / "instructions.jsonl").read_text().splitlines()[rows]:
-            user, assistant = (m["content"] for m in json.loads(line)["messages"])
-            words = shuffled = assistant.split()
-            while shuffled == words:
-                shuffled = rng.sample(words, len(words))
-            f.write(json.dumps({"prompt": [{"role": "user", "content": user}],
-                                "chosen": [{"role": "assistant", "content": assistant}],
-                                "rejected": [{"role": "assistant", "content": " ".join(shuffled)}]}) + "\n")
-    return path
+from helpers import read_metrics, toy_preferences, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -11,33 +11,18 @@ from alignkit.cli import run as cli
 from alignkit.data import load_unpaired
 from alignkit.models import load_causal_lm, load_tokenizer
 from alignkit.recipes.kto import mismatched_pairs, rows_logps
-from helpers import read_metrics
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A 64-wide model gains nothing from 2 threads, and on a shared 2-core machine they wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from helpers import read_metrics, shuffled_answer_pairs
 
 
 def toy_unpaired(assets, path, rows=slice(None), seed=0, paired=False):
-    """From the shipped instructions: the right answer is desirable, its words shuffled undesirable.
-    Written as unpaired {prompt, completion, label} records, or as pairs for load_unpaired to split."""
+    """Desirable = the right answer, undesirable = its words shuffled: unpaired {prompt, completion, label}
+    records (one of the two per prompt), or pairs for load_unpaired to split."""
     rng = random.Random(seed)
     with path.open("w") as f:
-        for line in (assets / "instructions.jsonl").read_text().splitlines()[rows]:
-            user, assistant = (m["content"] for m in json.loads(line)["messages"])
-            words = shuffled = assistant.split()
-            while shuffled == words:
-                shuffled = rng.sample(words, len(words))
-            prompt = [{"role": "user", "content": user}]
-            good, bad = ([{"role": "assistant", "content": c}] for c in (assistant, " ".join(shuffled)))
+        for prompt, good, bad in shuffled_answer_pairs(assets, rows, seed):
             if paired:
                 f.write(json.dumps({"prompt": prompt, "chosen": good, "rejected": bad}) + "\n")
-            else:  # one of the two per prompt: really unpaired
+            else:
                 label = rng.random() < 0.5
                 f.write(json.dumps({"prompt": prompt, "completion": good if label else bad, "label": label}) + "\n")
     return path

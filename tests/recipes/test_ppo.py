@@ -39,16 +39,6 @@ def make_reward_model(policy_dir, out, scale=1.0, nan=False):
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine two threads per
-    process oversubscribe the cores (several times slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def toy(tiny_model, assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo")

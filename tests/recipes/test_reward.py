@@ -2,7 +2,6 @@
 ignores padding, and the saved model is a plain HF sequence classifier with the same scores."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -13,32 +12,7 @@ from alignkit.cli import run as cli
 from alignkit.data import load_preference
 from alignkit.models import load_tokenizer
 from alignkit.recipes.reward import evaluate, load_reward_model, pair_rewards
-from helpers import read_metrics
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A 64-wide model gains nothing from 2 threads, and on a shared 2-core machine they wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def toy_preferences(assets, path, rows=slice(None), seed=0, margin=None):
-    """Separable pairs from the shipped instructions: chosen = the right answer, rejected = its words shuffled."""
-    rng = random.Random(seed)
-    with path.open("w") as f:
-        for line in (assets / "instructions.jsonl").read_text().splitlines()[rows]:
-            user, assistant = (m["content"] for m in json.loads(line)["messages"])
-            words = shuffled = assistant.split()
-            while shuffled == words:
-                shuffled = rng.sample(words, len(words))
-            rec = {"prompt": [{"role": "user", "content": user}],
-                   "chosen": [{"role": "assistant", "content": assistant}],
-                   "rejected": [{"role": "assistant", "content": " ".join(shuffled)}]}
-            f.write(json.dumps(rec if margin is None else {**rec, "margin": margin}) + "\n")
-    return path
+from helpers import read_metrics, toy_preferences
 
 
 @pytest.fixture(scope="module")
