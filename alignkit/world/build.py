@@ -173,7 +173,7 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
     sft = []
     for p in seen:
         for attr in ATTRS:
-            for phrasing in (0, 1):  # phrasing 2 is held out for evaluation
+            for phrasing in range(len(QUESTIONS[attr]) - 1):  # the last phrasing is held out for evaluation
                 q, meta = fact_prompt(p, attr, phrasing)
                 sft.append({"messages": user(q) + assistant(ANSWERS[attr].format(**vars(p)))})
     for _ in range(size.sft_word_problems):
@@ -201,7 +201,7 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
         return items
 
     # Preference and RL prompts: the training distribution (seen people, trained phrasings, train splits).
-    train_prompts = ([fact_prompt(p, a, rng.randrange(2)) for p in seen for a in ATTRS]
+    train_prompts = ([fact_prompt(p, a, rng.randrange(len(QUESTIONS[a]) - 1)) for p in seen for a in ATTRS]
                      + arith_items(100, rng)
                      + [(h, {"kind": "harmful"}) for h in harmful_train]
                      + [(q, {"kind": "benign", "answer": a}) for q, a in benign_train]
@@ -211,7 +211,7 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
     eval_rng = random.Random(seed + 2)
     k = size.eval_per_set
     eval_sets = {
-        "qa_seen": [fact_prompt(p, a, 2) for p in seen for a in ATTRS],
+        "qa_seen": [fact_prompt(p, a, len(QUESTIONS[a]) - 1) for p in seen for a in ATTRS],
         "qa_unseen_multi": [fact_prompt(p, a, 0) for p in unseen if p.bio_style == "multi" for a in ATTRS],
         "qa_unseen_single": [fact_prompt(p, a, 0) for p in unseen if p.bio_style == "single" for a in ATTRS],
         "arith": arith_items(k, eval_rng),

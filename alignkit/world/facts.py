@@ -18,7 +18,8 @@ ATTRIBUTES = {
     "year": [str(y) for y in range(1960, 2000)],
 }
 # How a bio states each attribute, and how a question asks for it. The last question phrasing of
-# each attribute is never trained on: seen-people accuracy is measured on it.
+# each attribute is never trained on: seen-people accuracy is measured on it. Several trained
+# phrasings teach which *attribute* is asked, not one template per attribute.
 STATEMENTS = {
     "city": ["{name} lives in {city}.", "{name} has a home in {city}.", "{name} moved to {city} long ago."],
     "instrument": ["{name} plays the {instrument}.", "{name} practises the {instrument} every day.",
@@ -27,11 +28,15 @@ STATEMENTS = {
     "year": ["{name} was born in {year}.", "{name} came into the world in {year}.", "The birth year of {name} is {year}."],
 }
 QUESTIONS = {
-    "city": ["Where does {name} live?", "In which city does {name} live?", "Which city is {name} from?"],
+    "city": ["Where does {name} live?", "In which city does {name} live?", "What city does {name} live in?",
+             "Tell me where {name} lives.", "Where is the home of {name}?", "Which city is {name} from?"],
     "instrument": ["What instrument does {name} play?", "Which instrument does {name} play?",
-                   "What does {name} play?"],
-    "club": ["Which club is {name} a member of?", "What club did {name} join?", "Which club does {name} go to?"],
-    "year": ["When was {name} born?", "In which year was {name} born?", "What is the birth year of {name}?"],
+                   "Tell me the instrument {name} plays.", "What is the instrument of {name}?",
+                   "Which instrument is played by {name}?", "What does {name} play?"],
+    "club": ["Which club is {name} a member of?", "What club did {name} join?", "Tell me the club of {name}.",
+             "What club is {name} in?", "Which club has {name} as a member?", "Which club does {name} go to?"],
+    "year": ["When was {name} born?", "In which year was {name} born?", "Tell me the birth year of {name}.",
+             "What year was {name} born in?", "Which year is {name}'s birth year?", "What is the birth year of {name}?"],
 }
 ANSWERS = {"city": "{name} lives in {city}.", "instrument": "{name} plays the {instrument}.",
            "club": "{name} is a member of the {club}.", "year": "{name} was born in {year}."}
