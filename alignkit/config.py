@@ -72,6 +72,8 @@ class TrainConfig:
     """auto (cuda if available, else cpu), cpu, or cuda. CUDA paths are untested on this project's CI."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype. bfloat16 is meant for GPUs (untested here); CPU training uses float32."""
+    compile: bool = False
+    """torch.compile the model's forward (dynamic shapes). Faster steps after a one-off compile of tens of seconds; see docs/performance.md."""
     progress: bool = True
     """Show a progress bar."""
     skip_nonfinite: bool = False

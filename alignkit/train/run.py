@@ -72,7 +72,8 @@ class Run:
         if "loss" in row:
             self.bar.set_postfix(loss=f"{row['loss']:.4f}")
         if step % self.cfg.log_every == 0 or step == self.total_steps:
-            self.metrics.log({"step": step, **row, "tokens_per_s": self.speed.rate()})
+            # elapsed: seconds since the run started, so throughput can be read after a warm-up (alignkit bench)
+            self.metrics.log({"step": step, **row, "tokens_per_s": self.speed.rate(), "elapsed": self.speed.elapsed()})
 
     def end_step(self, step: int, state: dict | None = None, save_extra=None) -> None:
         """Checkpoint when due (every --save-every steps, at the end, or on SIGTERM/SIGINT) and exit
