@@ -24,6 +24,7 @@ COMMANDS = {
     "world run": ("alignkit.world.run", "WorldRunConfig", "main", "The whole ladder in the synthetic world, with a report"),
     "generate": ("alignkit.commands", "GenerateConfig", "generate_main", "Generate completions for prompts"),
     "chat": ("alignkit.commands", "ChatConfig", "chat_main", "Interactive chat with a model"),
+    "bench": ("alignkit.bench.cli", "BenchConfig", "main", "Throughput of SFT/DPO/GRPO on a fixed fixture, optionally vs TRL"),
 }
 
 

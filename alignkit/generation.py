@@ -1,11 +1,159 @@
-"""Batched generation with the KV cache of transformers' `generate`: greedy or temperature/top-p
-sampling, stopping each sequence at its first stop token (EOS or end-of-turn)."""
+"""Batched generation: greedy or temperature/top-p sampling, stopping each sequence at its first stop
+token (EOS or end-of-turn).
+
+Two paths with the same results. Llama-family decoders (Llama, Qwen2, Mistral without sliding window)
+go through `KVDecoder`, a plain KV-cached loop over the model's own weights: on a CPU, rollouts of
+small models are bound by per-token Python and dispatch overhead, not FLOPs, and `transformers`'
+`generate` spends ~4 ms per token step on a 4-layer model where this loop spends well under 1 ms
+(docs/performance.md). Everything else (other architectures, PEFT-wrapped models) uses `generate`.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from alignkit.models import stop_token_ids
+
+FAST_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+def left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, T): every prompt ends at the same position, so new tokens line up."""
+    T = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, T - len(p):] = torch.as_tensor(p)
+        attention_mask[i, T - len(p):] = 1
+    return input_ids, attention_mask
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Next token per row from (B, V) logits: argmax when temperature == 0, else nucleus sampling
+    (Holtzman et al. 2020): keep the smallest set of most likely tokens whose mass reaches top_p."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+def supports_fast_decoding(model) -> bool:
+    """True for plain (not PEFT-wrapped) Llama/Qwen2/Mistral decoders without sliding-window attention."""
+    cfg, inner = getattr(model, "config", None), getattr(model, "model", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in FAST_MODEL_TYPES or hasattr(model, "peft_config"):
+        return False
+    sliding = getattr(cfg, "use_sliding_window", True) and getattr(cfg, "sliding_window", None)
+    return not sliding and getattr(cfg, "pretraining_tp", 1) == 1 and hasattr(inner, "layers") \
+        and hasattr(inner, "rotary_emb")
+
+
+class KVDecoder:
+    """Greedy/sampled decoding for Llama-family models with a preallocated KV cache.
+
+    Uses the model's own weights and its rotary-embedding and activation modules; q/k/v and gate/up
+    projections are concatenated once per call (the weights change between RL steps) so each layer is
+    three matmuls per token. Finished rows are dropped from the batch as they stop."""
+
+    def __init__(self, model):
+        self.model = model
+        cfg = model.config
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.eps = cfg.rms_norm_eps
+        self.embed = model.model.embed_tokens.weight
+        self.norm = model.model.norm.weight
+        self.lm_head, self.lm_head_bias = model.lm_head.weight, model.lm_head.bias
+        self.scale = self.head_dim ** -0.5
+        self.layers = []
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv_bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            self.layers.append(dict(
+                ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
+                qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), qkv_bias=qkv_bias,
+                o=a.o_proj.weight, o_bias=a.o_proj.bias,
+                gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]),
+                gate_up_bias=None if m.gate_proj.bias is None else torch.cat([m.gate_proj.bias, m.up_proj.bias]),
+                down=m.down_proj.weight, down_bias=m.down_proj.bias, act=m.act_fn))
+
+    def _forward(self, ids, cos, sin, cache, valid, t0):
+        """Logits of the last position for tokens `ids` (B, S) at cache slots t0..t0+S-1, with rotary
+        cos/sin (B, S, hd) of their positions. `valid` (B, >= t0+S) marks cache slots holding real tokens."""
+        B, S = ids.shape
+        H, Hkv, hd = self.n_heads, self.n_kv, self.head_dim
+        h = F.embedding(ids, self.embed)  # (B, S, D)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, S, hd), broadcast over heads
+        t1 = t0 + S
+        if t0 == 0:  # the prompt: causal over real tokens
+            eye = torch.eye(S, dtype=torch.bool, device=ids.device)
+            # a left-padding query sees no real key and would make NaN (which then leaks through 0 * NaN
+            # in later layers); it sees itself instead. Nothing real ever attends to it.
+            mask = (valid[:, None, None, :S] & torch.ones_like(eye).tril()) | eye  # (B, 1, S, S)
+        else:  # one new token per row
+            mask = valid[:, None, None, :t1]  # (B, 1, 1, t1)
+        for L, (k_cache, v_cache) in zip(self.layers, cache):
+            x = F.rms_norm(h, (h.shape[-1],), L["ln1"], self.eps)
+            qkv = F.linear(x, L["qkv"], L["qkv_bias"]).view(B, S, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H+2Hkv, S, hd)
+            qk, v = qkv[:, :H + Hkv], qkv[:, H + Hkv:]
+            # rotary embedding (Su et al. 2021) on q and k at once, in transformers' rotate-half layout
+            x1, x2 = qk.chunk(2, dim=-1)
+            qk = qk * cos + torch.cat((-x2, x1), dim=-1) * sin
+            k_cache[:, :, t0:t1] = qk[:, H:]
+            v_cache[:, :, t0:t1] = v
+            att = F.scaled_dot_product_attention(qk[:, :H], k_cache[:, :, :t1], v_cache[:, :, :t1], attn_mask=mask,
+                                                 scale=self.scale, enable_gqa=Hkv != H)  # (B, H, S, hd)
+            h = h + F.linear(att.transpose(1, 2).reshape(B, S, H * hd), L["o"], L["o_bias"])
+            x = F.rms_norm(h, (h.shape[-1],), L["ln2"], self.eps)
+            gate, up = F.linear(x, L["gate_up"], L["gate_up_bias"]).chunk(2, dim=-1)
+            h = h + F.linear(L["act"](gate) * up, L["down"], L["down_bias"])
+        h = F.rms_norm(h[:, -1], (h.shape[-1],), self.norm, self.eps)  # (B, D)
+        return F.linear(h, self.lm_head, self.lm_head_bias)  # (B, V)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stops: list[int], pad: int,
+                 temperature: float = 0.0, top_p: float = 1.0) -> list[list[int]]:
+        input_ids, attention_mask = left_pad(prompts, pad)
+        device = next(self.model.parameters()).device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        B, T = input_ids.shape
+        dtype = self.model.model.embed_tokens.weight.dtype
+        total = T + max_new_tokens
+        cache = [tuple(torch.zeros(B, self.n_kv, total, self.head_dim, dtype=dtype, device=device) for _ in range(2))
+                 for _ in self.layers]
+        valid = torch.zeros(B, total, dtype=torch.bool, device=device)
+        valid[:, :T] = attention_mask.bool()
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens at 0..len-1
+        next_pos = attention_mask.sum(-1, keepdim=True)  # (B, 1)
+        stop_ids = torch.tensor(sorted(stops), device=device)
+        rows = torch.arange(B, device=device)  # original row of each live row
+        out: list[list[int]] = [[] for _ in range(B)]
+        # cos/sin of every position once (the model's own rotary module, so rope scaling variants hold)
+        cos_table, sin_table = self.model.model.rotary_emb(cache[0][0], torch.arange(total, device=device)[None])
+        cos_table, sin_table = cos_table[0].to(dtype), sin_table[0].to(dtype)  # (total, hd)
+        logits = self._forward(input_ids, cos_table[positions], sin_table[positions], cache, valid, 0)
+        for t in range(T, total):
+            token = sample_next(logits, temperature, top_p)  # (B_live,)
+            for r, tok in zip(rows.tolist(), token.tolist()):
+                out[r].append(tok)
+            finished = torch.isin(token, stop_ids)
+            if finished.all() or t == total - 1:
+                break
+            if finished.any():
+                keep = (~finished).nonzero().squeeze(-1)
+                rows, token, next_pos, valid = rows[keep], token[keep], next_pos[keep], valid[keep]
+                cache = [(k[keep], v[keep]) for k, v in cache]
+            valid[:, t] = True
+            logits = self._forward(token[:, None], cos_table[next_pos], sin_table[next_pos], cache, valid, t)
+            next_pos = next_pos + 1
+        return out
 
 
 @torch.no_grad()
@@ -14,23 +162,21 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 6
     """Returns each prompt's completion ids, ending with the stop token when one was produced."""
     stops = stop_token_ids(tokenizer, model)
     pad = tokenizer.pad_token_id
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out: list[list[int]] = []
+    decoder = KVDecoder(model) if supports_fast_decoding(model) else None
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        T = max(len(p) for p in chunk)
-        # Left padding: every prompt ends at the same position, so new tokens line up.
-        input_ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        for i, p in enumerate(chunk):
-            input_ids[i, T - len(p):] = torch.as_tensor(p)
-            attention_mask[i, T - len(p):] = 1
+        if decoder is not None:
+            out += decoder.generate(chunk, max_new_tokens, stops, pad, temperature, top_p)
+            continue
+        input_ids, attention_mask = left_pad(chunk, pad)
+        device = next(model.parameters()).device
         kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
         seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                               max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, **kwargs)
-        for row in seqs[:, T:].tolist():
+        for row in seqs[:, input_ids.shape[1]:].tolist():
             cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
             out.append(row[:cut])
     model.train(was_training)

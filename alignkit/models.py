@@ -102,9 +102,8 @@ def init_model(arch: str, size: str, tokenizer, seed: int = 0, **overrides):
         raise SystemExit(f"error: unknown --size {size}; choose from {', '.join(SIZES)}")
     cfg_cls = getattr(transformers, ARCHS[arch])
     cfg = cfg_cls(
-        vocab_size=len(tokenizer), tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **{**SIZES[size], **overrides},
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **{"tie_word_embeddings": True, **SIZES[size], **overrides},
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
@@ -112,6 +111,14 @@ def init_model(arch: str, size: str, tokenizer, seed: int = 0, **overrides):
         eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
+    return model
+
+
+def maybe_compile(model, enabled: bool):
+    """`torch.compile` the model's forward in place (--compile); weights, state_dict keys and saving are
+    unchanged. Dynamic shapes: batches of varying length reuse one graph instead of recompiling."""
+    if enabled:
+        model.compile(dynamic=True)
     return model
 
 

@@ -76,7 +76,7 @@ def test_grpo_raises_mean_reward(tiny_model, toy):
     rows = steps(out)
     r = [row["reward_mean"] for row in rows]
     assert len(r) == 10
-    assert sum(r[-3:]) / 3 > sum(r[:3]) / 3 + 0.3, r  # random init starts near 128/512 = 0.25
+    assert sum(r[-3:]) / 3 > sum(r[:3]) / 3 + 0.2, r  # random init starts near 128/512 = 0.25; per-step noise ~0.08
     assert {"reward_std", "reward/low_ids", "frac_zero_std", "completion_length", "clipped_ratio", "clip_frac",
             "completions_per_s", "loss", "lr"} <= rows[0].keys() and "kl" not in rows[0]
     assert final["completions"] == 10 * 2 * G and final["tokens"] > 0 and final["completions_per_s"] > 0

@@ -1,0 +1,1 @@
+"""`alignkit bench`: the benchmark fixture, the TRL peer script and the throughput harness."""

@@ -1,0 +1,74 @@
+"""The speed paths change nothing but speed (docs/performance.md): length-grouped batches give the
+same loss and gradient as plain padded batches over the same global batch, padding never changes a
+sequence's log-probs, and --compile gives the eager trajectory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from alignkit.cli import run as cli
+from alignkit.logprobs import completion_logps, next_token_logps, pack_completions
+from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.train.batching import collate
+from helpers import read_metrics, toy_preferences
+
+
+def step_rows(out):
+    return [r for r in read_metrics(out) if not r.get("final")]
+
+
+def sixteen_sft(assets, path):
+    """16 conversations of varied length: one global batch of 4 micro-batches x 4."""
+    rows = [json.loads(line) for line in (assets / "instructions.jsonl").read_text().splitlines()][:16]
+    for i, r in enumerate(rows):  # stretch some answers so lengths differ a lot within the batch
+        r["messages"][-1]["content"] += " Indeed." * (i % 5) * 3
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo"])
+def test_length_grouped_batches_equal_plain_padded_batches(tiny_model, assets, tmp_path, command):
+    data = sixteen_sft(assets, tmp_path / "d.jsonl") if command == "sft" else \
+        toy_preferences(assets, tmp_path / "d.jsonl", rows=slice(0, 16))
+    got = {}
+    for grouping in ("--group-by-length", "--no-group-by-length"):
+        out = tmp_path / grouping
+        cli([command, "--model", str(tiny_model), "--data", str(data), "--output", str(out), "--batch-size", "4",
+             "--grad-accum", "4", "--max-steps", "2", "--max-length", "256", "--no-progress", "--lr", "1e-3",
+             grouping])
+        got[grouping] = step_rows(out)
+    a, b = got["--group-by-length"], got["--no-group-by-length"]
+    for ra, rb in zip(a, b):  # step 2 also checks the update of step 1
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5, rel=1e-5)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], abs=1e-5, rel=1e-5)
+
+
+def test_padding_does_not_change_log_probs(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    model = load_causal_lm(tiny_model).eval()
+    short, long = tok.encode("Ada has a dog."), tok.encode("Dana Jessop lives in a small town by the sea.")
+    with torch.no_grad():
+        alone = next_token_logps(model, **collate([short], [[1] * len(short)], tok.pad_token_id, "cpu"))[0]
+        padded = next_token_logps(model, **collate([short, long], [[1] * len(short), [1] * len(long)],
+                                                   tok.pad_token_id, "cpu"))[0]
+        torch.testing.assert_close(padded[0, :len(short) - 1], alone[0], atol=1e-5, rtol=1e-5)
+        # DPO's summed completion log-probs, alone vs in a padded batch
+        p, c = tok.encode("Q: pet?"), tok.encode(" A rabbit.")
+        one = completion_logps(model, pack_completions([p], [c], tok.pad_token_id))[0]
+        many = completion_logps(model, pack_completions([p, long], [c, short], tok.pad_token_id))[0]
+        torch.testing.assert_close(many[:1], one, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_follows_the_eager_trajectory(tiny_model, assets, tmp_path):
+    data = sixteen_sft(assets, tmp_path / "d.jsonl")
+    got = {}
+    for flag in ("--compile", "--no-compile"):
+        out = tmp_path / flag
+        cli(["sft", "--model", str(tiny_model), "--data", str(data), "--output", str(out), "--batch-size", "4",
+             "--max-steps", "4", "--max-length", "256", "--no-progress", "--lr", "1e-3", flag])
+        got[flag] = [r["loss"] for r in step_rows(out)]
+    # Fused kernels round differently; over 4 steps the losses agree to float32 noise.
+    assert got["--compile"] == pytest.approx(got["--no-compile"], abs=1e-4, rel=1e-4)
