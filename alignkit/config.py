@@ -72,6 +72,8 @@ class TrainConfig:
     """auto (cuda if available, else cpu), cpu, or cuda. CUDA paths are untested on this project's CI."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter dtype. bfloat16 is meant for GPUs (untested here); CPU training uses float32."""
+    autocast: Literal["none", "bf16"] = "none"
+    """Mixed precision: bf16 runs the model's matmuls in bfloat16 under torch.autocast with float32 weights, optimizer state and losses (TRL's bf16=True). Several times faster matmuls on CPUs with AMX and on GPUs; results change at bfloat16 precision. Rollout generation stays float32."""
     compile: bool = False
     """torch.compile the model's forward (dynamic shapes). Faster steps after a one-off compile of tens of seconds; see docs/performance.md."""
     progress: bool = True

@@ -10,7 +10,15 @@ from alignkit.losses import token_logps
 
 def next_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (logps (B, T-1), mask (B, T-1)): log pi(x_{t+1} | x_{<=t}) and whether that token counts."""
+    """Returns (logps (B, T-1), mask (B, T-1)): log pi(x_{t+1} | x_{<=t}) and whether that token counts.
+
+    A right-padded batch runs without its attention mask: under causal attention a real token only sees
+    earlier positions, which are all real, so padding cannot reach any real token's logits (padding
+    positions are masked out of the loss). Without a mask SDPA takes its causal kernel, which skips the
+    upper triangle and is faster than the masked one on CPU (docs/performance.md); the logits of real
+    tokens are the same (tests/invariants/test_speed_paths.py)."""
+    if attention_mask is not None and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        attention_mask = None  # right padding (alignkit.train.batching.collate)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
     logps = token_logps(logits[:, :-1], input_ids[:, 1:])  # (B, T-1)
     return logps, loss_mask[:, 1:].to(logps.dtype)  # (B, T-1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from pathlib import Path
 
-from alignkit.models import load_causal_lm, maybe_compile
+from alignkit.models import load_causal_lm, prepare
 
 
 def _peft():
@@ -27,12 +27,12 @@ def is_peft(model) -> bool:
 def load_trainable(cfg, checkpoint: Path | None, device, loader=load_causal_lm, **loader_kwargs):
     """The model a recipe trains: from the checkpoint when resuming, else from --model; wrapped with
     fresh LoRA adapters when --lora-r > 0 (or with the checkpoint's adapters when resuming);
-    compiled with --compile."""
+    with --autocast and --compile applied (models.prepare)."""
     adapter_ckpt = checkpoint is not None and (checkpoint / "adapter_config.json").is_file()
     path = checkpoint if checkpoint is not None and not adapter_ckpt else cfg.model
     model = loader(path, cfg.dtype, cfg.trust_remote_code, device, **loader_kwargs)
     if cfg.lora_r <= 0:
-        return maybe_compile(model, cfg.compile)
+        return prepare(model, cfg)
     peft = _peft()
     if adapter_ckpt:
         model = peft.PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
@@ -41,7 +41,7 @@ def load_trainable(cfg, checkpoint: Path | None, device, loader=load_causal_lm, 
         lcfg = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
                                task_type=loader_kwargs.get("task_type", "CAUSAL_LM"))
         model = peft.get_peft_model(model, lcfg)
-    return maybe_compile(model, cfg.compile)
+    return prepare(model, cfg)
 
 
 def reference(model):

@@ -114,10 +114,23 @@ def init_model(arch: str, size: str, tokenizer, seed: int = 0, **overrides):
     return model
 
 
-def maybe_compile(model, enabled: bool):
-    """`torch.compile` the model's forward in place (--compile); weights, state_dict keys and saving are
-    unchanged. Dynamic shapes: batches of varying length reuse one graph instead of recompiling."""
-    if enabled:
+def prepare(model, cfg):
+    """Apply the config's speed options to a loaded model, in place: --autocast bf16 runs the forward
+    under `torch.autocast` (bfloat16 matmuls, float32 weights, optimizer state and logits: TRL's and
+    accelerate's `bf16=True`); --compile `torch.compile`s it (dynamic shapes, so batches of varying length
+    reuse one graph). Weights, state_dict keys and saving are unchanged."""
+    if getattr(cfg, "autocast", "none") == "bf16":
+        device_type = next(model.parameters()).device.type
+        forward = model.forward
+
+        def autocast_forward(*args, **kwargs):
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                out = forward(*args, **kwargs)
+            out.logits = out.logits.float()  # losses and log-probs stay float32 (losses.token_logps)
+            return out
+
+        model.forward = autocast_forward
+    if getattr(cfg, "compile", False):
         model.compile(dynamic=True)
     return model
 

@@ -43,7 +43,7 @@ from alignkit.config import TrainConfig
 from alignkit.data import load_preference
 from alignkit.logprobs import completion_logps, pack_completions
 from alignkit.losses import dpo_loss, length_normalized_dpo_loss, simpo_loss
-from alignkit.models import load_causal_lm, load_tokenizer, maybe_compile
+from alignkit.models import load_causal_lm, load_tokenizer, prepare
 from alignkit.train.batching import StepPlan, length_grouped_batches, shuffled_batches
 from alignkit.train.optim import adamw, lr_factor, set_lr
 from alignkit.train.run import Run
@@ -165,7 +165,7 @@ def main(cfg: DPOConfig) -> dict:
         separate = not lora.is_peft(model) and (run.checkpoint is not None or not cfg.precompute_ref)
         if cfg.ref_model or separate:
             ref = load_causal_lm(cfg.ref_model or cfg.model, cfg.dtype, cfg.trust_remote_code, run.device).eval()
-            maybe_compile(ref, cfg.compile)
+            prepare(ref, cfg)
             ref.requires_grad_(False)
         else:
             ref = model
@@ -173,7 +173,9 @@ def main(cfg: DPOConfig) -> dict:
             needed = sorted({i for s in range(start_step, total_steps) for b in plan.all_micro_batches(s) for i in b})
             if run.is_main:
                 print(f"computing reference log-probs for {len(needed)} pairs")
-            ref_table = reference_logps(ref, examples, needed, pad_id, cfg.batch_size, run.device, run.dist)
+            # eager: one forward pass over the data does not repay a compile of the no-grad graph
+            with torch.compiler.set_stance("force_eager"):
+                ref_table = reference_logps(ref, examples, needed, pad_id, cfg.batch_size, run.device, run.dist)
             ref = None  # freed (or, when it is the policy, no longer used as the reference)
     ref_seconds = time.perf_counter() - t_start
     run.speed.rate()  # restart the tokens/s interval after the reference pass

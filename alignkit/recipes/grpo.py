@@ -33,7 +33,7 @@ from alignkit.data import load_prompts
 from alignkit.generation import sample_groups
 from alignkit.logprobs import next_token_logps
 from alignkit.losses import aggregate, group_advantages, kl_penalty, masked_sum, ppo_policy_loss
-from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.models import load_causal_lm, load_tokenizer, prepare
 from alignkit.rewards import load_rewards, score_completions
 from alignkit.train.batching import StepPlan, collate, shuffled_batches
 from alignkit.train.optim import adamw, lr_factor, set_lr
@@ -124,7 +124,8 @@ def main(cfg: GRPOConfig) -> dict:
     # otherwise a frozen copy of the initial model (--model, also when resuming).
     ref_model = None
     if cfg.beta > 0 and not lora.is_peft(model):
-        ref_model = load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code, run.device).eval().requires_grad_(False)
+        ref_model = prepare(load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code, run.device), cfg)
+        ref_model.eval().requires_grad_(False)
     ddp_model = DDP(model) if run.world_size > 1 else model
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
 

@@ -30,7 +30,7 @@ from alignkit.config import TrainConfig
 from alignkit.data import load_unpaired
 from alignkit.logprobs import completion_logps, pack_completions
 from alignkit.losses import kto_loss
-from alignkit.models import load_causal_lm, load_tokenizer, maybe_compile
+from alignkit.models import load_causal_lm, load_tokenizer, prepare
 from alignkit.train.batching import StepPlan, length_grouped_batches, shuffled_batches
 from alignkit.train.optim import adamw, lr_factor, set_lr
 from alignkit.train.run import Run
@@ -141,7 +141,7 @@ def main(cfg: KTOConfig) -> dict:
     separate = not lora.is_peft(model) and (run.checkpoint is not None or not cfg.precompute_ref)
     if cfg.ref_model or separate:
         ref = load_causal_lm(cfg.ref_model or cfg.model, cfg.dtype, cfg.trust_remote_code, run.device).eval()
-        maybe_compile(ref, cfg.compile)
+        prepare(ref, cfg)
         ref.requires_grad_(False)
     else:
         ref = model

@@ -46,7 +46,7 @@ from alignkit.generation import sample_groups
 from alignkit.logprobs import pack_completions
 from alignkit.losses import (aggregate, gae, kl_penalty, masked_sum, ppo_policy_loss, ppo_value_loss,
                              token_entropy, token_logps, whiten)
-from alignkit.models import load_causal_lm, load_reward_model, load_tokenizer, save_model
+from alignkit.models import load_causal_lm, load_reward_model, load_tokenizer, prepare, save_model
 from alignkit.train.batching import StepPlan, shuffled_batches
 from alignkit.train.optim import adamw, lr_factor, set_lr
 from alignkit.train.run import Run
@@ -220,7 +220,7 @@ def main(cfg: PPOConfig) -> dict:
     # forward must agree exactly, or the "ratio" is noise from the start (Huang et al. 2024).
     policy = lora.load_trainable(cfg, run.checkpoint, dev)
     reference = None if lora.is_peft(policy) else (
-        load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code, dev).eval().requires_grad_(False))
+        prepare(load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code, dev), cfg).eval().requires_grad_(False))
     reward_model = load_scorer(cfg.reward_model, cfg, dev, tokenizer, must_be_trained=True).eval().requires_grad_(False)
     resume_value = run.checkpoint / "value" if run.checkpoint else None  # written by save_extra below
     if resume_value and not resume_value.is_dir():
