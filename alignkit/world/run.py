@@ -26,7 +26,7 @@ PRESETS = {
     "smoke": dict(world="tiny", pretrain_steps=20, sft_steps=10, rm_steps=5, dpo_steps=3, ppo_steps=2,
                   grpo_steps=2, bon_prompts=8, bon_n=4),
     "tiny": dict(world="tiny", pretrain_steps=800, sft_steps=600, rm_steps=150, dpo_steps=75, ppo_steps=30,
-                 grpo_steps=25, bon_prompts=48, bon_n=16),
+                 grpo_steps=25, bon_prompts=96, bon_n=32),
     "small": dict(world="small", pretrain_steps=6000, sft_steps=1200, rm_steps=750, dpo_steps=500, ppo_steps=150,
                   grpo_steps=120, bon_prompts=200, bon_n=64),
 }
@@ -115,15 +115,23 @@ def best_of_n_curve(policy: Path, rm_dir: Path, world: Path, n_prompts: int, n_m
     proxy = rm.score_ids([prompt_ids[i // n_max] + c for i, c in enumerate(completions)])
     texts = [tok.decode(c, skip_special_tokens=True).strip() for c in completions]
     gold = [gold_score(rows[i // n_max]["meta"], t, e) for i, (t, e) in enumerate(zip(texts, ended))]
+    lengths = [len(c) for c in completions]
+    # Per prompt, the samples ranked by proxy reward (ascending): best-of-n for every n <= n_max is read
+    # off the same n_max samples with the unbiased estimator of Nakano et al. 2021 (WebGPT, appendix) used
+    # by Gao et al.: the rank-i sample is the pick of a random n-subset with probability
+    # C(i-1, n-1) / C(n_max, n). Far less noisy than taking the first n samples.
+    ranked = [sorted(range(g * n_max, (g + 1) * n_max), key=lambda i: proxy[i]) for g in range(len(rows))]
     curve = {"n": [], "kl": [], "proxy_reward": [], "gold_reward": [], "mean_length": []}
     n = 1
     while n <= n_max:
-        picks = [g * n_max + max(range(n), key=lambda j: proxy[g * n_max + j]) for g in range(len(rows))]
+        weights = [math.comb(i, n - 1) / math.comb(n_max, n) for i in range(n_max)]  # rank i+1 -> C(i, n-1)
+        def expect(values):
+            return mean(sum(w * values[i] for w, i in zip(weights, order)) for order in ranked)
         curve["n"].append(n)
         curve["kl"].append(math.log(n) - (n - 1) / n)
-        curve["proxy_reward"].append(mean(proxy[i] for i in picks))
-        curve["gold_reward"].append(mean(gold[i] for i in picks))
-        curve["mean_length"].append(mean(len(completions[i]) for i in picks))
+        curve["proxy_reward"].append(expect(proxy))
+        curve["gold_reward"].append(expect(gold))
+        curve["mean_length"].append(expect(lengths))
         n *= 2
     return curve
 

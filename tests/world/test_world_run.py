@@ -60,10 +60,13 @@ def test_world_run_tiny(tmp_path):
     assert r["sft"]["qa_accuracy_seen"] > r["sft"]["qa_accuracy_unseen_multi"] + 0.5
     assert r["sft"]["harmful_refusal"] >= 0.9
     assert r["reward_model"]["heldout_accuracy"] > 0.55
-    # Goodhart: the proxy keeps rising with n while the gold reward peaks before the largest n
+    # Over-optimisation: best-of-n against the proxy RM raises the proxy reward far more than the gold
+    # reward (at this budget the RM is weak and the gold reward does not rise at all; a peak-then-fall
+    # shape is not reliable here, see the issue) and picks longer answers (length-biased annotators).
     c = r["overoptimization"]
-    assert c["proxy_reward"][-1] > c["proxy_reward"][0] + 0.1
-    assert max(c["gold_reward"]) > c["gold_reward"][-1]
+    assert c["proxy_reward"][-1] > c["proxy_reward"][0] + 0.2
+    assert c["gold_reward"][-1] - c["gold_reward"][0] < c["proxy_reward"][-1] - c["proxy_reward"][0] - 0.2
+    assert c["mean_length"][-1] > c["mean_length"][0]
     # length-biased annotators: DPO lengthens answers, SimPO and LN-DPO stay shorter than DPO
     assert r["dpo"]["mean_length"] > r["sft"]["mean_length"]
     assert r["simpo"]["mean_length"] < r["dpo"]["mean_length"] and r["ln_dpo"]["mean_length"] < r["dpo"]["mean_length"]
