@@ -3,8 +3,8 @@
 Usage: PEER_PYTHON trl_peer.py TASK FIXTURE STEPS [OUTDIR]
 
 Standalone on purpose (torch, transformers, datasets and trl only): the peer virtualenv does not have
-alignkit. Same hyper-parameters and reward as /work/shared/bench/trl_{sft,dpo,grpo}.py, with TRL's
-best CPU settings (fp32, no gradient checkpointing). Prints one JSON line: per-step end times
+alignkit. Same hyper-parameters and reward as the workspace baselines shared/bench/trl_{sft,dpo,grpo}.py,
+with TRL's best CPU settings (fp32, no gradient checkpointing). Prints one JSON line: per-step end times
 (seconds since the script started) and TRL's cumulative `num_tokens` after each step, so the caller
 can measure throughput over the steps after a warm-up.
 """
