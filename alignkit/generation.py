@@ -124,7 +124,7 @@ class KVDecoder:
         device = next(self.model.parameters()).device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         B, T = input_ids.shape
-        dtype = self.model.model.embed_tokens.weight.dtype
+        dtype = self.embed.dtype
         total = T + max_new_tokens
         cache = [tuple(torch.zeros(B, self.n_kv, total, self.head_dim, dtype=dtype, device=device) for _ in range(2))
                  for _ in self.layers]
@@ -166,13 +166,13 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 6
     model.eval()
     out: list[list[int]] = []
     decoder = KVDecoder(model) if supports_fast_decoding(model) else None
+    device = next(model.parameters()).device
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         if decoder is not None:
             out += decoder.generate(chunk, max_new_tokens, stops, pad, temperature, top_p)
             continue
         input_ids, attention_mask = left_pad(chunk, pad)
-        device = next(model.parameters()).device
         kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
         seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                               max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, **kwargs)

@@ -27,7 +27,6 @@ class Run:
         self.checkpoint: Path | None = checkpoint.latest_checkpoint(cfg.output) if cfg.resume else None
         self.skipped_steps = 0
         self.speed = Throughput()
-        self._row_tokens = 0
         self._stop = GracefulStop()
 
     @property
@@ -69,16 +68,14 @@ class Run:
     def log(self, step: int, row: dict, tokens: int = 0) -> None:
         """Count `tokens` processed in this step; write a metrics row every --log-every steps."""
         self.speed.add(tokens)
-        self._row_tokens += tokens
         self.bar.update(1)
         if "loss" in row:
             self.bar.set_postfix(loss=f"{row['loss']:.4f}")
         if step % self.cfg.log_every == 0 or step == self.total_steps:
             # tokens since the previous row and seconds since the start, so throughput can be read
             # after a warm-up (alignkit bench)
-            self.metrics.log({"step": step, **row, "tokens": self._row_tokens, "tokens_per_s": self.speed.rate(),
+            self.metrics.log({"step": step, **row, "tokens": self.speed.tokens, "tokens_per_s": self.speed.rate(),
                               "elapsed": self.speed.elapsed()})
-            self._row_tokens = 0
 
     def end_step(self, step: int, state: dict | None = None, save_extra=None) -> None:
         """Checkpoint when due (every --save-every steps, at the end, or on SIGTERM/SIGINT) and exit
