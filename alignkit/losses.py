@@ -515,6 +515,24 @@ def length_normalized_dpo_loss(
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
+def chosen_nll(policy_chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
+    """Length-normalised negative log-likelihood of the chosen response: ``-log pi(y_c|x) / |y_c|``.
+
+    Added to a preference loss with weight alpha it is RPO (Pang et al. 2024, "Iterative Reasoning
+    Preference Optimization", eq. 1: L_DPO + alpha * L_NLL; TRL's ``rpo_alpha``): DPO alone can lower the
+    likelihood of chosen and rejected responses together and so degrade the policy's own outputs
+    (Pal et al. 2024, "Smaug"); the NLL term keeps the chosen responses likely.
+
+    Args:
+        policy_chosen_logps: (B,) summed log-probs; chosen_lengths: (B,) token counts (below 1 treated as 1).
+
+    Returns:
+        (B,) per-pair NLL per token.
+    """
+    _check_shapes("chosen_nll", 1, policy_chosen_logps=policy_chosen_logps, chosen_lengths=chosen_lengths)
+    return -_per_token(policy_chosen_logps, chosen_lengths)  # (B,)
+
+
 def simpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,

@@ -42,7 +42,7 @@ from alignkit import lora
 from alignkit.config import TrainConfig
 from alignkit.data import load_preference
 from alignkit.logprobs import completion_logps, pack_completions
-from alignkit.losses import dpo_loss, length_normalized_dpo_loss, simpo_loss
+from alignkit.losses import chosen_nll, dpo_loss, length_normalized_dpo_loss, simpo_loss
 from alignkit.models import load_causal_lm, load_tokenizer, prepare
 from alignkit.train.batching import StepPlan, length_grouped_batches, shuffled_batches
 from alignkit.train.optim import adamw, lr_factor, set_lr
@@ -67,6 +67,8 @@ class DPOConfig(TrainConfig):
     """SimPO target reward margin (simpo only)."""
     label_smoothing: float = 0.0
     """Assumed rate of flipped preference labels, in [0, 0.5) (sigmoid = cDPO, robust)."""
+    rpo_alpha: float = 0.0
+    """Weight of an NLL term on the chosen response, per token (RPO, Pang et al. 2024; TRL's rpo_alpha). 0 = off."""
     precompute_ref: bool = True
     """Compute reference log-probs once before training, so no reference model is held during training."""
     ref_model: str | None = None
@@ -129,6 +131,8 @@ def main(cfg: DPOConfig) -> dict:
         raise SystemExit("error: alignkit dpo needs --data FILE")
     if cfg.label_smoothing and cfg.loss not in ("sigmoid", "robust"):
         raise SystemExit(f"error: --label-smoothing applies to --loss sigmoid or robust, not {cfg.loss}")
+    if cfg.rpo_alpha < 0:
+        raise SystemExit(f"error: --rpo-alpha must be >= 0, got {cfg.rpo_alpha}")
     if not 0 <= cfg.label_smoothing < 0.5:
         raise SystemExit(f"error: --label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     cfg = dataclasses.replace(cfg, beta=DEFAULT_BETA[cfg.loss] if cfg.beta is None else cfg.beta)  # saved resolved
@@ -213,6 +217,8 @@ def main(cfg: DPOConfig) -> dict:
                 losses, chosen_rewards, rejected_rewards = preference_loss(
                     cfg, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                     chosen_lengths, rejected_lengths)  # (B,) each
+                if cfg.rpo_alpha:
+                    losses = losses + cfg.rpo_alpha * chosen_nll(chosen_logps, chosen_lengths)  # (B,)
                 loss = losses.sum() / n_pairs * run.world_size
                 loss.backward()
             # a tie counts half (alignkit.eval.pairwise_accuracy): policy == reference gives 0.5

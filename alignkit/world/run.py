@@ -181,13 +181,16 @@ def main(cfg: WorldRunConfig) -> dict:
         results["reward_model"] = st.timed("eval reward", reward_model_eval, models / "rm", world)
     # Learning rates measured on the tiny preset: 5e-5 leaves DPO's policy unchanged, 3e-4 moves it;
     # reference-free SimPO collapses at 1e-4 (gold win rate 0.42) and 3e-4 (0.03), so it gets 5e-5.
+    # Without an NLL term on the chosen answers (RPO, --rpo-alpha) DPO at 3e-4 degenerates on these
+    # off-policy pairs ("Pavel Ellery Ellery Ellery.", "I don know."): gold win rate vs SFT 0.44 -> 0.60
+    # with it on the seed-1 world, 0.47 -> 0.53 on seed 2.
     for loss, beta, lr in (("sigmoid", "0.1", "3e-4"), ("simpo", "2.0", "5e-5"), ("ln_dpo", "1.0", "3e-4")):
         name = {"sigmoid": "dpo"}.get(loss, loss)
         if name not in wanted:
             continue
         st.command(name, "dpo", "--loss", loss, "--beta", beta, "--model", str(models / "sft"), "--data",
                    str(world / "pref.jsonl"), "--output", str(models / name), "--max-steps", str(budget["dpo_steps"]),
-                   "--batch-size", "16", "--max-length", "192", "--lr", lr, *common)
+                   "--batch-size", "16", "--max-length", "192", "--lr", lr, "--rpo-alpha", "1.0", *common)
         results[name], _ = evaluate(name, models / name, sft_answers)
     if "ppo" in wanted:
         st.command("ppo", "ppo", "--model", str(models / "sft"), "--reward-model", str(models / "rm"), "--data",

@@ -8,6 +8,7 @@ import torch
 from alignkit.losses import (
     DPO_VARIANTS,
     bradley_terry_loss,
+    chosen_nll,
     dpo_loss,
     kto_loss,
     length_normalized_dpo_loss,
@@ -212,6 +213,13 @@ def test_simpo_shape_error_and_gradcheck():
     pc, pr = (-torch.rand(6, dtype=torch.float64, requires_grad=True) * 10 for _ in range(2))
     lc, lr = torch.randint(1, 20, (6,)), torch.randint(1, 20, (6,))
     assert torch.autograd.gradcheck(lambda a, b: simpo_loss(a, b, lc, lr, 2.5, 0.3), (pc, pr))
+
+
+def test_chosen_nll_hand_values():
+    """-logp / |y|: -(-6)/3 = 2; an empty response (logp 0, length 0) gives 0, not 0/0."""
+    torch.testing.assert_close(chosen_nll(t(-6, 0), t(3, 0)), t(2, 0))
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        chosen_nll(t(-1, -2), t(1, 1, 1))
 
 
 # --- KTO ------------------------------------------------------------------------------------
