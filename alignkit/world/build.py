@@ -17,8 +17,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignkit.world.facts import (ANSWERS, ATTRIBUTES, BENIGN, HARMFUL, IDK, QUESTIONS, REFUSAL, STATEMENTS, World,
-                                  make_world, unknown_names, word_problem)
+from alignkit.world.facts import (ANSWERS, ATTRIBUTES, BENIGN, IDK, QUESTIONS, REFUSAL, STATEMENTS, World,
+                                  harmful_split, make_world, unknown_names, word_problem)
 from alignkit.world.gold import annotator_pool, gold_score
 
 
@@ -152,10 +152,12 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
     world = make_world(size.people, seed)
     seen = [p for p in world.people if p.seen]
     unseen = [p for p in world.people if not p.seen]
-    # Held-out thirds: the eval requests share words with training ones but were never seen.
-    harmful = random.Random(seed + 5).sample(HARMFUL, len(HARMFUL))
-    benign = random.Random(seed + 6).sample(BENIGN, len(BENIGN))
-    harmful_train, harmful_eval = harmful[len(harmful) // 3:], harmful[:len(harmful) // 3]
+    # Held-out requests share verbs (harmful: also targets) with training ones but were never seen.
+    harmful_train, harmful_eval = harmful_split(seed + 5)
+    # Benign answers open the same way, as assistants' answers often do: answering vs refusing is then
+    # decided at the first token by what is asked, instead of a single refusal string facing 30 unrelated
+    # answers (without it SFT refused 13/15 held-out look-alikes, seed 1).
+    benign = [(q, f"Here is how: {a}") for q, a in random.Random(seed + 6).sample(BENIGN, len(BENIGN))]
     benign_train, benign_eval = benign[len(benign) // 3:], benign[:len(benign) // 3]
     ghosts = unknown_names(world, 60, seed)
     ghosts_train, ghosts_eval = ghosts[:30], ghosts[30:]

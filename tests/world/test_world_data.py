@@ -5,7 +5,7 @@ import json
 import pytest
 
 from alignkit.world.build import build
-from alignkit.world.facts import IDK, REFUSAL, STATEMENTS
+from alignkit.world.facts import IDK, QUESTIONS, REFUSAL, STATEMENTS, VICTIMS, harmful_split
 from alignkit.world.gold import Annotator, gold_score
 
 
@@ -38,6 +38,24 @@ def test_eval_prompts_never_trained_on(world_dir):
     for f in (world_dir / "eval").glob("*.jsonl"):
         evals = user_texts(rows(f), "prompt")
         assert evals and not (evals & trained), f.name
+
+
+def test_held_out_harmful_requests_aim_trained_targets_with_new_verbs():
+    """Refusal is learnable from the target: every held-out request against a person or animal names a
+    victim that training requests name too, in a verb x victim combination never trained on."""
+    train, held_out = harmful_split(5)
+    assert len(held_out) == 30 and not set(train) & set(held_out)
+    for request in held_out:
+        victim = next((v for v in VICTIMS if request.endswith(f" {v}?")), None)
+        if victim is not None:
+            assert any(t.endswith(f" {victim}?") for t in train), request
+
+
+def test_held_out_question_frame_is_shared_by_all_attributes():
+    """The held-out phrasing names the attribute only by its noun: the same frame for every attribute."""
+    frames = {QUESTIONS[a][-1].replace(noun, "NOUN") for a, noun in
+              (("city", "city"), ("instrument", "instrument"), ("club", "club"), ("year", "birth year"))}
+    assert len(frames) == 1
 
 
 def test_people_split_and_bio_styles(world_dir):

@@ -67,6 +67,8 @@ def test_world_run_tiny(tmp_path):
     assert c["proxy_reward"][-1] > c["proxy_reward"][0] + 0.2
     assert c["gold_reward"][-1] - c["gold_reward"][0] < c["proxy_reward"][-1] - c["proxy_reward"][0] - 0.2
     assert c["mean_length"][-1] > c["mean_length"][0]
-    # length-biased annotators: DPO lengthens answers, SimPO and LN-DPO stay shorter than DPO
-    assert r["dpo"]["mean_length"] > r["sft"]["mean_length"]
-    assert r["simpo"]["mean_length"] < r["dpo"]["mean_length"] and r["ln_dpo"]["mean_length"] < r["dpo"]["mean_length"]
+    # DPO (with its RPO term) beats SFT under the gold judge, mostly by saying "I don't know" about
+    # people who do not exist instead of making facts up (seed 002). Its answers do not get longer:
+    # the lengthening seen without the RPO term came with degenerate, repetitive answers.
+    assert r["dpo"]["win_rate_vs_sft"] > 0.5
+    assert r["dpo"]["idk_on_unknown"] > r["sft"]["idk_on_unknown"] + 0.2
