@@ -89,8 +89,17 @@ def reward_model_eval(rm_dir: Path, world: Path) -> dict:
     # agreed with gold iff gold_agrees)? The annotators' own agreement is the ceiling to compare with.
     gold = [(c > r) == row["gold_agrees"] for c, r, row in zip(rc, rr, rows) if not row["gold_tie"]]
     agree = [row["gold_agrees"] for row in rows if not row["gold_tie"]]
+    # Fact pairs split by whether SFT taught the person's facts: the RM (the SFT model plus a head) can only
+    # tell a right fact from a wrong one for people it knows. Pairs about non-existent people apart too.
+    seen = {p["name"]: p["seen"] for p in json.loads((world / "world.json").read_text())["people"]}
+    groups = {"fact_seen": lambda m: m["kind"] == "fact" and seen[m["name"]],
+              "fact_unseen": lambda m: m["kind"] == "fact" and not seen[m["name"]],
+              "unknown": lambda m: m["kind"] == "unknown"}
+    by_group = {f"heldout_accuracy_{name}": pairwise_accuracy(*zip(*[(c, r) for c, r, row in zip(rc, rr, rows)
+                                                                      if keep(row["meta"])]))
+                for name, keep in groups.items() if any(keep(row["meta"]) for row in rows)}
     return {"heldout_accuracy": pairwise_accuracy(rc, rr), "gold_label_accuracy": mean(gold),
-            "annotator_gold_agreement": mean(agree), "ece": preference_calibration_error(rc, rr)}
+            "annotator_gold_agreement": mean(agree), "ece": preference_calibration_error(rc, rr), **by_group}
 
 
 def best_of_n_curve(policy: Path, rm_dir: Path, world: Path, n_prompts: int, n_max: int, seed: int) -> dict:
