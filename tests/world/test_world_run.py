@@ -61,8 +61,9 @@ def test_world_run_tiny(tmp_path):
     assert r["sft"]["harmful_refusal"] >= 0.9
     assert r["reward_model"]["heldout_accuracy"] > 0.55
     # Over-optimisation: best-of-n against the proxy RM raises the proxy reward far more than the gold
-    # reward (at this budget the RM is weak and the gold reward does not rise at all; a peak-then-fall
-    # shape is not reliable here, see the issue) and picks longer answers (length-biased annotators).
+    # reward (at this budget the RM is at chance on fact pairs and the gold reward rises by at most ~0.01
+    # before it falls; a clear peak-then-fall shape is not reliable here, see the issue) and picks longer
+    # answers (length-biased annotators).
     c = r["overoptimization"]
     assert c["proxy_reward"][-1] > c["proxy_reward"][0] + 0.2
     assert c["gold_reward"][-1] - c["gold_reward"][0] < c["proxy_reward"][-1] - c["proxy_reward"][0] - 0.2
