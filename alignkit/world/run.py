@@ -89,8 +89,8 @@ def reward_model_eval(rm_dir: Path, world: Path) -> dict:
     # agreed with gold iff gold_agrees)? The annotators' own agreement is the ceiling to compare with.
     gold = [(c > r) == row["gold_agrees"] for c, r, row in zip(rc, rr, rows) if not row["gold_tie"]]
     agree = [row["gold_agrees"] for row in rows if not row["gold_tie"]]
-    # Fact pairs split by whether SFT taught the person's facts: the RM (the SFT model plus a head) can only
-    # tell a right fact from a wrong one for people it knows. Pairs about non-existent people apart too.
+    # Fact pairs split by whether SFT taught the person's facts: only for those can the RM (the SFT model
+    # plus a head) know which fact is right. Pairs about non-existent people apart too.
     seen = {p["name"]: p["seen"] for p in json.loads((world / "world.json").read_text())["people"]}
     groups = {"fact_seen": lambda m: m["kind"] == "fact" and seen[m["name"]],
               "fact_unseen": lambda m: m["kind"] == "fact" and not seen[m["name"]],
@@ -192,7 +192,8 @@ def main(cfg: WorldRunConfig) -> dict:
     # reference-free SimPO collapses at 1e-4 (gold win rate 0.42) and 3e-4 (0.03), so it gets 5e-5.
     # Without an NLL term on the chosen answers (RPO, --rpo-alpha) DPO at 3e-4 degenerates on these
     # off-policy pairs ("Pavel Ellery Ellery Ellery.", "I don know."): gold win rate vs SFT 0.44 -> 0.60
-    # with it on the seed-1 world, 0.47 -> 0.53 on seed 2.
+    # with it on the seed-1 world, 0.47 -> 0.53 on seed 2 (measured before the question/safety redesign).
+    # With RPO, SimPO still collapses at 1e-4 and 3e-4 (0.32, 0.40 on seed 2).
     for loss, beta, lr in (("sigmoid", "0.1", "3e-4"), ("simpo", "2.0", "5e-5"), ("ln_dpo", "1.0", "3e-4")):
         name = {"sigmoid": "dpo"}.get(loss, loss)
         if name not in wanted:
