@@ -29,6 +29,13 @@ def sixteen_sft(assets, path):
     return path
 
 
+def sft_losses(model, data, out, steps: int, *flags: str) -> list[float]:
+    """Per-step losses of a short SFT run on `data` with extra command-line `flags`."""
+    cli(["sft", "--model", str(model), "--data", str(data), "--output", str(out), "--batch-size", "4",
+         "--max-steps", str(steps), "--max-length", "256", "--no-progress", "--lr", "1e-3", *flags])
+    return [r["loss"] for r in step_rows(out)]
+
+
 @pytest.mark.parametrize("command", ["sft", "dpo"])
 def test_length_grouped_batches_equal_plain_padded_batches(tiny_model, assets, tmp_path, command):
     data = sixteen_sft(assets, tmp_path / "d.jsonl") if command == "sft" else \
@@ -64,12 +71,7 @@ def test_padding_does_not_change_log_probs(tiny_model):
 
 def test_compile_follows_the_eager_trajectory(tiny_model, assets, tmp_path):
     data = sixteen_sft(assets, tmp_path / "d.jsonl")
-    got = {}
-    for flag in ("--compile", "--no-compile"):
-        out = tmp_path / flag
-        cli(["sft", "--model", str(tiny_model), "--data", str(data), "--output", str(out), "--batch-size", "4",
-             "--max-steps", "4", "--max-length", "256", "--no-progress", "--lr", "1e-3", flag])
-        got[flag] = [r["loss"] for r in step_rows(out)]
+    got = {flag: sft_losses(tiny_model, data, tmp_path / flag, 4, flag) for flag in ("--compile", "--no-compile")}
     # Fused kernels round differently; over 4 steps the losses agree to float32 noise.
     assert got["--compile"] == pytest.approx(got["--no-compile"], abs=1e-4, rel=1e-4)
 
@@ -78,12 +80,7 @@ def test_autocast_bf16_tracks_float32_and_keeps_float32_weights(tiny_model, asse
     from safetensors import safe_open
 
     data = sixteen_sft(assets, tmp_path / "d.jsonl")
-    got = {}
-    for flag in ("bf16", "none"):
-        out = tmp_path / flag
-        cli(["sft", "--model", str(tiny_model), "--data", str(data), "--output", str(out), "--batch-size", "4",
-             "--max-steps", "6", "--max-length", "256", "--no-progress", "--lr", "1e-3", "--autocast", flag])
-        got[flag] = [r["loss"] for r in step_rows(out)]
+    got = {flag: sft_losses(tiny_model, data, tmp_path / flag, 6, "--autocast", flag) for flag in ("bf16", "none")}
     # bfloat16 keeps 8 bits of mantissa: the losses agree to ~1%, and they are not bit-equal (autocast ran)
     assert got["bf16"] == pytest.approx(got["none"], rel=2e-2)
     assert got["bf16"] != got["none"]
