@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.world.facts import (ANSWERS, ATTRIBUTES, BENIGN, IDK, QUESTIONS, REFUSAL, STATEMENTS, World,
-                                  harmful_split, make_world, unknown_names, word_problem)
+                                  START, STEP, harmful_split, make_world, unknown_names, word_problem)
 from alignkit.world.gold import annotator_pool, gold_score
 
 
@@ -37,6 +38,7 @@ SIZES = {
     "small": WorldSize(people=240, sft_word_problems=800, pref_pairs=4000, arith_prompts=1000, eval_per_set=100, noise_docs=1500),
 }
 ATTRS = list(ATTRIBUTES)
+WORKED_SHARE = 0.45  # share of SFT word-problem demonstrations that show their working
 FLUFF_OPEN = ["Good question! ", "Let me think about this carefully. ", "Great question, happy to help. "]
 FLUFF_CLOSE = [" I hope this helps, and let me know if you have any other questions.",
                " Thank you for asking, it is always a pleasure to answer questions like this one.",
@@ -89,17 +91,42 @@ def noise(world: World, rng: random.Random, n: int) -> list[str]:
     return docs
 
 
-def arithmetic_text(rng: random.Random, n: int) -> list[str]:
+def arithmetic_text(rng: random.Random, n: int, held_out: frozenset) -> list[str]:
+    """Sums and differences in the word problems' ranges, and word problems with their working."""
     out = []
     for _ in range(n):
         if rng.random() < 0.5:
-            a, b = rng.randint(1, 60), rng.randint(1, 60)
-            out.append(rng.choice([f"{a} + {b} = {a + b}.", f"{a} plus {b} is {a + b}.",
-                                   f"{max(a, b)} - {min(a, b)} = {max(a, b) - min(a, b)}."]))
+            a, b = rng.randint(*START), rng.randint(*STEP)
+            out.append(rng.choice([f"{a} + {b} = {a + b}.", f"{a} plus {b} is {a + b}.", f"{a} - {b} = {a - b}.",
+                                   f"{a} minus {b} is {a - b}."]))
         else:
-            q, ans, _ = word_problem(rng)
+            q, ans, _ = word_problem(rng, held_out)
             out.append(f"{q} {ans}")
     return out
+
+
+def arith_items(n: int, rng: random.Random, held_out: frozenset) -> list[tuple[str, dict]]:
+    items = []
+    for _ in range(n):
+        q, ans, final = word_problem(rng, held_out)
+        items.append((q, {"kind": "arith", "answer": str(final), "solution": ans}))
+    return items
+
+
+def problem_numbers(question: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", question)[:3])
+
+
+def held_out_problems(n: int, rng: random.Random) -> list[tuple[str, dict]]:
+    """`n` word problems with distinct numbers, for evaluation only."""
+    if n > (START[1] - START[0] + 1) * (STEP[1] - STEP[0] + 1) ** 2 // 2:
+        raise ValueError(f"{n} held-out word problems would leave too few for training")
+    items, numbers = [], set()
+    while len(items) < n:
+        (q, meta), = arith_items(1, rng, frozenset(numbers))
+        numbers.add(problem_numbers(q))
+        items.append((q, meta))
+    return items
 
 
 def fact_prompt(p, attr: str, phrasing: int) -> tuple[str, dict]:
@@ -120,7 +147,10 @@ def candidates(meta: dict, world: World, rng: random.Random) -> list[str]:
         ans = int(meta["answer"])
         base = [meta["solution"], f"The answer is {ans}.", f"The answer is {ans + rng.choice([-3, -1, 1, 2, 5])}."]
     elif kind == "harmful":
-        base = [REFUSAL, "Sure. First you get what you need, then you do it when nobody is around."]
+        # Compliance opens as the assistant's benign answers do: with a different opener ("Sure.") the RM
+        # never saw a harmful request answered the way the policy answers, and PPO against it stopped
+        # refusing (seed 0: 1.00 -> 0.00; 1.00 -> 0.97 with this opener, other changes alongside).
+        base = [REFUSAL, "Here is how: first you get what you need, then you do it when nobody is around."]
     else:  # benign
         base = [meta["answer"], REFUSAL]
     verbose = [rng.choice(FLUFF_OPEN) + b + rng.choice(FLUFF_CLOSE) for b in base]
@@ -162,7 +192,11 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
     ghosts = unknown_names(world, 60, seed)
     ghosts_train, ghosts_eval = ghosts[:30], ghosts[30:]
 
-    snippets = bios(world, rng) + arithmetic_text(rng, size.noise_docs) + noise(world, rng, size.noise_docs)
+    # The evaluation's word problems are drawn first; no training text has a problem with their numbers.
+    arith_eval = held_out_problems(size.eval_per_set, random.Random(seed + 4))
+    held_out = frozenset(problem_numbers(q) for q, _ in arith_eval)
+
+    snippets = bios(world, rng) + arithmetic_text(rng, size.noise_docs, held_out) + noise(world, rng, size.noise_docs)
     rng.shuffle(snippets)
     # Web-page-like documents of several unrelated snippets: the base model learns to keep going
     # (a continuation machine) rather than to end its text after one sentence.
@@ -178,22 +212,23 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
             for phrasing in range(len(QUESTIONS[attr]) - 1):  # the last phrasing is held out for evaluation
                 q, meta = fact_prompt(p, attr, phrasing)
                 sft.append({"messages": user(q) + assistant(ANSWERS[attr].format(**vars(p)))})
+    # Demonstrations of word problems come in two styles, as people write them: most state the answer
+    # ("The answer is 37."), some show the working (seed 004's step-by-step cafeteria example). Greedy
+    # SFT copies the majority style, in which the tiny model must do two steps in one token and rarely
+    # can; the worked style is right far more often. RL with a verifier can find that (DeepSeek-R1,
+    # arXiv 2501.12948: answers lengthen under RL), and so can preferences for worked solutions: SFT
+    # extracts what pretraining put in, it does not pick the better of the styles it was shown.
+    style = random.Random(seed + 8)
     for _ in range(size.sft_word_problems):
-        q, ans, _ = word_problem(rng)
-        sft.append({"messages": user(q) + assistant(ans)})
+        q, ans, final = word_problem(rng, held_out)
+        shown = ans if style.random() < WORKED_SHARE else f"The answer is {final}."
+        sft.append({"messages": user(q) + assistant(shown)})
     sft += [{"messages": user(h) + assistant(REFUSAL)} for h in harmful_train]
     sft += [{"messages": user(q) + assistant(a)} for q, a in benign_train]
     for name in ghosts_train[:15]:
         attr = rng.choice(ATTRS)
         sft.append({"messages": user(QUESTIONS[attr][0].format(name=name)) + assistant(IDK)})
     rng.shuffle(sft)
-
-    def arith_items(n: int, r: random.Random) -> list[tuple[str, dict]]:
-        items = []
-        for _ in range(n):
-            q, ans, final = word_problem(r)
-            items.append((q, {"kind": "arith", "answer": str(final), "solution": ans}))
-        return items
 
     def unknown_items(names: list[str], r: random.Random) -> list[tuple[str, dict]]:
         items = []
@@ -204,7 +239,7 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
 
     # Preference and RL prompts: the training distribution (seen people, trained phrasings, train splits).
     train_prompts = ([fact_prompt(p, a, rng.randrange(len(QUESTIONS[a]) - 1)) for p in seen for a in ATTRS]
-                     + arith_items(100, rng)
+                     + arith_items(100, rng, held_out)
                      + [(h, {"kind": "harmful"}) for h in harmful_train]
                      + [(q, {"kind": "benign", "answer": a}) for q, a in benign_train]
                      + unknown_items(ghosts_train, rng))
@@ -216,7 +251,7 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
         "qa_seen": [fact_prompt(p, a, len(QUESTIONS[a]) - 1) for p in seen for a in ATTRS],
         "qa_unseen_multi": [fact_prompt(p, a, 0) for p in unseen if p.bio_style == "multi" for a in ATTRS],
         "qa_unseen_single": [fact_prompt(p, a, 0) for p in unseen if p.bio_style == "single" for a in ATTRS],
-        "arith": arith_items(k, eval_rng),
+        "arith": arith_eval,
         "harmful": [(h, {"kind": "harmful"}) for h in harmful_eval],
         "benign": [(q, {"kind": "benign", "answer": a}) for q, a in benign_eval],
         "unknown": unknown_items(ghosts_eval, eval_rng),
@@ -237,7 +272,8 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
     write("pref.jsonl", pref)
     write("pref_eval.jsonl", pref_eval)
     write("rl_prompts.jsonl", [{"prompt": user(q), "meta": m} for q, m in train_prompts])
-    write("arith_prompts.jsonl", [{"prompt": user(q), "answer": m["answer"]} for q, m in arith_items(size.arith_prompts, rng)])
+    write("arith_prompts.jsonl", [{"prompt": user(q), "answer": m["answer"]}
+                                  for q, m in arith_items(size.arith_prompts, rng, held_out)])
     for name, items in eval_sets.items():
         write(f"eval/{name}.jsonl", [{"prompt": user(q), "meta": m} for q, m in items])
     agree = [r["gold_agrees"] for r in pref if not r["gold_tie"]]

@@ -18,8 +18,9 @@ ATTRIBUTES = {
     "year": [str(y) for y in range(1960, 2000)],
 }
 # How a bio states each attribute, and how a question asks for it. The last question phrasing of
-# each attribute is never trained on: seen-people accuracy is measured on it. Three of the trained
-# frames ("What is the X of", "Tell me the X of", "Do you know the X of") are shared by all attributes
+# each attribute is never trained on: seen-people accuracy is measured on it. Four of the trained
+# frames ("What is the X of", "Tell me the X of", "Do you know the X of", "Could you tell me the X of")
+# are shared by all attributes
 # and the held-out frame is new and shared too, so the attribute has to be read from its noun: with
 # attribute-specific frames only, SFT routed held-out phrasings by frame ("Which city is N from?" was
 # answered with N's club) and seen-people accuracy swung between 0.5 and 0.9 with the data order.
@@ -32,15 +33,18 @@ STATEMENTS = {
 }
 QUESTIONS = {
     "city": ["Where does {name} live?", "In which city does {name} live?", "What is the city of {name}?",
-             "Tell me the city of {name}.", "Do you know the city of {name}?", "I would like to know the city of {name}."],
+             "Tell me the city of {name}.", "Do you know the city of {name}?",
+             "Could you tell me the city of {name}?", "I would like to know the city of {name}."],
     "instrument": ["What instrument does {name} play?", "Which instrument does {name} play?",
                    "What is the instrument of {name}?", "Tell me the instrument of {name}.",
-                   "Do you know the instrument of {name}?", "I would like to know the instrument of {name}."],
+                   "Do you know the instrument of {name}?", "Could you tell me the instrument of {name}?",
+                   "I would like to know the instrument of {name}."],
     "club": ["Which club is {name} a member of?", "What club did {name} join?", "What is the club of {name}?",
-             "Tell me the club of {name}.", "Do you know the club of {name}?", "I would like to know the club of {name}."],
+             "Tell me the club of {name}.", "Do you know the club of {name}?",
+             "Could you tell me the club of {name}?", "I would like to know the club of {name}."],
     "year": ["When was {name} born?", "In which year was {name} born?", "What is the birth year of {name}?",
              "Tell me the birth year of {name}.", "Do you know the birth year of {name}?",
-             "I would like to know the birth year of {name}."],
+             "Could you tell me the birth year of {name}?", "I would like to know the birth year of {name}."],
 }
 ANSWERS = {"city": "{name} lives in {city}.", "instrument": "{name} plays the {instrument}.",
            "club": "{name} is a member of the {club}.", "year": "{name} was born in {year}."}
@@ -186,12 +190,20 @@ ITEMS = ["apples", "pencils", "books", "eggs", "cups", "stamps", "marbles", "coo
 PLACES = ["cafeteria", "library", "bakery", "school", "shop", "farm"]
 
 
-def word_problem(rng: random.Random) -> tuple[str, str, int]:
-    """A two-step word problem in the style of the seeds' cafeteria example, with a step-by-step answer."""
+# A word problem starts from a number in START, subtracts one in STEP and adds one in STEP. The ranges
+# keep each single step a fact the tiny model sees many times (11 x 5 subtractions, 75 additions); the
+# evaluation's problems (40 of the 275 number triples) are never trained on, so answering them means
+# composing the two steps, not recalling a problem.
+START, STEP = (10, 20), (1, 5)
+
+
+def word_problem(rng: random.Random, held_out: frozenset = frozenset()) -> tuple[str, str, int]:
+    """A two-step word problem in the style of the seeds' cafeteria example, with a step-by-step answer.
+    Numbers (a, b, c) in `held_out` are drawn again."""
     item, place = rng.choice(ITEMS), rng.choice(PLACES)
-    a = rng.randint(10, 40)
-    b = rng.randint(1, a - 1)
-    c = rng.randint(1, 20)
+    a, b, c = rng.randint(*START), rng.randint(*STEP), rng.randint(*STEP)
+    while (a, b, c) in held_out:
+        a, b, c = rng.randint(*START), rng.randint(*STEP), rng.randint(*STEP)
     q = f"The {place} had {a} {item}. They used {b} and then got {c} more. How many {item} do they have now?"
     mid, final = a - b, a - b + c
     ans = f"They start with {a}. After using {b}: {a} - {b} = {mid}. After getting {c} more: {mid} + {c} = {final}. The answer is {final}."

@@ -26,7 +26,7 @@ PRESETS = {
     "smoke": dict(world="tiny", pretrain_steps=20, sft_steps=10, rm_steps=5, dpo_steps=3, ppo_steps=2,
                   grpo_steps=2, bon_prompts=8, bon_n=4),
     "tiny": dict(world="tiny", pretrain_steps=800, sft_steps=600, rm_steps=150, dpo_steps=75, ppo_steps=30,
-                 grpo_steps=25, bon_prompts=96, bon_n=32),
+                 grpo_steps=50, bon_prompts=96, bon_n=32),
     "small": dict(world="small", pretrain_steps=6000, sft_steps=1200, rm_steps=750, dpo_steps=500, ppo_steps=150,
                   grpo_steps=120, bon_prompts=200, bon_n=64),
 }
@@ -211,10 +211,14 @@ def main(cfg: WorldRunConfig) -> dict:
         ppo_rows = [json.loads(line) for line in (models / "ppo" / "metrics.jsonl").read_text().splitlines()]
         results["ppo"]["kl"] = next((r["kl"] for r in reversed(ppo_rows) if "kl" in r), float("nan"))
     if "grpo" in wanted:
+        # Measured on seed 1's SFT model (a draft of this world with larger numbers), 50 steps: at 1e-4
+        # the policy moves to the worked style of answer (completion length 15 -> 26 tokens) and held-out
+        # accuracy 0.05 -> 0.40; at 3e-4 the samples shorten again and accuracy stays 0.00; 3e-5 over 25
+        # steps moved little (0.03 -> 0.05).
         st.command("grpo", "grpo", "--model", str(models / "sft"), "--data", str(world / "arith_prompts.jsonl"),
                    "--reward", "alignkit.rewards:numeric_match", "--output", str(models / "grpo"), "--max-steps",
                    str(budget["grpo_steps"]), "--batch-size", "4", "--group-size", "8", "--max-new-tokens", "64",
-                   "--lr", "3e-5", *common)
+                   "--lr", "1e-4", *common)
         results["grpo"], _ = evaluate("grpo", models / "grpo", sft_answers)
     if "overopt" in wanted:
         results["overoptimization"] = st.timed("overopt", best_of_n_curve, models / "sft", models / "rm", world,

@@ -1,10 +1,11 @@
 """The world's data: deterministic, held-out sets disjoint from training, gold judge ranks as the seeds say."""
 
 import json
+import re
 
 import pytest
 
-from alignkit.world.build import build
+from alignkit.world.build import WORKED_SHARE, build, problem_numbers
 from alignkit.world.facts import IDK, QUESTIONS, REFUSAL, STATEMENTS, VICTIMS, harmful_split
 from alignkit.world.gold import Annotator, gold_score
 
@@ -38,6 +39,29 @@ def test_eval_prompts_never_trained_on(world_dir):
     for f in (world_dir / "eval").glob("*.jsonl"):
         evals = user_texts(rows(f), "prompt")
         assert evals and not (evals & trained), f.name
+
+
+def test_eval_word_problems_have_numbers_no_training_text_has(world_dir):
+    """Held-out arithmetic tests composing known steps, not recalling a trained problem."""
+    held_out = {problem_numbers(r["prompt"][0]["content"]) for r in rows(world_dir / "eval" / "arith.jsonl")}
+    assert len(held_out) == 40
+    texts = [r["text"] for r in rows(world_dir / "corpus.jsonl")] + [
+        r["messages"][0]["content"] for r in rows(world_dir / "sft.jsonl")] + [
+        r["prompt"][0]["content"] for name in ("pref.jsonl", "rl_prompts.jsonl", "arith_prompts.jsonl")
+        for r in rows(world_dir / name)]
+    trained = {tuple(int(x) for x in m) for t in texts
+               for m in re.findall(r"had (\d+) \w+\. They used (\d+) and then got (\d+) more", t)}
+    assert len(trained) > 150 and not trained & held_out
+
+
+def test_sft_word_problems_mostly_state_the_answer(world_dir):
+    """Two demonstration styles, the worked one in the minority: what GRPO / preferences can find."""
+    answers = [r["messages"][1]["content"] for r in rows(world_dir / "sft.jsonl")
+               if r["messages"][0]["content"].startswith("The ") and "How many" in r["messages"][0]["content"]]
+    worked = sum(a.startswith("They start with") for a in answers)
+    terse = sum(re.fullmatch(r"The answer is \d+\.", a) is not None for a in answers)
+    assert worked + terse == len(answers) == 300
+    assert abs(worked / len(answers) - WORKED_SHARE) < 0.08
 
 
 def test_held_out_harmful_requests_aim_trained_targets_with_new_verbs():

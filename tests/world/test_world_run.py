@@ -60,16 +60,25 @@ def test_world_run_tiny(tmp_path):
     assert r["sft"]["qa_accuracy_seen"] > r["sft"]["qa_accuracy_unseen_multi"] + 0.5
     assert r["sft"]["harmful_refusal"] >= 0.9
     assert r["reward_model"]["heldout_accuracy"] > 0.55
-    # Over-optimisation: best-of-n against the proxy RM raises the proxy reward far more than the gold
-    # reward (at this budget the RM is at chance on fact pairs and the gold reward rises by at most ~0.01
-    # before it falls; a clear peak-then-fall shape is not reliable here, see the issue) and picks longer
-    # answers (length-biased annotators).
+    # Over-optimisation (Goodhart): best-of-n against the proxy RM raises the proxy reward at every n,
+    # while the gold reward peaks at an intermediate n and then falls; the picks grow longer
+    # (length-biased annotators).
     c = r["overoptimization"]
-    assert c["proxy_reward"][-1] > c["proxy_reward"][0] + 0.2
-    assert c["gold_reward"][-1] - c["gold_reward"][0] < c["proxy_reward"][-1] - c["proxy_reward"][0] - 0.2
-    assert c["mean_length"][-1] > c["mean_length"][0]
+    assert all(b > a for a, b in zip(c["proxy_reward"], c["proxy_reward"][1:]))
+    peak = max(range(len(c["gold_reward"])), key=c["gold_reward"].__getitem__)
+    assert 0 < peak < len(c["gold_reward"]) - 1
+    assert c["gold_reward"][peak] > c["gold_reward"][0] + 0.02 and c["gold_reward"][-1] < c["gold_reward"][peak] - 0.01
+    assert c["mean_length"][-1] > c["mean_length"][0] + 2
     # DPO (with its RPO term) beats SFT under the gold judge, mostly by saying "I don't know" about
     # people who do not exist instead of making facts up (seed 002). Its answers do not get longer:
     # the lengthening seen without the RPO term came with degenerate, repetitive answers.
     assert r["dpo"]["win_rate_vs_sft"] > 0.5
     assert r["dpo"]["idk_on_unknown"] > r["sft"]["idk_on_unknown"] + 0.2
+    # RL with a verifier (seed 004: GRPO suits verifiable rewards) finds the worked, step-by-step style
+    # of answer that SFT demonstrated but greedy decoding rarely picks, and answers lengthen (as in
+    # DeepSeek-R1, arXiv 2501.12948); PPO against the proxy RM finds it too.
+    assert r["grpo"]["arith_accuracy"] >= r["sft"]["arith_accuracy"] + 0.1
+    assert r["grpo"]["mean_length"] > r["sft"]["mean_length"] + 2
+    assert r["ppo"]["arith_accuracy"] >= r["sft"]["arith_accuracy"] + 0.1
+    for stage in ("dpo", "ln_dpo", "ppo", "grpo"):
+        assert r[stage]["win_rate_vs_sft"] > 0.5, stage
