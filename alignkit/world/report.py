@@ -28,7 +28,7 @@ def plots(out: Path, results: dict) -> list[Path]:
 
     made = []
     models = out / "models"
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4))
     for stage in ("base", "sft", "rm", "dpo", "simpo", "ln_dpo"):
         rows = [r for r in _metrics(models / stage / "metrics.jsonl") if "loss" in r and not r.get("final")]
         if rows:
@@ -41,6 +41,13 @@ def plots(out: Path, results: dict) -> list[Path]:
             ax[1].plot([r["step"] for r in rows], [r[key] for r in rows], label=f"{stage} {key}")
     ax[1].set(title="RL reward during training", xlabel="step")
     ax[1].legend()
+    # GRPO finds the worked style of answer on the word problems: its answers lengthen as reward rises.
+    for stage, key in (("ppo", "response_length"), ("grpo", "completion_length")):
+        rows = [r for r in _metrics(models / stage / "metrics.jsonl") if key in r]
+        if rows:
+            ax[3].plot([r["step"] for r in rows], [r[key] for r in rows], label=stage)
+    ax[3].set(title="sampled answer length during RL", xlabel="step", ylabel="tokens")
+    ax[3].legend()
     present = [s for s in STAGES if s in results]
     for key in ("qa_accuracy_seen", "arith_accuracy", "gold_reward"):
         ax[2].plot(present, [results[s].get(key, float("nan")) for s in present], marker="o", label=key)
