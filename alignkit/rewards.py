@@ -52,6 +52,10 @@ def load_reward_function(spec: str) -> Callable:
         if not path.is_file():
             raise SystemExit(f"error: --reward {spec!r}: file {path} does not exist")
         name = f"alignkit_user_rewards_{abs(hash(str(path.resolve())))}"
+        # The file may import its sibling modules, as it could when run as a script. Appended, not
+        # prepended: a sibling named like an installed module must not shadow it.
+        if str(path.resolve().parent) not in sys.path:
+            sys.path.append(str(path.resolve().parent))
         if name not in sys.modules:
             loader_spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(loader_spec)

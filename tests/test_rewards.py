@@ -2,6 +2,7 @@
 name the function and the offending sample, and the reward-model scorer's padding."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -29,6 +30,16 @@ def test_load_reward_function_by_module_and_file(tmp_path):
         load_reward_function("no_such_module_xyz:score")
     with pytest.raises(SystemExit, match="MODULE:FUNCTION"):
         load_reward_function("numeric_match")
+
+
+def test_reward_file_can_import_its_sibling_modules(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "ak_reward_helpers_xyz.py").write_text("def bonus():\n    return 2.0\n")
+    f = tmp_path / "sibling_rewards.py"
+    f.write_text("from ak_reward_helpers_xyz import bonus\n"
+                 "def score(prompts, completions, **kw):\n    return [bonus() for _ in completions]\n")
+    assert load_reward_function(f"{f}:score")(["p"], ["a", "b"]) == [2.0, 2.0]
+    assert sys.path[-1] == str(tmp_path.resolve())
 
 
 def test_numeric_match_and_format_check():

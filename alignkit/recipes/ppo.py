@@ -22,7 +22,8 @@ Metrics per step: reward_mean (RM score), reward_with_penalty (summed shaped rew
 penalty - kl_coef * KL), kl (summed k1 KL per sequence), kl_coef, policy_loss, value_loss, entropy,
 clip_frac, approx_kl (means over updates), approx_kl_per_update / clip_frac_per_update (one entry per
 optimizer update; the first is exactly 0, the check that old log-probs are the sampling policy's),
-response_length, no_eos_ratio, completions_per_s, lr.
+completion_length, clipped_ratio (completions that hit max_new_tokens without a stop token), completions_per_s,
+lr: length and clipping under the names GRPO uses.
 """
 
 from __future__ import annotations
@@ -353,7 +354,7 @@ def main(cfg: PPOConfig) -> dict:
         row = {"reward_mean": g[0].item() / n_global, "reward_with_penalty": g[1].item() / n_global,
                "kl": g[2].item() / n_global, "kl_coef": kl_coef, **{k: v / n_updates for k, v in sums.items()},
                "approx_kl_per_update": per_update["approx_kl"], "clip_frac_per_update": per_update["clip_frac"],
-               "response_length": g[3].item() / n_global, "no_eos_ratio": g[4].item() / n_global,
+               "completion_length": g[3].item() / n_global, "clipped_ratio": g[4].item() / n_global,
                "completions_per_s": n_global / (time.perf_counter() - t0), "lr": lr}
         if cfg.target_kl is not None:
             kl_coef = adaptive_kl_coef(kl_coef, row["kl"], cfg.target_kl, cfg.kl_horizon, n_global)

@@ -42,10 +42,10 @@ def plots(out: Path, results: dict) -> list[Path]:
     ax[1].set(title="RL reward during training", xlabel="step")
     ax[1].legend()
     # GRPO finds the worked style of answer on the word problems: its answers lengthen as reward rises.
-    for stage, key in (("ppo", "response_length"), ("grpo", "completion_length")):
-        rows = [r for r in _metrics(models / stage / "metrics.jsonl") if key in r]
+    for stage in ("ppo", "grpo"):
+        rows = [r for r in _metrics(models / stage / "metrics.jsonl") if "completion_length" in r]
         if rows:
-            ax[3].plot([r["step"] for r in rows], [r[key] for r in rows], label=stage)
+            ax[3].plot([r["step"] for r in rows], [r["completion_length"] for r in rows], label=stage)
     ax[3].set(title="sampled answer length during RL", xlabel="step", ylabel="tokens")
     ax[3].legend()
     present = [s for s in STAGES if s in results]

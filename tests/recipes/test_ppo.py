@@ -76,8 +76,8 @@ def test_ppo_raises_reward_with_value_model_from_rm(toy, tmp_path):
     assert_no_drift_before_first_update(rows)
     assert all(len(r["approx_kl_per_update"]) == 4 * 2 for r in rows)  # 4 epochs x 2 mini-batches
     assert rows[-1]["kl"] > 0.1 and rows[-1]["entropy"] < rows[0]["entropy"]
-    assert {"reward_with_penalty", "kl_coef", "clip_frac", "approx_kl", "value_loss", "policy_loss", "response_length",
-            "no_eos_ratio", "completions_per_s", "lr"} <= rows[0].keys()
+    assert {"reward_with_penalty", "kl_coef", "clip_frac", "approx_kl", "value_loss", "policy_loss", "completion_length",
+            "clipped_ratio", "completions_per_s", "lr"} <= rows[0].keys()
     assert final["completions"] == 15 * 64 and final["tokens"] > 15 * 64 * 4 * 3
     # Outputs: the policy as an HF causal LM, the value model (initialised from the RM) as its own directory.
     AutoModelForCausalLM.from_pretrained(out)
@@ -110,7 +110,7 @@ def test_resume_reproduces_trajectory_with_value_state_and_adaptive_kl(toy, tmp_
     shutil.rmtree(out / "checkpoints" / "step-00000004")  # value state lives inside it
     ppo(toy, out, *args, "--resume")
     resumed = steps(out)
-    keys = ["reward_mean", "kl", "kl_coef", "value_loss", "policy_loss", "entropy", "response_length"]
+    keys = ["reward_mean", "kl", "kl_coef", "value_loss", "policy_loss", "entropy", "completion_length"]
     assert len(resumed) == 4
     assert [r[k] for r in resumed for k in keys] == pytest.approx([r[k] for r in uninterrupted for k in keys], abs=1e-6)
     assert torch.allclose(value_weights(out), trained_values, atol=1e-6)
