@@ -20,10 +20,11 @@ ATTRIBUTES = {
 # How a bio states each attribute, and how a question asks for it. The last question phrasing of
 # each attribute is never trained on: seen-people accuracy is measured on it. Four of the trained
 # frames ("What is the X of", "Tell me the X of", "Do you know the X of", "Could you tell me the X of")
-# are shared by all attributes
-# and the held-out frame is new and shared too, so the attribute has to be read from its noun: with
-# attribute-specific frames only, SFT routed held-out phrasings by frame ("Which city is N from?" was
-# answered with N's club) and seen-people accuracy swung between 0.5 and 0.9 with the data order.
+# are shared by all attributes and the held-out frame is new and shared too, so the attribute has to
+# be read from its noun: with attribute-specific frames only, SFT routed held-out phrasings by frame
+# ("Which city is N from?" was answered with N's club) and seen-people accuracy swung between 0.5 and
+# 0.9 with the data order; with three shared frames one seed still failed a whole attribute ("Elena
+# Sable is.", 0.78), with four it answered all (1.00).
 STATEMENTS = {
     "city": ["{name} lives in {city}.", "{name} has a home in {city}.", "{name} moved to {city} long ago."],
     "instrument": ["{name} plays the {instrument}.", "{name} practises the {instrument} every day.",
@@ -192,8 +193,9 @@ PLACES = ["cafeteria", "library", "bakery", "school", "shop", "farm"]
 
 # A word problem starts from a number in START, subtracts one in STEP and adds one in STEP. The ranges
 # keep each single step a fact the tiny model sees many times (11 x 5 subtractions, 75 additions); the
-# evaluation's problems (40 of the 275 number triples) are never trained on, so answering them means
-# composing the two steps, not recalling a problem.
+# evaluation's problems (40 of the 275 number triples in the tiny world) are never trained on, so
+# answering them means composing the two steps, not recalling a problem. With starts up to 40 and
+# steps up to 20 the worked answers were wrong at the subtraction in 27 of 40 problems.
 START, STEP = (10, 20), (1, 5)
 
 

@@ -193,7 +193,9 @@ def main(cfg: WorldRunConfig) -> dict:
     # Without an NLL term on the chosen answers (RPO, --rpo-alpha) DPO at 3e-4 degenerates on these
     # off-policy pairs ("Pavel Ellery Ellery Ellery.", "I don know."): gold win rate vs SFT 0.44 -> 0.60
     # with it on the seed-1 world, 0.47 -> 0.53 on seed 2 (measured before the question/safety redesign).
-    # With RPO, SimPO still collapses at 1e-4 and 3e-4 (0.32, 0.40 on seed 2).
+    # With RPO, SimPO still collapses at 1e-4 and 3e-4 (0.32, 0.40 on seed 2). On the current world DPO
+    # without RPO no longer degenerates: win rate 0.515/0.574 (seeds 0/1) against 0.546/0.607 with it,
+    # but it keeps the seen facts (qa_accuracy_seen 1.00/0.98) where with it DPO hedges (0.58/0.65).
     for loss, beta, lr in (("sigmoid", "0.1", "3e-4"), ("simpo", "2.0", "5e-5"), ("ln_dpo", "1.0", "3e-4")):
         name = {"sigmoid": "dpo"}.get(loss, loss)
         if name not in wanted:
@@ -214,7 +216,7 @@ def main(cfg: WorldRunConfig) -> dict:
         # Measured on seed 1's SFT model (a draft of this world with larger numbers), 50 steps: at 1e-4
         # the policy moves to the worked style of answer (completion length 15 -> 26 tokens) and held-out
         # accuracy 0.05 -> 0.40; at 3e-4 the samples shorten again and accuracy stays 0.00; 3e-5 over 25
-        # steps moved little (0.03 -> 0.05).
+        # steps moved little (0.03 -> 0.05). On this world, seeds 0-2: 0.225/0.125/0.175 -> 0.625/0.850/0.825.
         st.command("grpo", "grpo", "--model", str(models / "sft"), "--data", str(world / "arith_prompts.jsonl"),
                    "--reward", "alignkit.rewards:numeric_match", "--output", str(models / "grpo"), "--max-steps",
                    str(budget["grpo_steps"]), "--batch-size", "4", "--group-size", "8", "--max-new-tokens", "64",

@@ -70,8 +70,8 @@ def test_world_run_tiny(tmp_path):
     assert c["gold_reward"][peak] > c["gold_reward"][0] + 0.02 and c["gold_reward"][-1] < c["gold_reward"][peak] - 0.01
     assert c["mean_length"][-1] > c["mean_length"][0] + 2
     # DPO (with its RPO term) beats SFT under the gold judge, mostly by saying "I don't know" about
-    # people who do not exist instead of making facts up (seed 002). Its answers do not get longer:
-    # the lengthening seen without the RPO term came with degenerate, repetitive answers.
+    # people who do not exist instead of making facts up (seed 002). It also hedges about people SFT
+    # taught it (qa_accuracy_seen 1.00 -> 0.58 on seed 0), which the gold judge ranks below a right answer.
     assert r["dpo"]["win_rate_vs_sft"] > 0.5
     assert r["dpo"]["idk_on_unknown"] > r["sft"]["idk_on_unknown"] + 0.2
     # RL with a verifier (seed 004: GRPO suits verifiable rewards) finds the worked, step-by-step style
