@@ -213,7 +213,7 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
                 q, meta = fact_prompt(p, attr, phrasing)
                 sft.append({"messages": user(q) + assistant(ANSWERS[attr].format(**vars(p)))})
     # Demonstrations of word problems come in two styles, as people write them: most state the answer
-    # ("The answer is 37."), some show the working (seed 004's step-by-step cafeteria example). Greedy
+    # ("The answer is 17."), some show the working (seed 004's step-by-step cafeteria example). Greedy
     # SFT copies the majority style, in which the tiny model must do two steps in one token and rarely
     # can; the worked style is right far more often. RL with a verifier can find that (DeepSeek-R1,
     # arXiv 2501.12948: answers lengthen under RL), and so can preferences for worked solutions: SFT
