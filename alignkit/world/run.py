@@ -221,8 +221,8 @@ def main(cfg: WorldRunConfig) -> dict:
     if "grpo" in wanted:
         # Measured on seed 1's SFT model (a draft of this world with larger numbers), 50 steps: at 1e-4
         # the policy moves to the worked style of answer (completion length 15 -> 26 tokens) and held-out
-        # accuracy 0.05 -> 0.40; at 3e-4 the samples shorten again and accuracy stays 0.00; 3e-5 over 25
-        # steps moved little (0.03 -> 0.05). On this world, seeds 0-2: 0.225/0.125/0.175 -> 0.625/0.850/0.825.
+        # accuracy 0.05 -> 0.40; at 3e-4 the samples shorten again and no greedy answer is worked; 3e-5
+        # over 25 steps moved little (0.03 -> 0.05, an earlier draft). On this world, seeds 0-2: 0.225/0.125/0.175 -> 0.625/0.850/0.825.
         st.command("grpo", "grpo", "--model", str(models / "sft"), "--data", str(world / "arith_prompts.jsonl"),
                    "--reward", "alignkit.rewards:numeric_match", "--output", str(models / "grpo"), "--max-steps",
                    str(budget["grpo_steps"]), "--batch-size", "4", "--group-size", "8", "--max-new-tokens", "64",
