@@ -22,8 +22,8 @@ Metrics per step: reward_mean (RM score), reward_with_penalty (summed shaped rew
 penalty - kl_coef * KL), kl (summed k1 KL per sequence), kl_coef, policy_loss, value_loss, entropy,
 clip_frac, approx_kl (means over updates), approx_kl_per_update / clip_frac_per_update (one entry per
 optimizer update; the first is exactly 0, the check that old log-probs are the sampling policy's),
-completion_length, clipped_ratio (completions that hit max_new_tokens without a stop token), completions_per_s,
-lr: length and clipping under the names GRPO uses.
+completion_length and clipped_ratio (completions that hit max_new_tokens without a stop token; GRPO's
+names), completions_per_s, lr.
 """
 
 from __future__ import annotations
