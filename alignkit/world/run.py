@@ -87,8 +87,14 @@ def reward_model_eval(rm_dir: Path, world: Path) -> dict:
         raise SystemExit(f"error: {len(rows) - len(pairs)} held-out pairs were dropped; cannot match gold labels")
     # gold_label_accuracy: does the RM rank the pair as the gold judge does (the annotator's label
     # agreed with gold iff gold_agrees)? The annotators' own agreement is the ceiling to compare with.
-    gold = [(c > r) == row["gold_agrees"] for c, r, row in zip(rc, rr, rows) if not row["gold_tie"]]
-    agree = [row["gold_agrees"] for row in rows if not row["gold_tie"]]
+    rm_agrees = [(c > r) == row["gold_agrees"] for c, r, row in zip(rc, rr, rows)]
+
+    def agreement(keep: list[bool]) -> tuple[float, float]:
+        """(RM, annotators) agreement with gold on the kept pairs."""
+        return (mean(a for a, k in zip(rm_agrees, keep) if k),
+                mean(row["gold_agrees"] for row, k in zip(rows, keep) if k))
+
+    gold, agree = agreement([not row["gold_tie"] for row in rows])
     # Fact pairs split by whether SFT taught the person's facts: only for those can the RM (the SFT model
     # plus a head) know which fact is right. Pairs about non-existent people apart too.
     seen = {p["name"]: p["seen"] for p in json.loads((world / "world.json").read_text())["people"]}
@@ -100,12 +106,10 @@ def reward_model_eval(rm_dir: Path, world: Path) -> dict:
                 for name, keep in groups.items() if any(keep(row["meta"]) for row in rows)}
     # The fair ceiling: pairs about unseen people need facts no model trained here has (SFT answers
     # 0.05-0.15 of such questions), so RM and annotators are also compared on the knowable pairs only.
-    knowable = [not row["gold_tie"] and not groups["fact_unseen"](row["meta"]) for row in rows]
-    return {"heldout_accuracy": pairwise_accuracy(rc, rr), "gold_label_accuracy": mean(gold),
-            "annotator_gold_agreement": mean(agree), "ece": preference_calibration_error(rc, rr), **by_group,
-            "gold_label_accuracy_knowable": mean((c > r) == row["gold_agrees"]
-                                                 for c, r, row, k in zip(rc, rr, rows, knowable) if k),
-            "annotator_gold_agreement_knowable": mean(row["gold_agrees"] for row, k in zip(rows, knowable) if k)}
+    gold_k, agree_k = agreement([not row["gold_tie"] and not groups["fact_unseen"](row["meta"]) for row in rows])
+    return {"heldout_accuracy": pairwise_accuracy(rc, rr), "gold_label_accuracy": gold,
+            "annotator_gold_agreement": agree, "ece": preference_calibration_error(rc, rr), **by_group,
+            "gold_label_accuracy_knowable": gold_k, "annotator_gold_agreement_knowable": agree_k}
 
 
 def best_of_n_curve(policy: Path, rm_dir: Path, world: Path, n_prompts: int, n_max: int, seed: int) -> dict:
