@@ -75,6 +75,43 @@ def load_reward_model(path, dtype: str = "float32", trust_remote_code: bool = Fa
     return model.to(device)
 
 
+def backbone_and_head(model):
+    """(backbone, score head) of a sequence classifier, through DDP/compile and peft wrappers: HF's
+    ...ForSequenceClassification forward returns one pooled score, so callers that need the head
+    elsewhere call the two parts themselves."""
+    m = unwrap(model)
+    m = m.get_base_model() if hasattr(m, "get_base_model") else m  # peft: the model its adapters are in
+    if not hasattr(m, "score"):
+        raise SystemExit(f"error: {type(m).__name__} has no `score` head; alignkit reads reward and value models "
+                         "as transformers' ...ForSequenceClassification decoders (Llama, Qwen2, Mistral, GPT-2, ...)")
+    return getattr(m, m.base_model_prefix), m.score
+
+
+class LastTokenReward(torch.nn.Module):
+    """A sequence classifier read at each row's last real token, found from the attention mask: (B,).
+
+    HF's classifier reads the rightmost token that is not `pad_token_id`. When pad == EOS (what
+    `load_tokenizer` sets for tokenizers without a pad token, e.g. Llama 3, whose turns end with the
+    EOS <|eot_id|>), that is the token before a completion's final EOS, and a reward model would be
+    trained at one position and scored at another. `alignkit reward` trains and
+    `rewards.RewardModelScorer` scores through this module, so both read the same token. A module (not a
+    function) so that DDP can wrap it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """attention_mask None: no row is padded (`batching.collate`)."""
+        backbone, head = backbone_and_head(self.model)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, D)
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device)
+        last = (positions * attention_mask).argmax(-1) if attention_mask is not None \
+            else torch.full((B,), T - 1, device=input_ids.device)  # (B,) last real token, right or left padding
+        return head(hidden[torch.arange(B, device=hidden.device), last])[:, 0]  # (B,)
+
+
 def stop_token_ids(tokenizer, model=None) -> list[int]:
     """Token ids that end a generation: EOS, the chat template's end-of-turn token, and the model's
     generation_config EOS ids (Qwen-style models list several)."""

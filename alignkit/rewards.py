@@ -180,27 +180,19 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def score_ids(self, seqs: list[list[int]]) -> list[float]:
+        from alignkit.models import LastTokenReward
+
+        reward = LastTokenReward(self.model)  # the token training read (not HF's pooling by pad id)
         out: list[float] = []
-        base = getattr(self.model, getattr(self.model, "base_model_prefix", ""), None)
-        head = getattr(self.model, "score", None)
         for s in range(0, len(seqs), self.batch_size):
             chunk = seqs[s:s + self.batch_size]
-            if base is None or head is None:  # unknown architecture: one unpadded sequence at a time
-                for q in chunk:
-                    ids = torch.tensor([q], device=self.device)
-                    out.append(float(self.model(input_ids=ids).logits[0, 0]))
-                continue
             T = max(len(q) for q in chunk)
             ids = torch.full((len(chunk), T), self.tokenizer.pad_token_id or 0, dtype=torch.long)
             attn = torch.zeros((len(chunk), T), dtype=torch.long)
             for i, q in enumerate(chunk):
                 ids[i, :len(q)] = torch.as_tensor(q)
                 attn[i, :len(q)] = 1
-            # Read the head at the last real token from the attention mask, not from pad_token_id
-            # (which may equal EOS, the token a completion ends with).
-            hidden = base(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).last_hidden_state
-            last = torch.tensor([len(q) - 1 for q in chunk], device=self.device)
-            out += head(hidden[torch.arange(len(chunk), device=self.device), last])[:, 0].float().tolist()
+            out += reward(ids.to(self.device), attn.to(self.device)).float().tolist()
         return out
 
     def __call__(self, prompts, completions, completion_ids=None, prompt_ids=None, **kwargs) -> list[float]:

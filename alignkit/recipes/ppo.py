@@ -47,7 +47,7 @@ from alignkit.generation import sample_groups
 from alignkit.logprobs import pack_completions
 from alignkit.losses import (aggregate, gae, kl_penalty, masked_sum, ppo_policy_loss, ppo_value_loss,
                              token_entropy, token_logps, whiten)
-from alignkit.models import load_causal_lm, load_reward_model, load_tokenizer, prepare, save_model
+from alignkit.models import backbone_and_head, load_causal_lm, load_reward_model, load_tokenizer, prepare, save_model
 from alignkit.train.batching import StepPlan, shuffled_batches
 from alignkit.train.optim import adamw, lr_factor, set_lr
 from alignkit.train.run import Run
@@ -123,10 +123,11 @@ def load_scorer(path: str, cfg: PPOConfig, device, tokenizer, must_be_trained: b
 
 
 def token_scores(scorer, input_ids, attention_mask) -> torch.Tensor:
-    """Score head at every position (B, T). HF's SequenceClassification forward returns only the pooled
-    score, so backbone and head are called directly: the value function needs every position."""
-    hidden = scorer.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    return scorer.score(hidden).squeeze(-1).float()  # (B, T)
+    """Score head at every position (B, T): the value function needs every position, and the reward
+    model is read at each row's last real token, as `alignkit reward` trained it (`LastTokenReward`)."""
+    backbone, head = backbone_and_head(scorer)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return head(hidden).squeeze(-1).float()  # (B, T)
 
 
 def pack_rollout(prompts, completions, width: int, pad_id: int, device) -> dict:

@@ -4,8 +4,9 @@ The SFT model's backbone with the language-modelling head replaced by a scalar h
 "reward head", seed notes 002 §13.4.1: the backbone is reused so the scorer inherits the model's
 understanding of language). Trained on preference pairs with ``-log sigmoid(r_c - r_r - m)``
 (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1; the optional per-pair margin m is Llama 2's,
-Touvron et al. 2023, eq. 2). The score of a sequence is the head's output at its last
-non-padding token. Chosen and rejected rows go through the model in one forward pass.
+Touvron et al. 2023, eq. 2). The score of a sequence is the head's output at its last real
+token, found from the attention mask (`models.LastTokenReward`; HF's classifier would skip a final
+EOS when pad == EOS). Chosen and rejected rows go through the model in one forward pass.
 
 Held-out evaluation (`--eval-data`) reports pairwise accuracy and the calibration of
 P(chosen wins) = sigmoid(r_c - r_r) (expected calibration error, `alignkit.eval.calibration`).
@@ -32,7 +33,7 @@ from alignkit.data.formats import read_records
 from alignkit.eval import pairwise_accuracy, preference_calibration_error, reliability_bins
 from alignkit.logprobs import pack_completions
 from alignkit.losses import bradley_terry_loss
-from alignkit.models import load_reward_model, load_tokenizer
+from alignkit.models import LastTokenReward, load_reward_model, load_tokenizer, unwrap
 from alignkit.train.batching import StepPlan, length_grouped_batches, shuffled_batches
 from alignkit.train.optim import adamw, lr_factor, set_lr
 from alignkit.train.run import Run
@@ -68,11 +69,13 @@ def read_margins(paths: list[str], n_pairs: int) -> list[float]:
 
 
 def pair_rewards(model, pairs, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Rewards of chosen and rejected, each (B,), from ONE forward over the 2B rows [chosen; rejected]."""
+    """Rewards of chosen and rejected, each (B,), from ONE forward over the 2B rows [chosen; rejected].
+    `model`: a `LastTokenReward` (possibly DDP-wrapped) or a sequence classifier, which is wrapped."""
     prompts = [ex.prompt_ids for ex in pairs] * 2
     completions = [ex.chosen_ids for ex in pairs] + [ex.rejected_ids for ex in pairs]
     batch = pack_completions(prompts, completions, pad_id, device)
-    rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]  # (2B,)
+    reward = model if isinstance(unwrap(model), LastTokenReward) else LastTokenReward(model)
+    rewards = reward(batch["input_ids"], batch["attention_mask"])  # (2B,)
     return rewards[:len(pairs)], rewards[len(pairs):], batch
 
 
@@ -126,7 +129,8 @@ def main(cfg: RewardConfig) -> dict:
     model = lora.load_trainable(cfg, run.checkpoint, run.device, loader=load_reward_model,
                                 pad_token_id=tokenizer.pad_token_id, task_type="SEQ_CLS")
     model.train()
-    ddp_model = DDP(model) if run.world_size > 1 else model
+    reward = LastTokenReward(model)
+    ddp_model = DDP(reward) if run.world_size > 1 else reward
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
 
     def make_epoch(epoch: int) -> list[list[int]]:

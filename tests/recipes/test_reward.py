@@ -2,6 +2,9 @@
 ignores padding, and the saved model is a plain HF sequence classifier with the same scores."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from alignkit.cli import run as cli
 from alignkit.data import load_preference
 from alignkit.models import load_tokenizer
 from alignkit.recipes.reward import evaluate, load_reward_model, pair_rewards
-from helpers import read_metrics, toy_preferences
+from helpers import read_metrics, run_cli, toy_preferences
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +81,27 @@ def test_score_ignores_padding(tiny_model, data):
     assert abs(alone[0].item() - last_token_moved[0].item()) > 1e-2  # the score does read the last token
 
 
+def test_training_reads_the_score_where_the_scorer_does_when_pad_is_eos(tiny_model, data):
+    """pad == EOS (load_tokenizer's choice for tokenizers without a pad token, e.g. Llama 3, whose turns end
+    with the EOS): HF's classifier reads the rightmost non-pad token, the one before the final EOS. Training
+    reads the last real token, as RewardModelScorer does, so PPO scores where the RM was trained."""
+    train, _ = data
+    tok = load_tokenizer(tiny_model)
+    eos = tok.eos_token_id
+    model = load_reward_model(tiny_model, pad_token_id=eos).eval()
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1)
+    ex = load_preference([str(train)], tok, 64)[0][0]
+    pair = ex.__class__(ex.prompt_ids, ex.chosen_ids + [eos], ex.rejected_ids + [eos, eos])
+    with torch.no_grad():
+        r_c, r_r, _ = pair_rewards(model, [pair], eos, "cpu")
+        read = [model.score(model.model(input_ids=torch.tensor([pair.prompt_ids + c])).last_hidden_state[0, -1]).item()
+                for c in (pair.chosen_ids, pair.rejected_ids)]
+        hf = model(input_ids=torch.tensor([pair.prompt_ids + pair.chosen_ids])).logits[0, 0].item()
+    assert [r_c.item(), r_r.item()] == pytest.approx(read, abs=1e-5)
+    assert abs(hf - read[0]) > 1e-3  # HF's pooling would have read another token
+
+
 def test_margin_column_enters_the_loss(tiny_model, assets, tmp_path):
     data = toy_preferences(assets, tmp_path / "m.jsonl", slice(0, 32), margin=3.0)
     for flag, low, high in (([], 0.6, 0.8), (["--margin"], 2.9, 3.2)):  # -log sigmoid(~0 - m)
@@ -95,3 +119,19 @@ def test_lora_reward_model_trains_adapters_and_the_head(tiny_model, data, tmp_pa
     # peft's SEQ_CLS task keeps the new scalar head trainable and saves it with the adapters
     assert any(k.endswith("score.weight") for k in adapter) and any("lora_" in k for k in adapter)
     assert all("lora_" in k or "score" in k for k in adapter)
+
+
+def test_two_process_ddp_matches_one_process(tiny_model, data, tmp_path):
+    """DDP wraps the last-token reader (`LastTokenReward`), not the HF classifier: same trajectory."""
+    train, _ = data
+    r = run_cli(*rm_args(tiny_model, train, tmp_path / "one", "--max-steps", "4", "--batch-size", "4",
+                         "--grad-accum", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "alignkit.cli", *rm_args(tiny_model, train, tmp_path / "two", "--max-steps", "4",
+                                                       "--batch-size", "4")],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = ([row["loss"] for row in read_metrics(tmp_path / run) if "loss" in row] for run in ("one", "two"))
+    assert len(a) == 4 and a == pytest.approx(b, abs=1e-5)
+    assert a[0] - min(a) > 0.01
