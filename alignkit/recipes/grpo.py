@@ -134,7 +134,9 @@ def main(cfg: GRPOConfig) -> dict:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * plan.steps_per_epoch)
     start_step = run.begin(model, tokenizer, optimizer, total_steps)
     G, ws = cfg.group_size, run.world_size
-    total_completions = total_tokens = 0
+    # Totals over the whole run, carried across --resume in the checkpoint's state.
+    total_completions, total_tokens = run.state.get("completions", 0), run.state.get("tokens", 0)
+    done_before = total_completions
     t_run = time.perf_counter()
 
     for step in range(start_step, total_steps):
@@ -238,8 +240,8 @@ def main(cfg: GRPOConfig) -> dict:
                **({"kl": kl_tot / max(1.0, n_mask)} if cfg.beta > 0 else {}),
                "completions_per_s": n / (time.perf_counter() - t_step)}
         run.log(step + 1, row, tokens=step_tokens)
-        run.end_step(step + 1)
+        run.end_step(step + 1, {"completions": total_completions, "tokens": total_tokens})
     seconds = time.perf_counter() - t_run
     return run.finish({"completions": total_completions, "tokens": total_tokens, "prompts": len(prompts),
                        "dropped_prompts": stats.dropped,
-                       "completions_per_s": total_completions / max(seconds, 1e-9)})
+                       "completions_per_s": (total_completions - done_before) / max(seconds, 1e-9)})

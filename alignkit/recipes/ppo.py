@@ -253,7 +253,8 @@ def main(cfg: PPOConfig) -> dict:
     kl_coef = run.state.get("kl_coef", cfg.kl_coef)
     N = cfg.batch_size * cfg.group_size  # completions per step on this process
     M = cfg.mini_batch_size or N
-    total_completions = total_tokens = 0
+    # Totals over the whole run, carried across --resume in the checkpoint's state.
+    total_completions, total_tokens = run.state.get("completions", 0), run.state.get("tokens", 0)
 
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
@@ -298,7 +299,7 @@ def main(cfg: PPOConfig) -> dict:
                          f"completion {tokenizer.decode(completions[i])!r})" for i in bad)
         if not run.check(run.dist.all_reduce_sum(scores.sum()).item(), step + 1, detail):
             run.log(step + 1, {"skipped_nonfinite_reward": 1.0, "lr": lr})
-            run.end_step(step + 1, {"kl_coef": kl_coef},
+            run.end_step(step + 1, {"kl_coef": kl_coef, "completions": total_completions, "tokens": total_tokens},
                          save_extra=save_value_state)
             continue
 
@@ -361,7 +362,7 @@ def main(cfg: PPOConfig) -> dict:
             kl_coef = adaptive_kl_coef(kl_coef, row["kl"], cfg.target_kl, cfg.kl_horizon, n_global)
         total_completions, total_tokens = total_completions + n_global, total_tokens + step_tokens
         run.log(step + 1, row, tokens=step_tokens)
-        run.end_step(step + 1, {"kl_coef": kl_coef},
+        run.end_step(step + 1, {"kl_coef": kl_coef, "completions": total_completions, "tokens": total_tokens},
                      save_extra=save_value_state)
 
     if run.is_main:

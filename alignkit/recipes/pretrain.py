@@ -149,5 +149,5 @@ def main(cfg: PretrainConfig) -> dict:
                            "mid_fraction": plan.mid_per_step / per_step if in_decay else 0.0},
                 tokens=per_step * cfg.max_length)
         run.end_step(step + 1)
-    return run.finish({"tokens": (total_steps - start_step) * per_step * cfg.max_length, "blocks": len(blocks),
+    return run.finish({"tokens": total_steps * per_step * cfg.max_length, "blocks": len(blocks),
                        "dropped_tail_tokens": dropped_tail + mid_tail})

@@ -64,7 +64,7 @@ def main(cfg: SFTConfig) -> dict:
     plan = StepPlan(make_epoch, cfg.grad_accum, run.world_size)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * plan.steps_per_epoch)
     start_step = run.begin(model, tokenizer, optimizer, total_steps)
-    total_tokens = 0
+    total_tokens = run.state.get("tokens", 0)  # over the whole run, carried across --resume
 
     for step in range(start_step, total_steps):
         lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
@@ -94,6 +94,6 @@ def main(cfg: SFTConfig) -> dict:
         total_tokens += step_tokens
         run.log(step + 1, {"epoch": (step + 1) / plan.steps_per_epoch, "loss": step_loss, "lr": lr,
                            "grad_norm": grad_norm.item(), "label_tokens": n_tokens}, tokens=step_tokens)
-        run.end_step(step + 1)
+        run.end_step(step + 1, {"tokens": total_tokens})
     return run.finish({"tokens": total_tokens, "examples": len(examples), "truncated": stats.truncated,
                        "dropped": stats.dropped, "skipped_batches_per_epoch": plan.skipped_per_epoch})

@@ -81,6 +81,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_model, assets, tmp_path,
     assert "resuming from" in r.stdout
     a, b = traj(ref), traj(out)
     assert len(b) == 150 and a == pytest.approx(b, abs=1e-6)
+    # The final row's totals are the whole run's, not the resumed process's share.
+    assert read_metrics(out)[-1]["tokens"] == read_metrics(ref)[-1]["tokens"] > 0
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(tiny_model, assets, tmp_path):

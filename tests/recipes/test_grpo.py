@@ -159,10 +159,11 @@ def test_reward_error_names_the_sample_or_skips_the_step(tiny_model, toy):
 
 def test_resume_reproduces_uninterrupted_run(tiny_model, toy):
     ref, out = toy / "ref", toy / "resumed"
-    cli(grpo_args(tiny_model, toy, ref, "--max-steps", "3", "--group-size", "4"))
+    whole = cli(grpo_args(tiny_model, toy, ref, "--max-steps", "3", "--group-size", "4"))
     cli(grpo_args(tiny_model, toy, out, "--max-steps", "3", "--group-size", "4", "--save-every", "2"))
     shutil.rmtree(out / "checkpoints" / "step-00000003")
-    cli(grpo_args(tiny_model, toy, out, "--max-steps", "3", "--group-size", "4", "--save-every", "2", "--resume"))
+    resumed = cli(grpo_args(tiny_model, toy, out, "--max-steps", "3", "--group-size", "4", "--save-every", "2", "--resume"))
+    assert (resumed["completions"], resumed["tokens"]) == (whole["completions"], whole["tokens"])  # whole-run totals
     a, b = steps(ref), steps(out)
     assert len(b) == 3
     for key in ("loss", "reward_mean", "completion_length", "grad_norm"):

@@ -98,7 +98,7 @@ def test_resume_reproduces_trajectory_with_value_state_and_adaptive_kl(toy, tmp_
     variant = ["--value-head"] if value == "head" else ["--value-model", str(toy["model"])]  # fresh score head
     args = ["--max-steps", "4", "--save-every", "2", "--batch-size", "4", "--group-size", "2", "--lr", "3e-3",
             "--target-kl", "10", "--kl-horizon", "40", "--ppo-epochs", "2", *variant]
-    ppo(toy, out, *args)
+    whole = ppo(toy, out, *args)
     uninterrupted, trained_values = steps(out), value_weights(out)
     if value == "head":
         assert trained_values.abs().sum() > 0  # zero-initialised, trained jointly with the policy
@@ -108,7 +108,8 @@ def test_resume_reproduces_trajectory_with_value_state_and_adaptive_kl(toy, tmp_
     assert coefs == pytest.approx([0.01 * 0.96**k for k in range(4)])
     # Lose the last checkpoint (as if killed after step 2), resume: same samples, same updates, same kl_coef.
     shutil.rmtree(out / "checkpoints" / "step-00000004")  # value state lives inside it
-    ppo(toy, out, *args, "--resume")
+    final = ppo(toy, out, *args, "--resume")
+    assert (final["completions"], final["tokens"]) == (whole["completions"], whole["tokens"])  # whole-run totals
     resumed = steps(out)
     keys = ["reward_mean", "kl", "kl_coef", "value_loss", "policy_loss", "entropy", "completion_length"]
     assert len(resumed) == 4
