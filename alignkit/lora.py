@@ -50,6 +50,19 @@ def reference(model):
     return model.disable_adapter() if is_peft(model) else nullcontext()
 
 
+def reference_model(cfg, model, resuming: bool, device):
+    """The frozen reference of the DPO family's and KTO's log-ratios: the policy itself before its first
+    update (no extra copy: its log-probs are precomputed before training), the base model with adapters
+    disabled under LoRA (`reference`), else - --ref-model, resuming full fine-tuning, or a per-batch
+    reference (--no-precompute-ref) - a frozen model loaded from disk."""
+    separate = not is_peft(model) and (resuming or not cfg.precompute_ref)
+    if not (cfg.ref_model or separate):
+        return model
+    ref = load_causal_lm(cfg.ref_model or cfg.model, cfg.dtype, cfg.trust_remote_code, device).eval()
+    prepare(ref, cfg)
+    return ref.requires_grad_(False)
+
+
 def merged(model):
     """Full weights with the adapters folded in (--merge-lora), or the model itself."""
     return model.merge_and_unload() if is_peft(model) else model

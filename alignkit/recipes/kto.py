@@ -30,7 +30,7 @@ from alignkit.config import TrainConfig
 from alignkit.data import load_unpaired
 from alignkit.logprobs import completion_logps, pack_completions
 from alignkit.losses import kto_loss
-from alignkit.models import load_causal_lm, load_tokenizer, prepare
+from alignkit.models import load_tokenizer
 from alignkit.train.batching import StepPlan, length_grouped_batches, shuffled_batches
 from alignkit.train.optim import adamw, lr_factor, set_lr
 from alignkit.train.run import Run
@@ -134,17 +134,8 @@ def main(cfg: KTOConfig) -> dict:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * plan.steps_per_epoch)
     start_step = run.begin(model, tokenizer, optimizer, total_steps)
 
-    # The reference: the policy itself before its first update (no extra copy), the base model with
-    # adapters disabled under LoRA, else (--ref-model, resuming full fine-tuning, or a per-batch
-    # reference with --no-precompute-ref) a frozen model loaded from disk.
     t_start = time.perf_counter()
-    separate = not lora.is_peft(model) and (run.checkpoint is not None or not cfg.precompute_ref)
-    if cfg.ref_model or separate:
-        ref = load_causal_lm(cfg.ref_model or cfg.model, cfg.dtype, cfg.trust_remote_code, run.device).eval()
-        prepare(ref, cfg)
-        ref.requires_grad_(False)
-    else:
-        ref = model
+    ref = lora.reference_model(cfg, model, run.checkpoint is not None, run.device)
     ref_table = None
     if cfg.precompute_ref:
         rows = set()
