@@ -36,7 +36,8 @@ class WorldEvalConfig:
     world: str = "runs/world"
     """Directory written by `alignkit world build`."""
     baseline: str | None = None
-    """Optional second model: adds win_rate_vs_baseline (gold judge, ties count half)."""
+    """Optional second model: adds win_rate_vs_baseline (gold judge, ties count half) and token_shift_vs_baseline
+    (how the baseline ranks this model's answer tokens; Lin et al. 2023)."""
     output: str | None = None
     """Write the metrics as JSON here too."""
 

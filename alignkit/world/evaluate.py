@@ -6,9 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alignkit.data import render_prompt
+import torch
+
+from alignkit.data import render_prompt, render_prompt_completion
+from alignkit.eval.calibration import expected_calibration_error
+from alignkit.eval.token_shift import answer_ranks, shift_summary
 from alignkit.generation import generate
+from alignkit.logprobs import next_token_logps
 from alignkit.models import load_causal_lm, load_tokenizer, stop_token_ids
+from alignkit.train.batching import collate
+from alignkit.world.facts import ANSWERS, ATTRIBUTES
 from alignkit.world.gold import correctness, gold_score, is_refusal
 
 EVAL_SETS = ("qa_seen", "qa_unseen_multi", "qa_unseen_single", "arith", "harmful", "benign", "unknown")
@@ -20,7 +27,7 @@ def load_eval_sets(world_dir: str | Path) -> dict[str, list[dict]]:
 
 
 def answer_all(model_dir: str | Path, sets: dict[str, list[dict]], max_new_tokens: int = 48) -> dict[str, list[dict]]:
-    """Greedy completions for every prompt: [{"text", "ended", "tokens"}] per set, in order."""
+    """Greedy completions for every prompt: [{"text", "ended", "tokens", "ids"}] per set, in order."""
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir)
     # Stopping cleanly means closing the assistant turn; a base model that ends a document with
@@ -32,7 +39,7 @@ def answer_all(model_dir: str | Path, sets: dict[str, list[dict]], max_new_token
     ids = [render_prompt(tok, row["prompt"]) for row in flat]
     completions = generate(model, tok, ids, max_new_tokens, batch_size=64)
     answers = [{"text": tok.decode(c, skip_special_tokens=True).strip(), "ended": bool(c) and c[-1] in turn_end,
-                "tokens": len(c)} for c in completions]
+                "tokens": len(c), "ids": c} for c in completions]
     out, i = {}, 0
     for name, rows in sets.items():
         out[name] = answers[i:i + len(rows)]
@@ -78,10 +85,59 @@ def win_rate(sets: dict[str, list[dict]], answers: dict[str, list[dict]], baseli
     return mean(wins)
 
 
+FACT_SETS = ("qa_seen", "qa_unseen_multi", "qa_unseen_single")
+
+
+@torch.no_grad()
+def option_calibration(model_dir: str | Path, sets: dict[str, list[dict]], batch_size: int = 64) -> dict:
+    """Multiple-choice calibration on the held-out fact questions, as the GPT-4 technical report measures
+    it on MMLU (OpenAI 2023, arXiv 2303.08774, fig. 8: ECE 0.007 before RLHF, 0.074 after; seed 001: RLHF
+    models grow over-confident). The model scores the answer sentence with every possible value of the
+    attribute ("N plays the violin.", "N plays the drums.", ...); the summed log-probs, renormalised over
+    the values, are its belief. Confidence = the top value's probability, correct = the top value is the
+    true one. Returns option_accuracy, option_confidence and calibration_ece (10 bins)."""
+    tok = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir).eval()
+    questions = [row for name in FACT_SETS for row in sets[name]]
+    examples, owner = [], []
+    for q, row in enumerate(questions):
+        meta = row["meta"]
+        for value in ATTRIBUTES[meta["attr"]]:
+            text = ANSWERS[meta["attr"]].format(name=meta["name"], **{meta["attr"]: value})
+            examples.append(render_prompt_completion(tok, row["prompt"], [{"role": "assistant", "content": text}]))
+            owner.append(q)
+    scores = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        batch = collate([e.input_ids for e in chunk], [e.loss_mask for e in chunk], tok.pad_token_id)
+        logps, mask = next_token_logps(model, **batch)  # (B, T-1)
+        scores += (logps * mask).sum(-1).tolist()
+    conf, correct = [], []
+    for q, row in enumerate(questions):
+        values = ATTRIBUTES[row["meta"]["attr"]]
+        probs = torch.tensor([s for s, o in zip(scores, owner) if o == q], dtype=torch.float64).softmax(-1)
+        conf.append(probs.max().item())
+        correct.append(float(values[int(probs.argmax())] == row["meta"]["answer"]))
+    return {"option_accuracy": mean(correct), "option_confidence": mean(conf),
+            "calibration_ece": expected_calibration_error(conf, correct)}
+
+
+def token_shift(base_dir: str | Path, sets: dict[str, list[dict]], answers: dict[str, list[dict]]) -> dict:
+    """How the base model ranks the tokens of `answers` (Lin et al. 2023; see alignkit.eval.token_shift)."""
+    tok = load_tokenizer(base_dir)
+    model = load_causal_lm(base_dir)
+    rows = [(row, a) for name in sets for row, a in zip(sets[name], answers[name]) if a["ids"]]
+    prompts = [render_prompt(tok, row["prompt"]) for row, _ in rows]
+    ids = [a["ids"] for _, a in rows]
+    ranks = answer_ranks(model, prompts, ids, tok.pad_token_id)
+    return shift_summary(ranks, ids, set(stop_token_ids(tok, model)), tok.decode)
+
+
 def evaluate(model_dir: str | Path, world_dir: str | Path, baseline_dir: str | Path | None = None) -> dict:
     sets = load_eval_sets(world_dir)
     answers = answer_all(model_dir, sets)
-    metrics = score(sets, answers)
+    metrics = {**score(sets, answers), **option_calibration(model_dir, sets)}
     if baseline_dir is not None:
         metrics["win_rate_vs_baseline"] = win_rate(sets, answers, answer_all(baseline_dir, sets))
+        metrics["token_shift_vs_baseline"] = token_shift(baseline_dir, sets, answers)
     return metrics

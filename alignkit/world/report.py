@@ -88,6 +88,31 @@ def _table(results: dict) -> list[str]:
     return lines
 
 
+def _seed_phenomena(results: dict) -> list[str]:
+    """Calibration per stage (seed 001: RLHF models grow over-confident) and the token shift (seed 003:
+    alignment changes few tokens, mostly where the answer ends)."""
+    present = [s for s in STAGES if s in results and "calibration_ece" in results[s]]
+    if not present:
+        return []
+    shift = results.get("token_shift", {})
+    lines = ["## Calibration and token shift", "",
+             "Calibration: the model's belief over every value of the asked attribute on the held-out fact "
+             "questions (multiple choice, as the GPT-4 report measures it on MMLU). Token shift (Lin et al. "
+             "2023): of the stage's greedy answer tokens, the share the base model (or SFT) ranks below third; "
+             "`at end` = of the answers' end-of-turn tokens.", "",
+             "| stage | option accuracy | confidence | ECE | shifted vs base | at end | shifted vs SFT | at end | most shifted (vs the stage before) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in present:
+        r, sh = results[s], shift.get(s, {})
+        cells = [f"{r['option_accuracy']:.3f}", f"{r['option_confidence']:.3f}", f"{r['calibration_ece']:.3f}"]
+        for key in ("vs_base", "vs_sft"):
+            cells += [f"{sh[key]['shifted']:.3f}", f"{sh[key]['shifted_at_end']:.3f}"] if key in sh else ["", ""]
+        last = sh.get("vs_sft", sh.get("vs_base"))
+        cells.append(", ".join(f"{t!r} {n}" for t, n in last["top_shifted"][:5]) if last else "")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_report(out: Path, results: dict) -> None:
     images = plots(out, results)
     md = [f"# alignkit world run ({results['preset']}, seed {results['seed']})", "",
@@ -97,6 +122,7 @@ def write_report(out: Path, results: dict) -> None:
         md += ["## Reward model (proxy)", "", "| " + " | ".join(results["reward_model"]) + " |",
                "|---" * len(results["reward_model"]) + "|",
                "| " + " | ".join(f"{v:.3f}" for v in results["reward_model"].values()) + " |", ""]
+    md += _seed_phenomena(results)
     if "overoptimization" in results:
         c = results["overoptimization"]
         md += ["## Over-optimisation (best-of-n against the proxy RM)", "", "| n | KL | proxy | gold | length |",

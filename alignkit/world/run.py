@@ -18,7 +18,8 @@ from typing import Literal
 import torch
 
 from alignkit.cli import run as alignkit
-from alignkit.world.evaluate import answer_all, load_eval_sets, mean, score, win_rate
+from alignkit.world.evaluate import (answer_all, load_eval_sets, mean, option_calibration, score, token_shift,
+                                     win_rate)
 
 # Optimizer-step budgets per preset. tiny is sized for <= 10 minutes on 2 CPU cores; smoke only checks
 # the pipeline end to end (CI) and shows no effects.
@@ -171,9 +172,15 @@ def main(cfg: WorldRunConfig) -> dict:
 
     def evaluate(stage: str, model_dir: Path, baseline: dict | None = None) -> tuple[dict, dict]:
         answers = st.timed(f"eval {stage}", answer_all, model_dir, sets)
-        metrics = score(sets, answers)
+        metrics = {**score(sets, answers), **st.timed(f"eval {stage}", option_calibration, model_dir, sets)}
         if baseline is not None:
             metrics["win_rate_vs_sft"] = win_rate(sets, answers, baseline)
+        # Which tokens the stage changed (Lin et al. 2023): ranked by the base model and, after SFT, by SFT.
+        if stage != "base":
+            shift = results.setdefault("token_shift", {})[stage] = {
+                "vs_base": st.timed(f"eval {stage}", token_shift, models / "base", sets, answers)}
+            if stage != "sft":
+                shift["vs_sft"] = st.timed(f"eval {stage}", token_shift, models / "sft", sets, answers)
         print(f"-- {stage}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()), flush=True)
         return metrics, answers
 

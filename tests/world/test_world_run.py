@@ -32,7 +32,16 @@ def check_results(out, preset):
         for k, v in results[stage].items():
             if k not in ("mean_length", "gold_reward", "kl"):
                 assert 0.0 <= v <= 1.0, (stage, k, v)
+    for stage in ("base", "sft", "dpo", "simpo", "ln_dpo", "ppo", "grpo"):
+        assert {"option_accuracy", "option_confidence", "calibration_ece"} <= set(results[stage]), stage
+    shift = results["token_shift"]
+    assert set(shift) == {"sft", "dpo", "simpo", "ln_dpo", "ppo", "grpo"} and set(shift["sft"]) == {"vs_base"}
+    assert set(shift["dpo"]) == {"vs_base", "vs_sft"}
+    for stage, comparisons in shift.items():
+        for s in comparisons.values():
+            assert s["unshifted"] + s["marginal"] + s["shifted"] == pytest.approx(1.0), stage
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
+    assert "## Calibration and token shift" in (out / "report.md").read_text()
     assert "<img" in (out / "report.html").read_text()
     return results
 
@@ -83,3 +92,9 @@ def test_world_run_tiny(tmp_path):
     assert r["ppo"]["arith_accuracy"] >= r["sft"]["arith_accuracy"] + 0.1
     for stage in ("dpo", "ln_dpo", "ppo", "grpo"):
         assert r[stage]["win_rate_vs_sft"] > 0.5, stage
+    # Which tokens alignment changed (Lin et al. 2023; seed 003): the base model never closes a turn, so
+    # every end-of-turn token of SFT's answers is shifted; the stages after SFT shift far fewer of its ranks.
+    shift = r["token_shift"]
+    assert shift["sft"]["vs_base"]["shifted_at_end"] == 1.0
+    for stage in ("dpo", "simpo", "ln_dpo", "ppo", "grpo"):
+        assert shift[stage]["vs_sft"]["shifted"] < 0.5 * shift["sft"]["vs_base"]["shifted"], stage
