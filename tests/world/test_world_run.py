@@ -52,6 +52,13 @@ def test_world_run_smoke(tmp_path):
     results = check_results(out, "smoke")
     assert len(results["overoptimization"]["kl"]) == 3  # n = 1, 2, 4
     assert all(f"alignkit {c}" in " ".join(results["commands"]) for c in ("pretrain", "sft", "reward", "dpo", "ppo", "grpo"))
+    # `alignkit world eval` on one stage's model gives the run's figures for that stage (the world as a tutorial)
+    cli(["world", "eval", "--model", str(out / "models" / "dpo"), "--world", str(out / "data"), "--baseline",
+         str(out / "models" / "sft"), "--output", str(tmp_path / "dpo.json")])
+    alone = json.loads((tmp_path / "dpo.json").read_text())
+    for k, v in results["dpo"].items():
+        assert alone["win_rate_vs_baseline" if k == "win_rate_vs_sft" else k] == pytest.approx(v, abs=1e-6), k
+    assert alone["token_shift_vs_baseline"] == results["token_shift"]["dpo"]["vs_sft"]
 
 
 @pytest.mark.slow
