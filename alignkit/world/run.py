@@ -213,7 +213,11 @@ def main(cfg: WorldRunConfig) -> dict:
     # With RPO, SimPO still collapses at 1e-4 and 3e-4 (0.32, 0.40 on seed 2). On the current world DPO
     # without RPO no longer degenerates: win rate 0.515/0.574 (seeds 0/1) against 0.546/0.607 with it,
     # but it keeps the seen facts (qa_accuracy_seen 1.00/0.98) where with it DPO hedges (0.58/0.65).
-    for loss, beta, lr in (("sigmoid", "0.1", "3e-4"), ("simpo", "2.0", "5e-5"), ("ln_dpo", "1.0", "3e-4")):
+    # LN-DPO takes Tulu 3's beta = 5 (Lambert et al. 2024): at beta = 1 it hedged about people SFT taught
+    # it (qa_accuracy_seen 0.78/0.90/0.75, seeds 0-2) and garbled the annotators' favourite padding into
+    # 17/5/46 of 238 answers ("don me know donhhhh you"); at 5: 1.00/1.00/0.95 and 3/5/7, win rate
+    # 0.546/0.555/0.534 (was 0.553/0.605/0.561).
+    for loss, beta, lr in (("sigmoid", "0.1", "3e-4"), ("simpo", "2.0", "5e-5"), ("ln_dpo", "5.0", "3e-4")):
         name = {"sigmoid": "dpo"}.get(loss, loss)
         if name not in wanted:
             continue
