@@ -99,23 +99,23 @@ def option_calibration(model_dir: str | Path, sets: dict[str, list[dict]], batch
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir).eval()
     questions = [row for name in FACT_SETS for row in sets[name]]
-    examples, owner = [], []
-    for q, row in enumerate(questions):
+    examples = []  # every question's options, consecutively
+    for row in questions:
         meta = row["meta"]
         for value in ATTRIBUTES[meta["attr"]]:
             text = ANSWERS[meta["attr"]].format(name=meta["name"], **{meta["attr"]: value})
             examples.append(render_prompt_completion(tok, row["prompt"], [{"role": "assistant", "content": text}]))
-            owner.append(q)
     scores = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         batch = collate([e.input_ids for e in chunk], [e.loss_mask for e in chunk], tok.pad_token_id)
         logps, mask = next_token_logps(model, **batch)  # (B, T-1)
         scores += (logps * mask).sum(-1).tolist()
-    conf, correct = [], []
-    for q, row in enumerate(questions):
+    conf, correct, start = [], [], 0
+    for row in questions:
         values = ATTRIBUTES[row["meta"]["attr"]]
-        probs = torch.tensor([s for s, o in zip(scores, owner) if o == q], dtype=torch.float64).softmax(-1)
+        probs = torch.tensor(scores[start:start + len(values)], dtype=torch.float64).softmax(-1)
+        start += len(values)
         conf.append(probs.max().item())
         correct.append(float(values[int(probs.argmax())] == row["meta"]["answer"]))
     return {"option_accuracy": mean(correct), "option_confidence": mean(conf),

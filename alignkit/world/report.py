@@ -108,7 +108,8 @@ def _seed_phenomena(results: dict) -> list[str]:
         for key in ("vs_base", "vs_sft"):
             cells += [f"{sh[key]['shifted']:.3f}", f"{sh[key]['shifted_at_end']:.3f}"] if key in sh else ["", ""]
         last = sh.get("vs_sft", sh.get("vs_base"))
-        cells.append(", ".join(f"{t!r} {n}" for t, n in last["top_shifted"][:5]) if last else "")
+        # tokens such as <|im_end|> carry the table's separator
+        cells.append(", ".join(f"{t!r} {n}".replace("|", "\\|") for t, n in last["top_shifted"][:5]) if last else "")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return lines + [""]
 

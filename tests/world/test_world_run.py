@@ -3,6 +3,7 @@ results.json key of the contract is there, and the report is written. (The tiny 
 measured by the slow test below and reported in the resolution note.)"""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -41,7 +42,10 @@ def check_results(out, preset):
         for s in comparisons.values():
             assert s["unshifted"] + s["marginal"] + s["shifted"] == pytest.approx(1.0), stage
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
-    assert "## Calibration and token shift" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "## Calibration and token shift" in report
+    table = report.split("## Calibration and token shift")[1].split("\n\n")[2].splitlines()
+    assert len({len(re.findall(r"(?<!\\)\|", line)) for line in table}) == 1, table  # e.g. <|im_end|> escaped
     assert "<img" in (out / "report.html").read_text()
     return results
 
