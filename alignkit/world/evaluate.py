@@ -15,7 +15,7 @@ from alignkit.generation import generate
 from alignkit.logprobs import next_token_logps
 from alignkit.models import load_causal_lm, load_tokenizer, stop_token_ids
 from alignkit.train.batching import collate
-from alignkit.world.facts import ANSWERS, ATTRIBUTES
+from alignkit.world.facts import ANSWERS, ATTRIBUTES, START, STEP
 from alignkit.world.gold import correctness, gold_score, is_refusal
 
 EVAL_SETS = ("qa_seen", "qa_unseen_multi", "qa_unseen_single", "arith", "harmful", "benign", "unknown")
@@ -86,25 +86,38 @@ def win_rate(sets: dict[str, list[dict]], answers: dict[str, list[dict]], baseli
 
 
 FACT_SETS = ("qa_seen", "qa_unseen_multi", "qa_unseen_single")
+# Every final answer a word problem can have (start - used + got).
+ARITH_ANSWERS = list(range(START[0] - STEP[1] + STEP[0], START[1] - STEP[0] + STEP[1] + 1))
+
+
+def _options(meta: dict) -> tuple[list[str], int]:
+    """The answer sentences a question can have, and the index of the true one."""
+    if meta["kind"] == "arith":
+        return [f"The answer is {n}." for n in ARITH_ANSWERS], ARITH_ANSWERS.index(int(meta["answer"]))
+    values = ATTRIBUTES[meta["attr"]]
+    return ([ANSWERS[meta["attr"]].format(name=meta["name"], **{meta["attr"]: v}) for v in values],
+            values.index(meta["answer"]))
 
 
 @torch.no_grad()
 def option_calibration(model_dir: str | Path, sets: dict[str, list[dict]], batch_size: int = 64) -> dict:
-    """Multiple-choice calibration on the held-out fact questions, as the GPT-4 technical report measures
-    it on MMLU (OpenAI 2023, arXiv 2303.08774, fig. 8: ECE 0.007 before RLHF, 0.074 after; seed 001: RLHF
-    models grow over-confident). The model scores the answer sentence with every possible value of the
-    attribute ("N plays the violin.", "N plays the drums.", ...); the summed log-probs, renormalised over
-    the values, are its belief. Confidence = the top value's probability, correct = the top value is the
-    true one. Returns option_accuracy, option_confidence and calibration_ece (10 bins)."""
+    """Multiple-choice calibration, as the GPT-4 technical report measures it on MMLU (OpenAI 2023, arXiv
+    2303.08774, fig. 8: ECE 0.007 before RLHF, 0.074 after; seed 001: SFT models are fairly calibrated,
+    RLHF models over-confident). The model scores every answer sentence a question can have ("N plays the
+    violin.", "N plays the drums.", ...; "The answer is 6." ... "The answer is 24."); the summed log-probs,
+    renormalised over the options, are its belief. Confidence = the top option's probability, correct = it
+    is the true one. Two families: the held-out fact questions (fact_*: recall of what pretraining
+    memorised) and the held-out word problems (arith_*: number triples no training text has, answered
+    without working). Returns {family}_option_accuracy, {family}_option_confidence, {family}_calibration_ece."""
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir).eval()
-    questions = [row for name in FACT_SETS for row in sets[name]]
-    examples = []  # every question's options, consecutively
-    for row in questions:
-        meta = row["meta"]
-        for value in ATTRIBUTES[meta["attr"]]:
-            text = ANSWERS[meta["attr"]].format(name=meta["name"], **{meta["attr"]: value})
-            examples.append(render_prompt_completion(tok, row["prompt"], [{"role": "assistant", "content": text}]))
+    families = {"fact": [row for name in FACT_SETS for row in sets[name]], "arith": sets["arith"]}
+    examples, truth = [], []  # every question's options, consecutively
+    for rows in families.values():
+        for row in rows:
+            texts, true_index = _options(row["meta"])
+            examples += [render_prompt_completion(tok, row["prompt"], [{"role": "assistant", "content": t}]) for t in texts]
+            truth.append((len(texts), true_index))
     scores = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
@@ -112,14 +125,18 @@ def option_calibration(model_dir: str | Path, sets: dict[str, list[dict]], batch
         logps, mask = next_token_logps(model, **batch)  # (B, T-1)
         scores += (logps * mask).sum(-1).tolist()
     conf, correct, start = [], [], 0
-    for row in questions:
-        values = ATTRIBUTES[row["meta"]["attr"]]
-        probs = torch.tensor(scores[start:start + len(values)], dtype=torch.float64).softmax(-1)
-        start += len(values)
+    for n, true_index in truth:
+        probs = torch.tensor(scores[start:start + n], dtype=torch.float64).softmax(-1)
+        start += n
         conf.append(probs.max().item())
-        correct.append(float(values[int(probs.argmax())] == row["meta"]["answer"]))
-    return {"option_accuracy": mean(correct), "option_confidence": mean(conf),
-            "calibration_ece": expected_calibration_error(conf, correct)}
+        correct.append(float(int(probs.argmax()) == true_index))
+    out, i = {}, 0
+    for family, rows in families.items():
+        c, k = conf[i:i + len(rows)], correct[i:i + len(rows)]
+        i += len(rows)
+        out |= {f"{family}_option_accuracy": mean(k), f"{family}_option_confidence": mean(c),
+                f"{family}_calibration_ece": expected_calibration_error(c, k)}
+    return out
 
 
 def token_shift(base_dir: str | Path, sets: dict[str, list[dict]], answers: dict[str, list[dict]]) -> dict:

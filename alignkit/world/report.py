@@ -91,20 +91,23 @@ def _table(results: dict) -> list[str]:
 def _seed_phenomena(results: dict) -> list[str]:
     """Calibration per stage (seed 001: RLHF models grow over-confident) and the token shift (seed 003:
     alignment changes few tokens, mostly where the answer ends)."""
-    present = [s for s in STAGES if s in results and "calibration_ece" in results[s]]
+    present = [s for s in STAGES if s in results and "fact_calibration_ece" in results[s]]
     if not present:
         return []
     shift = results.get("token_shift", {})
     lines = ["## Calibration and token shift", "",
-             "Calibration: the model's belief over every value of the asked attribute on the held-out fact "
-             "questions (multiple choice, as the GPT-4 report measures it on MMLU). Token shift (Lin et al. "
+             "Calibration: the model's belief over every possible answer (multiple choice, as the GPT-4 report "
+             "measures it on MMLU) to the held-out fact questions and, answered without working, the held-out "
+             "word problems; accuracy / confidence / ECE. Token shift (Lin et al. "
              "2023): of the stage's greedy answer tokens, the share the base model (or SFT) ranks below third; "
              "`at end` = of the answers' end-of-turn tokens.", "",
-             "| stage | option accuracy | confidence | ECE | shifted vs base | at end | shifted vs SFT | at end | most shifted (vs the stage before) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| stage | facts: acc / conf / ECE | arithmetic: acc / conf / ECE | shifted vs base | at end | shifted vs SFT "
+             "| at end | most shifted (vs the stage before) |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in present:
         r, sh = results[s], shift.get(s, {})
-        cells = [f"{r['option_accuracy']:.3f}", f"{r['option_confidence']:.3f}", f"{r['calibration_ece']:.3f}"]
+        cells = [" / ".join(f"{r[f'{family}_{k}']:.3f}" for k in ("option_accuracy", "option_confidence", "calibration_ece"))
+                 for family in ("fact", "arith")]
         for key in ("vs_base", "vs_sft"):
             cells += [f"{sh[key]['shifted']:.3f}", f"{sh[key]['shifted_at_end']:.3f}"] if key in sh else ["", ""]
         last = sh.get("vs_sft", sh.get("vs_base"))
