@@ -13,6 +13,7 @@ from alignkit.eval.calibration import expected_calibration_error
 from alignkit.eval.token_shift import answer_ranks, shift_summary
 from alignkit.generation import generate
 from alignkit.logprobs import next_token_logps
+from alignkit.losses import masked_sum
 from alignkit.models import load_causal_lm, load_tokenizer, stop_token_ids
 from alignkit.train.batching import collate
 from alignkit.world.facts import ANSWERS, ATTRIBUTES, START, STEP
@@ -123,7 +124,7 @@ def option_calibration(model_dir: str | Path, sets: dict[str, list[dict]], batch
         chunk = examples[start:start + batch_size]
         batch = collate([e.input_ids for e in chunk], [e.loss_mask for e in chunk], tok.pad_token_id)
         logps, mask = next_token_logps(model, **batch)  # (B, T-1)
-        scores += (logps * mask).sum(-1).tolist()
+        scores += masked_sum(logps, mask, -1).tolist()
     conf, correct, start = [], [], 0
     for n, true_index in truth:
         probs = torch.tensor(scores[start:start + n], dtype=torch.float64).softmax(-1)
