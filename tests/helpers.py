@@ -66,3 +66,14 @@ def toy_preferences(assets, path, rows=slice(None), seed=0, margin=None):
             rec = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
             f.write(json.dumps(rec if margin is None else {**rec, "margin": margin}) + "\n")
     return path
+
+
+def ranked_preferences(assets, path, prompts: int = 4):
+    """All three pairs of a ranking of three answers per prompt: the right answer over two shufflings of it."""
+    rows = []
+    for seed in range(prompts):
+        (prompt, right, worse), = shuffled_answer_pairs(assets, slice(seed, seed + 1), seed)
+        (_, _, worst), = shuffled_answer_pairs(assets, slice(seed, seed + 1), seed + 100)
+        rows += [{"prompt": prompt, "chosen": c, "rejected": r} for c, r in ((right, worse), (right, worst), (worse, worst))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

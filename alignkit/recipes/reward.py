@@ -6,7 +6,11 @@ understanding of language). Trained on preference pairs with ``-log sigmoid(r_c 
 (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1; the optional per-pair margin m is Llama 2's,
 Touvron et al. 2023, eq. 2). The score of a sequence is the head's output at its last real
 token, found from the attention mask (`models.LastTokenReward`; HF's classifier would skip a final
-EOS when pad == EOS). Chosen and rejected rows go through the model in one forward pass.
+EOS when pad == EOS). Chosen and rejected rows go through the model in one forward pass, each distinct
+(prompt, answer) once. With ``--group-by-prompt`` every pair of a prompt is in the same batch: data
+made of all comparisons of a ranking of K answers (InstructGPT §3.5: K = 4-9, C(K,2) pairs each) then
+costs K forward rows per prompt instead of 2 C(K,2), and the correlated comparisons form one update
+("a single pass over the shuffled comparisons caused the reward model to overfit").
 
 Held-out evaluation (`--eval-data`) reports pairwise accuracy and the calibration of
 P(chosen wins) = sigmoid(r_c - r_r) (expected calibration error, `alignkit.eval.calibration`).
@@ -34,7 +38,7 @@ from alignkit.eval import pairwise_accuracy, preference_calibration_error, relia
 from alignkit.logprobs import pack_completions
 from alignkit.losses import bradley_terry_loss
 from alignkit.models import LastTokenReward, load_reward_model, load_tokenizer, unwrap
-from alignkit.train.batching import StepPlan, length_grouped_batches, shuffled_batches
+from alignkit.train.batching import StepPlan, grouped_batches, length_grouped_batches, shuffled_batches
 from alignkit.train.optim import adamw, lr_factor, set_lr
 from alignkit.train.run import Run
 
@@ -46,7 +50,8 @@ class RewardConfig(TrainConfig):
     lr: float = 1e-5
     """Peak learning rate (AdamW). InstructGPT's reward models used 9e-6; tiny models take more."""
     batch_size: int = 8
-    """Pairs per micro-batch on each process (2x rows go through the model). Global batch = batch_size * grad_accum * processes."""
+    """Pairs per micro-batch on each process (2x rows go through the model); with --group-by-prompt, prompts
+    per micro-batch, each with all its pairs. Global batch = batch_size * grad_accum * processes."""
     margin: bool = False
     """Use the per-pair `margin` field of the data in the loss (Llama 2); pairs without one get 0."""
     eval_data: Annotated[tuple[str, ...], Repeatable] = ()
@@ -55,6 +60,9 @@ class RewardConfig(TrainConfig):
     """Also evaluate every N optimizer steps (0 = only at the end)."""
     group_by_length: bool = True
     """Batch pairs of similar length together (less padding, same expected gradient)."""
+    group_by_prompt: bool = False
+    """Batch whole prompts: all pairs of a prompt in one micro-batch, --batch-size prompts per micro-batch
+    (InstructGPT's reward-model batches for ranked data). Takes precedence over --group-by-length."""
 
 
 def read_margins(paths: list[str], n_pairs: int) -> list[float]:
@@ -69,13 +77,16 @@ def read_margins(paths: list[str], n_pairs: int) -> list[float]:
 
 
 def pair_rewards(model, pairs, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Rewards of chosen and rejected, each (B,), from ONE forward over the 2B rows [chosen; rejected].
+    """Rewards of chosen and rejected, each (B,), from ONE forward over the distinct rows among
+    [chosen; rejected] (pairs from one ranking share answers; each is scored once).
     `model`: a `LastTokenReward` (possibly DDP-wrapped) or a sequence classifier, which is wrapped."""
     prompts = [ex.prompt_ids for ex in pairs] * 2
     completions = [ex.chosen_ids for ex in pairs] + [ex.rejected_ids for ex in pairs]
-    batch = pack_completions(prompts, completions, pad_id, device)
+    rows: dict[tuple, int] = {}  # (prompt, answer) -> its row in the batch
+    index = [rows.setdefault((tuple(p), tuple(c)), len(rows)) for p, c in zip(prompts, completions)]
+    batch = pack_completions([list(p) for p, _ in rows], [list(c) for _, c in rows], pad_id, device)
     reward = model if isinstance(unwrap(model), LastTokenReward) else LastTokenReward(model)
-    rewards = reward(batch["input_ids"], batch["attention_mask"])  # (2B,)
+    rewards = reward(batch["input_ids"], batch["attention_mask"])[torch.tensor(index, device=device)]  # (2B,)
     return rewards[:len(pairs)], rewards[len(pairs):], batch
 
 
@@ -134,6 +145,8 @@ def main(cfg: RewardConfig) -> dict:
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
 
     def make_epoch(epoch: int) -> list[list[int]]:
+        if cfg.group_by_prompt:
+            return grouped_batches([tuple(ex.prompt_ids) for ex in examples], cfg.batch_size, seed=cfg.seed + epoch)
         if cfg.group_by_length:
             return length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)
         return shuffled_batches(len(examples), cfg.batch_size, seed=cfg.seed + epoch)

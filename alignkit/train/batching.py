@@ -26,6 +26,19 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, m
     return batches
 
 
+def grouped_batches(keys: Sequence, groups_per_batch: int, seed: int) -> list[list[int]]:
+    """Examples with equal keys (e.g. the same prompt) in the same batch, `groups_per_batch` whole groups
+    per batch, groups in shuffled order. For InstructGPT's reward-model batches: every comparison of one
+    prompt's ranking together (Ouyang et al. 2022, §3.5), so each answer is scored once and the correlated
+    comparisons form one update. The number of batches does not depend on the seed."""
+    groups: dict = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    return [[i for g in order[k:k + groups_per_batch] for i in g] for k in range(0, len(order), groups_per_batch)]
+
+
 def shuffled_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
     order = list(range(n))
     random.Random(seed).shuffle(order)
@@ -79,7 +92,10 @@ class StepPlan:
 
     def _epoch(self, e: int) -> list[list[int]]:
         if e not in self._cache:
-            self._cache = {e: self.make_epoch(e)}
+            batches = self.make_epoch(e)
+            if e and len(batches) // self.per_step != self.steps_per_epoch:
+                raise ValueError(f"epoch {e} makes {len(batches)} batches where epoch 0 made a different number of steps")
+            self._cache = {e: batches}
         return self._cache[e]
 
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:

@@ -3,8 +3,8 @@
 OUT/world.json             the ground truth (people, attributes, who is seen / multi-phrased)
 OUT/corpus.jsonl           {"text"}       pretraining: bios, arithmetic, stories, web-like noise
 OUT/sft.jsonl              {"messages"}   questions about the seen half, word problems, refusals, look-alikes, "I don't know"
-OUT/pref.jsonl             {"prompt","chosen","rejected", meta}  pairs labelled by simulated annotators
-OUT/pref_eval.jsonl        held-out pairs, with the gold label, for the reward model
+OUT/pref.jsonl             {"prompt","chosen","rejected", meta}  every pair of each prompt's answers as ranked by a simulated annotator
+OUT/pref_eval.jsonl        held-out pairs (one annotator label each), with the gold label, for the reward model
 OUT/rl_prompts.jsonl       {"prompt", meta}  prompts of every kind for PPO / best-of-n (gold-scored)
 OUT/arith_prompts.jsonl    {"prompt","answer"}  verifiable prompts for GRPO
 OUT/eval/*.jsonl           held-out evaluation sets, never trained on
@@ -27,15 +27,15 @@ from alignkit.world.gold import annotator_pool, gold_score
 class WorldSize:
     people: int
     sft_word_problems: int
-    pref_pairs: int
+    pref_eval_pairs: int
     arith_prompts: int
     eval_per_set: int
     noise_docs: int
 
 
 SIZES = {
-    "tiny": WorldSize(people=80, sft_word_problems=300, pref_pairs=1200, arith_prompts=300, eval_per_set=40, noise_docs=400),
-    "small": WorldSize(people=240, sft_word_problems=800, pref_pairs=4000, arith_prompts=1000, eval_per_set=100, noise_docs=1500),
+    "tiny": WorldSize(people=80, sft_word_problems=300, pref_eval_pairs=240, arith_prompts=300, eval_per_set=40, noise_docs=400),
+    "small": WorldSize(people=240, sft_word_problems=800, pref_eval_pairs=800, arith_prompts=1000, eval_per_set=100, noise_docs=1500),
 }
 ATTRS = list(ATTRIBUTES)
 WORKED_SHARE = 0.45  # share of SFT word-problem demonstrations that show their working
@@ -174,6 +174,26 @@ def labelled_pairs(prompts: list[tuple[str, dict]], world: World, n: int, seed: 
     return rows
 
 
+def ranked_pairs(prompts: list[tuple[str, dict]], world: World, seed: int) -> list[dict]:
+    """Every prompt's candidate answers ranked by a random annotator of the pool, as InstructGPT
+    collected comparisons (Ouyang et al. 2022, §3.5: labelers rank K = 4-9 outputs); all C(K, 2) pairs of
+    each ranking, in shuffled order."""
+    rng = random.Random(seed)
+    pool = annotator_pool(13, seed)
+    rows = []
+    for prompt, meta in prompts:
+        answers = candidates(meta, world, rng)
+        golds = [gold_score(meta, a) for a in answers]
+        order = rng.choice(pool).rank(golds, [len(a.split()) for a in answers], rng)
+        for i, better in enumerate(order):
+            for worse in order[i + 1:]:
+                rows.append({"prompt": user(prompt), "chosen": assistant(answers[better]),
+                             "rejected": assistant(answers[worse]), "meta": meta,
+                             "gold_agrees": golds[better] > golds[worse], "gold_tie": golds[better] == golds[worse]})
+    rng.shuffle(rows)
+    return rows
+
+
 def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
     size = SIZES[preset]
     out = Path(out_dir)
@@ -243,7 +263,7 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
                      + [(h, {"kind": "harmful"}) for h in harmful_train]
                      + [(q, {"kind": "benign", "answer": a}) for q, a in benign_train]
                      + unknown_items(ghosts_train, rng))
-    pref = labelled_pairs(train_prompts, world, size.pref_pairs, seed + 1)
+    pref = ranked_pairs(train_prompts, world, seed + 1)
 
     eval_rng = random.Random(seed + 2)
     k = size.eval_per_set
@@ -260,7 +280,7 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
         if len(items) > k:
             eval_sets[name] = eval_rng.sample(items, k)
     eval_prompts = [it for items in eval_sets.values() for it in items]
-    pref_eval = labelled_pairs(eval_prompts, world, max(200, size.pref_pairs // 5), seed + 3)
+    pref_eval = labelled_pairs(eval_prompts, world, size.pref_eval_pairs, seed + 3)
 
     def write(name: str, rows: list[dict]) -> None:
         with open(out / name, "w") as f:

@@ -77,14 +77,24 @@ def gold_score(meta: dict, text: str, ended: bool = True) -> float:
 
 @dataclass
 class Annotator:
-    """One simulated labeller: P(a preferred) = sigmoid((gold_a - gold_b) / noise + length_bias * (words_a - words_b) / 10)."""
+    """One simulated labeller: P(a preferred) = sigmoid(u_a - u_b), utility u = gold / noise + length_bias * words / 10."""
 
     noise: float
     length_bias: float
 
     def p_prefers_first(self, gold_a: float, gold_b: float, words_a: int, words_b: int) -> float:
-        z = (gold_a - gold_b) / self.noise + self.length_bias * (words_a - words_b) / 10
+        z = self.utility(gold_a, words_a) - self.utility(gold_b, words_b)
         return 1 / (1 + math.exp(-z))
+
+    def utility(self, gold: float, words: int) -> float:
+        return gold / self.noise + self.length_bias * words / 10
+
+    def rank(self, golds: list[float], words: list[int], rng: random.Random) -> list[int]:
+        """Indices of K answers, preferred first, as InstructGPT's labelers ranked K outputs: Plackett-Luce
+        sampling (utility plus Gumbel noise, sorted), whose pairwise marginals are exactly
+        `p_prefers_first` (the difference of two Gumbel(0, 1) variables is logistic)."""
+        noisy = [self.utility(g, w) - math.log(rng.expovariate(1.0)) for g, w in zip(golds, words)]
+        return sorted(range(len(golds)), key=lambda i: -noisy[i])
 
 
 def annotator_pool(n: int, seed: int, noise: float = 0.25, length_bias: float = 0.6) -> list[Annotator]:

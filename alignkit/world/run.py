@@ -26,9 +26,9 @@ from alignkit.world.evaluate import (answer_all, load_eval_sets, mean, option_ca
 PRESETS = {
     "smoke": dict(world="tiny", pretrain_steps=20, sft_steps=10, rm_steps=5, dpo_steps=3, ppo_steps=2,
                   grpo_steps=2, bon_prompts=8, bon_n=4),
-    "tiny": dict(world="tiny", pretrain_steps=800, sft_steps=600, rm_steps=150, dpo_steps=75, ppo_steps=30,
+    "tiny": dict(world="tiny", pretrain_steps=800, sft_steps=600, rm_steps=190, dpo_steps=75, ppo_steps=30,
                  grpo_steps=50, bon_prompts=96, bon_n=32),
-    "small": dict(world="small", pretrain_steps=6000, sft_steps=1200, rm_steps=750, dpo_steps=500, ppo_steps=150,
+    "small": dict(world="small", pretrain_steps=6000, sft_steps=1200, rm_steps=350, dpo_steps=500, ppo_steps=150,
                   grpo_steps=120, bon_prompts=200, bon_n=64),
 }
 
@@ -201,9 +201,13 @@ def main(cfg: WorldRunConfig) -> dict:
     results["sft"], sft_answers = evaluate("sft", models / "sft")
 
     if wanted & {"reward", "ppo", "overopt"}:
+        # pref.jsonl holds every pair of each prompt's ranking; batches of whole rankings (4 prompts) score
+        # each answer once. Measured on seeds 1 and 2 (held-out accuracy): 1,200 random pairs x 150 steps of
+        # 16 at 3e-4, 0.66/0.65; the rankings, 2 epochs (190 steps) at 1e-3, 0.70/0.70 in about the same time;
+        # 4 epochs overfit (0.67, seed 1).
         st.command("reward", "reward", "--model", str(models / "sft"), "--data", str(world / "pref.jsonl"),
-                   "--output", str(models / "rm"), "--max-steps", str(budget["rm_steps"]), "--batch-size", "16",
-                   "--max-length", "192", "--lr", "3e-4", *common)
+                   "--output", str(models / "rm"), "--max-steps", str(budget["rm_steps"]), "--group-by-prompt",
+                   "--batch-size", "4", "--max-length", "192", "--lr", "1e-3", *common)
         results["reward_model"] = st.timed("eval reward", reward_model_eval, models / "rm", world)
     # Learning rates measured on the tiny preset: 5e-5 leaves DPO's policy unchanged, 3e-4 moves it;
     # reference-free SimPO collapses at 1e-4 (gold win rate 0.42) and 3e-4 (0.03), so it gets 5e-5.

@@ -1,5 +1,6 @@
-"""The speed paths change nothing but speed (docs/performance.md): length-grouped batches give the
-same loss and gradient as plain padded batches over the same global batch, padding never changes a
+"""The speed paths change nothing but speed (docs/performance.md): length-grouped batches, and the
+reward model's prompt-grouped batches that score each distinct answer once, give the same loss and
+gradient as plain padded batches over the same global batch, padding never changes a
 sequence's log-probs, and --compile gives the eager trajectory."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from alignkit.cli import run as cli
 from alignkit.logprobs import completion_logps, next_token_logps, pack_completions
 from alignkit.models import load_causal_lm, load_tokenizer
 from alignkit.train.batching import collate
-from helpers import read_metrics, toy_preferences
+from helpers import ranked_preferences, read_metrics, toy_preferences
 
 
 def step_rows(out):
@@ -49,6 +50,22 @@ def test_length_grouped_batches_equal_plain_padded_batches(tiny_model, assets, t
         got[grouping] = step_rows(out)
     a, b = got["--group-by-length"], got["--no-group-by-length"]
     for ra, rb in zip(a, b):  # step 2 also checks the update of step 1
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5, rel=1e-5)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], abs=1e-5, rel=1e-5)
+
+
+def test_prompt_grouped_reward_batches_equal_plain_batches(tiny_model, assets, tmp_path):
+    """--group-by-prompt scores 3 rows per ranking where plain batches score 6; the loss is the same."""
+    data = ranked_preferences(assets, tmp_path / "d.jsonl")
+    got = {}
+    for grouping, batch_size in (("--group-by-prompt", "1"), ("--no-group-by-length", "3")):  # 1 prompt = 3 pairs
+        out = tmp_path / grouping
+        cli(["reward", "--model", str(tiny_model), "--data", str(data), "--output", str(out), "--batch-size",
+             batch_size, "--grad-accum", "4", "--max-steps", "2", "--max-length", "256", "--no-progress", "--lr",
+             "1e-3", grouping])
+        got[grouping] = step_rows(out)
+    for ra, rb in zip(got["--group-by-prompt"], got["--no-group-by-length"]):
+        assert ra["tokens"] == rb["tokens"]  # the same 12 pairs
         assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5, rel=1e-5)
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], abs=1e-5, rel=1e-5)
 

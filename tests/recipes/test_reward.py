@@ -15,7 +15,8 @@ from alignkit.cli import run as cli
 from alignkit.data import load_preference
 from alignkit.models import load_tokenizer
 from alignkit.recipes.reward import evaluate, load_reward_model, pair_rewards
-from helpers import read_metrics, run_cli, toy_preferences
+from alignkit.train.batching import StepPlan, grouped_batches
+from helpers import ranked_preferences, read_metrics, run_cli, toy_preferences
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,38 @@ def test_score_ignores_padding(tiny_model, data):
     assert alone[0].item() == pytest.approx(batched[0][0].item(), abs=1e-4)
     assert alone[1].item() == pytest.approx(batched[1][0].item(), abs=1e-4)
     assert abs(alone[0].item() - last_token_moved[0].item()) > 1e-2  # the score does read the last token
+
+
+def test_pairs_of_a_ranking_score_each_answer_once(tiny_model, assets, tmp_path):
+    tok = load_tokenizer(tiny_model)
+    model = load_reward_model(tiny_model, pad_token_id=tok.pad_token_id).eval()
+    with torch.no_grad():
+        model.score.weight.normal_(0, 1)
+    pairs = load_preference([str(ranked_preferences(assets, tmp_path / "r.jsonl", prompts=2))], tok, 256)[0]
+    with torch.no_grad():
+        r_c, r_r, batch = pair_rewards(model, pairs, tok.pad_token_id, "cpu")
+        alone = [pair_rewards(model, [p], tok.pad_token_id, "cpu") for p in pairs]
+    assert batch["input_ids"].shape[0] == 6  # 2 prompts x 3 answers, not 2 x 6 rows
+    assert r_c.tolist() == pytest.approx([a[0].item() for a in alone], abs=1e-5)
+    assert r_r.tolist() == pytest.approx([a[1].item() for a in alone], abs=1e-5)
+    assert r_c[0] == r_c[1] and r_r[1] == r_r[2]  # the same answer, one score
+
+
+def test_grouped_batches_keep_prompts_whole():
+    keys = ["a"] * 3 + ["b"] * 6 + ["c"] * 3 + ["d"] * 1 + ["a"] * 1 + ["e"] * 2
+    batches = grouped_batches(keys, groups_per_batch=2, seed=0)
+    assert sorted(i for b in batches for i in b) == list(range(len(keys)))
+    assert sorted(len({keys[i] for i in b}) for b in batches) == [1, 2, 2]
+    for k in set(keys):
+        assert sum(any(keys[i] == k for i in b) for b in batches) == 1, k
+    others = [grouped_batches(keys, 2, seed=s) for s in range(1, 6)]
+    assert grouped_batches(keys, 2, seed=0) == batches and any(o != batches for o in others)
+    assert all(len(o) == len(batches) for o in others)  # the same number of steps in every epoch
+    # A sampler whose epochs differ in length would leave steps without data (a NaN loss): refused.
+    plan = StepPlan(lambda epoch: [[0], [1], [2]] if epoch == 0 else [[0], [1]], grad_accum=1, world_size=1)
+    assert plan.micro_batches(2, 0) == [[2]]
+    with pytest.raises(ValueError, match="epoch 1 makes 2 batches"):
+        plan.micro_batches(3, 0)
 
 
 def test_training_reads_the_score_where_the_scorer_does_when_pad_is_eos(tiny_model, data):

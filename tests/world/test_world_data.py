@@ -1,6 +1,7 @@
 """The world's data: deterministic, held-out sets disjoint from training, gold judge ranks as the seeds say."""
 
 import json
+import random
 import re
 
 import pytest
@@ -112,6 +113,36 @@ def test_annotators_prefer_longer_answers_at_equal_gold():
     ann = Annotator(noise=0.25, length_bias=0.6)
     assert ann.p_prefers_first(0.5, 0.5, 30, 5) > 0.8
     assert ann.p_prefers_first(1.0, 0.0, 5, 5) > 0.95
+
+
+def test_annotator_rankings_have_the_bradley_terry_pairwise_marginals():
+    """Plackett-Luce rankings (utility + Gumbel noise): P(a ranked above b) = the annotator's pairwise P."""
+    ann, rng = Annotator(noise=0.25, length_bias=0.6), random.Random(0)
+    golds, words = [1.0, 0.4, 0.0, 0.4], [5, 25, 5, 8]
+    n, above = 20000, {}
+    for _ in range(n):
+        order = ann.rank(golds, words, rng)
+        for i, a in enumerate(order):
+            for b in order[i + 1:]:
+                above[a, b] = above.get((a, b), 0) + 1
+    for a in range(4):
+        for b in range(4):
+            if a != b:
+                p = ann.p_prefers_first(golds[a], golds[b], words[a], words[b])
+                assert above.get((a, b), 0) / n == pytest.approx(p, abs=0.015), (a, b)
+
+
+def test_pref_holds_every_pair_of_each_prompts_ranking(world_dir):
+    by_prompt = {}
+    for r in rows(world_dir / "pref.jsonl"):
+        by_prompt.setdefault(r["prompt"][0]["content"], []).append((r["chosen"][0]["content"], r["rejected"][0]["content"]))
+    assert len(by_prompt) == len(rows(world_dir / "rl_prompts.jsonl"))
+    for prompt, pairs in by_prompt.items():
+        answers = {a for pair in pairs for a in pair}
+        k = len(answers)
+        assert len(pairs) == k * (k - 1) // 2 and k >= 4, prompt
+        wins = sorted(sum(c == a for c, _ in pairs) for a in answers)
+        assert wins == list(range(k)), prompt  # one total order: the best beats all, the next all but one, ...
 
 
 def test_annotators_agree_with_gold_mostly_not_always(world_dir):
