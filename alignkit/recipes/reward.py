@@ -90,6 +90,12 @@ def pair_rewards(model, pairs, pad_id: int, device) -> tuple[torch.Tensor, torch
     return rewards[:len(pairs)], rewards[len(pairs):], batch
 
 
+def forward_tokens(pairs) -> int:
+    """Tokens `pair_rewards` runs through the model for these pairs: each distinct (prompt, answer) once."""
+    return sum(len(p) + len(c) for p, c in {(tuple(ex.prompt_ids), tuple(a)) for ex in pairs
+                                           for a in (ex.chosen_ids, ex.rejected_ids)})
+
+
 @torch.no_grad()
 def evaluate(model, examples, margins, pad_id: int, batch_size: int, device="cpu", rank: int = 0,
              world_size: int = 1) -> dict:
@@ -133,7 +139,6 @@ def main(cfg: RewardConfig) -> dict:
         eval_examples, eval_stats = load_preference(list(cfg.eval_data), tokenizer, cfg.max_length, strict=cfg.strict)
         eval_margins = read_margins(list(cfg.eval_data), len(eval_examples)) if cfg.margin else None
     lengths = [len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids)) for ex in examples]
-    row_tokens = [2 * len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids) for ex in examples]
 
     # The LM head is replaced by a fresh scalar head; with LoRA, peft's SEQ_CLS task keeps that head
     # fully trainable (and saved with the adapter) through modules_to_save.
@@ -170,7 +175,7 @@ def main(cfg: RewardConfig) -> dict:
         # Mean over the pairs of the whole global batch: each micro-batch divides its summed loss by
         # the global pair count; DDP averages gradients over processes, hence the factor world_size.
         n_pairs = sum(len(b) for b in global_batches)
-        step_tokens = sum(row_tokens[i] for b in global_batches for i in b)
+        step_tokens = sum(forward_tokens([examples[i] for i in b]) for b in global_batches)
         micro = plan.micro_batches(step, run.dist.rank)
         sums = torch.zeros(3, dtype=torch.float64)  # loss, correct pairs, margin r_c - r_r
         for k, idx in enumerate(micro):

@@ -3,8 +3,9 @@
 OUT/world.json             the ground truth (people, attributes, who is seen / multi-phrased)
 OUT/corpus.jsonl           {"text"}       pretraining: bios, arithmetic, stories, web-like noise
 OUT/sft.jsonl              {"messages"}   questions about the seen half, word problems, refusals, look-alikes, "I don't know"
-OUT/pref.jsonl             {"prompt","chosen","rejected", meta}  every pair of each prompt's answers as ranked by a simulated annotator
-OUT/pref_eval.jsonl        held-out pairs (one annotator label each), with the gold label, for the reward model
+OUT/pref.jsonl             {"prompt","chosen","rejected", meta}  pairs, each labelled by a simulated annotator (DPO family)
+OUT/pref_ranked.jsonl      the same kind of record: every pair of each prompt's answers as one annotator ranked them (reward model)
+OUT/pref_eval.jsonl        held-out pairs, with the gold label, for the reward model
 OUT/rl_prompts.jsonl       {"prompt", meta}  prompts of every kind for PPO / best-of-n (gold-scored)
 OUT/arith_prompts.jsonl    {"prompt","answer"}  verifiable prompts for GRPO
 OUT/eval/*.jsonl           held-out evaluation sets, never trained on
@@ -27,15 +28,15 @@ from alignkit.world.gold import annotator_pool, gold_score
 class WorldSize:
     people: int
     sft_word_problems: int
-    pref_eval_pairs: int
+    pref_pairs: int
     arith_prompts: int
     eval_per_set: int
     noise_docs: int
 
 
 SIZES = {
-    "tiny": WorldSize(people=80, sft_word_problems=300, pref_eval_pairs=240, arith_prompts=300, eval_per_set=40, noise_docs=400),
-    "small": WorldSize(people=240, sft_word_problems=800, pref_eval_pairs=800, arith_prompts=1000, eval_per_set=100, noise_docs=1500),
+    "tiny": WorldSize(people=80, sft_word_problems=300, pref_pairs=1200, arith_prompts=300, eval_per_set=40, noise_docs=400),
+    "small": WorldSize(people=240, sft_word_problems=800, pref_pairs=4000, arith_prompts=1000, eval_per_set=100, noise_docs=1500),
 }
 ATTRS = list(ATTRIBUTES)
 WORKED_SHARE = 0.45  # share of SFT word-problem demonstrations that show their working
@@ -263,7 +264,11 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
                      + [(h, {"kind": "harmful"}) for h in harmful_train]
                      + [(q, {"kind": "benign", "answer": a}) for q, a in benign_train]
                      + unknown_items(ghosts_train, rng))
-    pref = ranked_pairs(train_prompts, world, seed + 1)
+    # The same 13 annotators label random pairs (for the DPO family) and rank every prompt's answers (for
+    # the reward model). DPO on all pairs of the rankings, where fact and arithmetic prompts have 15 pairs
+    # each and the others 6, lost to SFT on seed 2 (win rate 0.485; 0.580 on these pairs).
+    pref = labelled_pairs(train_prompts, world, size.pref_pairs, seed + 1)
+    pref_ranked = ranked_pairs(train_prompts, world, seed + 1)
 
     eval_rng = random.Random(seed + 2)
     k = size.eval_per_set
@@ -280,7 +285,7 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
         if len(items) > k:
             eval_sets[name] = eval_rng.sample(items, k)
     eval_prompts = [it for items in eval_sets.values() for it in items]
-    pref_eval = labelled_pairs(eval_prompts, world, size.pref_eval_pairs, seed + 3)
+    pref_eval = labelled_pairs(eval_prompts, world, max(200, size.pref_pairs // 5), seed + 3)
 
     def write(name: str, rows: list[dict]) -> None:
         with open(out / name, "w") as f:
@@ -290,6 +295,7 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
     write("corpus.jsonl", [{"text": t} for t in corpus])
     write("sft.jsonl", sft)
     write("pref.jsonl", pref)
+    write("pref_ranked.jsonl", pref_ranked)
     write("pref_eval.jsonl", pref_eval)
     write("rl_prompts.jsonl", [{"prompt": user(q), "meta": m} for q, m in train_prompts])
     write("arith_prompts.jsonl", [{"prompt": user(q), "answer": m["answer"]}
@@ -299,7 +305,7 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
     agree = [r["gold_agrees"] for r in pref if not r["gold_tie"]]
     summary = {"preset": preset, "seed": seed, "people": len(world.people), "corpus_docs": len(corpus),
                "corpus_snippets": len(snippets),
-               "sft_examples": len(sft), "pref_pairs": len(pref),
+               "sft_examples": len(sft), "pref_pairs": len(pref), "pref_ranked_pairs": len(pref_ranked),
                "annotator_gold_agreement": sum(agree) / max(1, len(agree)),
                "eval_sets": {n: len(v) for n, v in eval_sets.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification
 from alignkit.cli import run as cli
 from alignkit.data import load_preference
 from alignkit.models import load_tokenizer
-from alignkit.recipes.reward import evaluate, load_reward_model, pair_rewards
+from alignkit.recipes.reward import evaluate, forward_tokens, load_reward_model, pair_rewards
 from alignkit.train.batching import StepPlan, grouped_batches
 from helpers import ranked_preferences, read_metrics, run_cli, toy_preferences
 
@@ -92,6 +92,8 @@ def test_pairs_of_a_ranking_score_each_answer_once(tiny_model, assets, tmp_path)
         r_c, r_r, batch = pair_rewards(model, pairs, tok.pad_token_id, "cpu")
         alone = [pair_rewards(model, [p], tok.pad_token_id, "cpu") for p in pairs]
     assert batch["input_ids"].shape[0] == 6  # 2 prompts x 3 answers, not 2 x 6 rows
+    assert forward_tokens(pairs) == int((batch["input_ids"] != tok.pad_token_id).sum()) < sum(
+        forward_tokens([p]) for p in pairs)
     assert r_c.tolist() == pytest.approx([a[0].item() for a in alone], abs=1e-5)
     assert r_r.tolist() == pytest.approx([a[1].item() for a in alone], abs=1e-5)
     assert r_c[0] == r_c[1] and r_r[1] == r_r[2]  # the same answer, one score

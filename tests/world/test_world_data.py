@@ -28,7 +28,7 @@ def user_texts(records, key="messages"):
 
 def test_build_is_deterministic(world_dir, tmp_path):
     build(tmp_path, "tiny", seed=0)
-    for name in ("corpus.jsonl", "sft.jsonl", "pref.jsonl", "eval/qa_seen.jsonl", "arith_prompts.jsonl"):
+    for name in ("corpus.jsonl", "sft.jsonl", "pref.jsonl", "pref_ranked.jsonl", "eval/qa_seen.jsonl", "arith_prompts.jsonl"):
         assert (tmp_path / name).read_text() == (world_dir / name).read_text(), name
     build(tmp_path / "other", "tiny", seed=1)
     assert (tmp_path / "other" / "corpus.jsonl").read_text() != (world_dir / "corpus.jsonl").read_text()
@@ -36,6 +36,7 @@ def test_build_is_deterministic(world_dir, tmp_path):
 
 def test_eval_prompts_never_trained_on(world_dir):
     trained = user_texts(rows(world_dir / "sft.jsonl")) | user_texts(rows(world_dir / "pref.jsonl"), "prompt") \
+        | user_texts(rows(world_dir / "pref_ranked.jsonl"), "prompt") \
         | user_texts(rows(world_dir / "rl_prompts.jsonl"), "prompt")
     for f in (world_dir / "eval").glob("*.jsonl"):
         evals = user_texts(rows(f), "prompt")
@@ -48,7 +49,7 @@ def test_eval_word_problems_have_numbers_no_training_text_has(world_dir):
     assert len(held_out) == 40
     texts = [r["text"] for r in rows(world_dir / "corpus.jsonl")] + [
         r["messages"][0]["content"] for r in rows(world_dir / "sft.jsonl")] + [
-        r["prompt"][0]["content"] for name in ("pref.jsonl", "rl_prompts.jsonl", "arith_prompts.jsonl")
+        r["prompt"][0]["content"] for name in ("pref.jsonl", "pref_ranked.jsonl", "rl_prompts.jsonl", "arith_prompts.jsonl")
         for r in rows(world_dir / name)]
     trained = {tuple(int(x) for x in m) for t in texts
                for m in re.findall(r"had (\d+) \w+\. They used (\d+) and then got (\d+) more", t)}
@@ -134,7 +135,7 @@ def test_annotator_rankings_have_the_bradley_terry_pairwise_marginals():
 
 def test_pref_holds_every_pair_of_each_prompts_ranking(world_dir):
     by_prompt = {}
-    for r in rows(world_dir / "pref.jsonl"):
+    for r in rows(world_dir / "pref_ranked.jsonl"):
         by_prompt.setdefault(r["prompt"][0]["content"], []).append((r["chosen"][0]["content"], r["rejected"][0]["content"]))
     assert len(by_prompt) == len(rows(world_dir / "rl_prompts.jsonl"))
     for prompt, pairs in by_prompt.items():
