@@ -69,11 +69,12 @@ def toy_preferences(assets, path, rows=slice(None), seed=0, margin=None):
 
 
 def ranked_preferences(assets, path, prompts: int = 4):
-    """All three pairs of a ranking of three answers per prompt: the right answer over two shufflings of it."""
+    """All three pairs of a ranking of three answers per prompt: the right answer, then its words
+    shuffled, then its first two words."""
     rows = []
     for seed in range(prompts):
         (prompt, right, worse), = shuffled_answer_pairs(assets, slice(seed, seed + 1), seed)
-        (_, _, worst), = shuffled_answer_pairs(assets, slice(seed, seed + 1), seed + 100)
+        worst = [{"role": "assistant", "content": " ".join(right[0]["content"].split()[:2])}]
         rows += [{"prompt": prompt, "chosen": c, "rejected": r} for c, r in ((right, worse), (right, worst), (worse, worst))]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -156,17 +156,23 @@ def test_lora_reward_model_trains_adapters_and_the_head(tiny_model, data, tmp_pa
     assert all("lora_" in k or "score" in k for k in adapter)
 
 
-def test_two_process_ddp_matches_one_process(tiny_model, data, tmp_path):
-    """DDP wraps the last-token reader (`LastTokenReward`), not the HF classifier: same trajectory."""
-    train, _ = data
-    r = run_cli(*rm_args(tiny_model, train, tmp_path / "one", "--max-steps", "4", "--batch-size", "4",
-                         "--grad-accum", "2"))
+@pytest.mark.parametrize("grouping", ["pairs", "rankings"])
+def test_two_process_ddp_matches_one_process(tiny_model, data, assets, tmp_path, grouping):
+    """DDP wraps the last-token reader (`LastTokenReward`), not the HF classifier: same trajectory. Also
+    with whole rankings per micro-batch (--group-by-prompt), whose pair counts differ between ranks."""
+    if grouping == "pairs":
+        train, flags = data[0], ["--batch-size", "4"]
+    else:  # rankings of 3 answers, and a prompt whose ranking has only 2 of its pairs
+        train = ranked_preferences(assets, tmp_path / "ranked.jsonl", prompts=8)
+        train.write_text("".join(train.read_text().splitlines(keepends=True)[:-1]))
+        flags = ["--batch-size", "1", "--group-by-prompt"]
+    r = run_cli(*rm_args(tiny_model, train, tmp_path / "one", "--max-steps", "4", *flags, "--grad-accum", "2"))
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "alignkit.cli", *rm_args(tiny_model, train, tmp_path / "two", "--max-steps", "4",
-                                                       "--batch-size", "4")],
+                                                       *flags)],
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = ([row["loss"] for row in read_metrics(tmp_path / run) if "loss" in row] for run in ("one", "two"))
     assert len(a) == 4 and a == pytest.approx(b, abs=1e-5)
-    assert a[0] - min(a) > 0.01
+    assert a[0] - min(a) > 0.05
