@@ -55,7 +55,7 @@ def test_length_grouped_batches_equal_plain_padded_batches(tiny_model, assets, t
 
 
 def test_prompt_grouped_reward_batches_equal_plain_batches(tiny_model, assets, tmp_path):
-    """--group-by-prompt scores 3 rows per ranking where plain batches score 6; the loss is the same."""
+    """--group-by-prompt scores 3 rows per ranking where batches of pairs score up to 6; the loss is the same."""
     data = ranked_preferences(assets, tmp_path / "d.jsonl")
     got = {}
     for grouping, batch_size in (("--group-by-prompt", "1"), ("--no-group-by-length", "3")):  # 1 prompt = 3 pairs
