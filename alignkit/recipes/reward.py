@@ -76,14 +76,20 @@ def read_margins(paths: list[str], n_pairs: int) -> list[float]:
     return margins
 
 
+def distinct_rows(pairs) -> tuple[list[tuple], list[int]]:
+    """The distinct (prompt, answer) rows among [chosens; rejecteds] of `pairs`, and the row of each of
+    those 2B answers."""
+    answers = [(ex.prompt_ids, ex.chosen_ids) for ex in pairs] + [(ex.prompt_ids, ex.rejected_ids) for ex in pairs]
+    rows: dict[tuple, int] = {}  # (prompt, answer) -> its row
+    index = [rows.setdefault((tuple(p), tuple(a)), len(rows)) for p, a in answers]
+    return list(rows), index
+
+
 def pair_rewards(model, pairs, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Rewards of chosen and rejected, each (B,), from ONE forward over the distinct rows among
     [chosen; rejected] (pairs from one ranking share answers; each is scored once).
     `model`: a `LastTokenReward` (possibly DDP-wrapped) or a sequence classifier, which is wrapped."""
-    prompts = [ex.prompt_ids for ex in pairs] * 2
-    completions = [ex.chosen_ids for ex in pairs] + [ex.rejected_ids for ex in pairs]
-    rows: dict[tuple, int] = {}  # (prompt, answer) -> its row in the batch
-    index = [rows.setdefault((tuple(p), tuple(c)), len(rows)) for p, c in zip(prompts, completions)]
+    rows, index = distinct_rows(pairs)
     batch = pack_completions([list(p) for p, _ in rows], [list(c) for _, c in rows], pad_id, device)
     reward = model if isinstance(unwrap(model), LastTokenReward) else LastTokenReward(model)
     rewards = reward(batch["input_ids"], batch["attention_mask"])[torch.tensor(index, device=device)]  # (2B,)
@@ -92,8 +98,7 @@ def pair_rewards(model, pairs, pad_id: int, device) -> tuple[torch.Tensor, torch
 
 def forward_tokens(pairs) -> int:
     """Tokens `pair_rewards` runs through the model for these pairs: each distinct (prompt, answer) once."""
-    return sum(len(p) + len(c) for p, c in {(tuple(ex.prompt_ids), tuple(a)) for ex in pairs
-                                           for a in (ex.chosen_ids, ex.rejected_ids)})
+    return sum(len(p) + len(c) for p, c in distinct_rows(pairs)[0])
 
 
 @torch.no_grad()
