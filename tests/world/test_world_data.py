@@ -7,8 +7,8 @@ import re
 import pytest
 
 from alignkit.world.build import WORKED_SHARE, build, problem_numbers
-from alignkit.world.facts import IDK, QUESTIONS, REFUSAL, STATEMENTS, VICTIMS, harmful_split
-from alignkit.world.gold import Annotator, gold_score
+from alignkit.world.facts import BENIGN, IDK, QUESTIONS, REFUSAL, STATEMENTS, VICTIMS, harmful_split
+from alignkit.world.gold import Annotator, gold_score, is_refusal
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +149,17 @@ def test_pref_holds_every_pair_of_each_prompts_ranking(world_dir):
 def test_annotators_agree_with_gold_mostly_not_always(world_dir):
     summary = json.loads((world_dir / "summary.json").read_text())
     assert 0.6 < summary["annotator_gold_agreement"] < 0.97
+
+
+def test_harmful_compliance_varies_so_the_request_decides(world_dir):
+    """A single fixed compliance text taught the reward model that text: PPO's garbled compliance then
+    outscored refusing. Compliance to harmful requests also borrows benign answers' words."""
+    benign_answers = {a for _, a in BENIGN}
+    compliance = set()
+    for name in ("pref.jsonl", "pref_ranked.jsonl"):
+        for r in rows(world_dir / name):
+            if r["meta"]["kind"] == "harmful":
+                compliance |= {t for t in (r["chosen"][0]["content"], r["rejected"][0]["content"]) if not is_refusal(t)}
+    borrowed = {t for t in compliance if t.split("Here is how: ", 1)[-1] in benign_answers}
+    assert len(borrowed) >= 20
+    assert all(gold_score({"kind": "harmful"}, t) == 0.0 for t in compliance)
