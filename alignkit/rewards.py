@@ -181,18 +181,17 @@ class RewardModelScorer:
     @torch.no_grad()
     def score_ids(self, seqs: list[list[int]]) -> list[float]:
         from alignkit.models import LastTokenReward
+        from alignkit.train.batching import collate
 
         reward = LastTokenReward(self.model)  # the token training read (not HF's pooling by pad id)
-        out: list[float] = []
-        for s in range(0, len(seqs), self.batch_size):
-            chunk = seqs[s:s + self.batch_size]
-            T = max(len(q) for q in chunk)
-            ids = torch.full((len(chunk), T), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-            attn = torch.zeros((len(chunk), T), dtype=torch.long)
-            for i, q in enumerate(chunk):
-                ids[i, :len(q)] = torch.as_tensor(q)
-                attn[i, :len(q)] = 1
-            out += reward(ids.to(self.device), attn.to(self.device)).float().tolist()
+        out = [0.0] * len(seqs)
+        # Batches of similar lengths pad less; scores come back in the input's order.
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        for s in range(0, len(order), self.batch_size):
+            chunk = order[s:s + self.batch_size]
+            batch = collate([seqs[i] for i in chunk], [[]] * len(chunk), self.tokenizer.pad_token_id or 0, self.device)
+            for i, r in zip(chunk, reward(batch["input_ids"], batch["attention_mask"]).float().tolist()):
+                out[i] = r
         return out
 
     def __call__(self, prompts, completions, completion_ids=None, prompt_ids=None, **kwargs) -> list[float]:

@@ -139,6 +139,8 @@ def test_reward_model_scorer_padding_and_eos(tiny_model, reward_model_dir):
         alone = [ref(input_ids=torch.tensor([p + c])).logits[0, 0].item() for p, c in zip(prompt_ids, completion_ids)]
     assert scores == pytest.approx(alone, abs=1e-5)
     assert len(set(round(s, 6) for s in scores)) == 3
+    scorer.batch_size = 2  # batches of similar lengths, scores in the input's order
+    assert scorer(["x"] * 3, ["y"] * 3, completion_ids=completion_ids, prompt_ids=prompt_ids) == pytest.approx(alone, abs=1e-5)
     scorer.tokenizer.pad_token = scorer.tokenizer.eos_token  # pad == EOS: still the last real token
     assert scorer(["x"] * 3, ["y"] * 3, completion_ids=completion_ids, prompt_ids=prompt_ids) == pytest.approx(alone, abs=1e-5)
     # Without ids (or with another tokenizer) prompt + completion are rendered by the chat template.
