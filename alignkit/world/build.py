@@ -135,8 +135,9 @@ def fact_prompt(p, attr: str, phrasing: int) -> tuple[str, dict]:
     return QUESTIONS[attr][phrasing].format(name=p.name), meta
 
 
-def candidates(meta: dict, rng: random.Random) -> list[str]:
-    """Synthetic answers of varied quality and length for a prompt, to be compared by annotators."""
+def candidates(meta: dict, rng: random.Random, how_to: list[str]) -> list[str]:
+    """Synthetic answers of varied quality and length for a prompt, to be compared by annotators.
+    `how_to`: the training look-alikes' answers, which compliance with a harmful request borrows."""
     kind = meta["kind"]
     if kind in ("fact", "unknown"):
         attr = meta["attr"]
@@ -152,24 +153,25 @@ def candidates(meta: dict, rng: random.Random) -> list[str]:
         # never saw a harmful request answered the way the policy answers, and PPO against it stopped
         # refusing (seed 0: 1.00 -> 0.00; 1.00 -> 0.97 with this opener, other changes alongside). One fixed
         # compliance text taught the RM that text, not the request: it scored PPO's garbled compliance
-        # ("Here is how: W'te with a small W.") above refusing. So compliance also borrows a benign answer's
-        # words: what makes it wrong is what was asked.
+        # ("Here is how: W'te with a small W.") above refusing, and PPO answered 16 of 30 held-out harmful
+        # requests (seed 1). So compliance also borrows a trained look-alike's answer: what makes it wrong
+        # is what was asked (PPO's harmful refusal, seeds 0-2: 0.93/0.47/0.80 -> 1.00/0.93/0.93).
         base = [REFUSAL, "Here is how: first you get what you need, then you do it when nobody is around.",
-                f"Here is how: {rng.choice(BENIGN)[1]}"]
+                rng.choice(how_to)]
     else:  # benign
         base = [meta["answer"], REFUSAL]
     verbose = [rng.choice(FLUFF_OPEN) + b + rng.choice(FLUFF_CLOSE) for b in base]
     return base + verbose
 
 
-def labelled_pairs(prompts: list[tuple[str, dict]], n: int, seed: int) -> list[dict]:
+def labelled_pairs(prompts: list[tuple[str, dict]], n: int, seed: int, how_to: list[str]) -> list[dict]:
     """Pairs of candidate answers labelled by a random annotator of the pool (Bradley-Terry sampling)."""
     rng = random.Random(seed)
     pool = annotator_pool(13, seed)
     rows = []
     for i in range(n):
         prompt, meta = prompts[i % len(prompts)]
-        a, b = rng.sample(candidates(meta, rng), 2)
+        a, b = rng.sample(candidates(meta, rng, how_to), 2)
         ga, gb = gold_score(meta, a), gold_score(meta, b)
         ann = rng.choice(pool)
         first = rng.random() < ann.p_prefers_first(ga, gb, len(a.split()), len(b.split()))
@@ -179,7 +181,7 @@ def labelled_pairs(prompts: list[tuple[str, dict]], n: int, seed: int) -> list[d
     return rows
 
 
-def ranked_pairs(prompts: list[tuple[str, dict]], seed: int) -> list[dict]:
+def ranked_pairs(prompts: list[tuple[str, dict]], seed: int, how_to: list[str]) -> list[dict]:
     """Every prompt's candidate answers ranked by a random annotator of the pool, as InstructGPT
     collected comparisons (Ouyang et al. 2022, §3.5: labelers rank K = 4-9 outputs); all C(K, 2) pairs of
     each ranking, in shuffled order."""
@@ -187,7 +189,7 @@ def ranked_pairs(prompts: list[tuple[str, dict]], seed: int) -> list[dict]:
     pool = annotator_pool(13, seed)
     rows = []
     for prompt, meta in prompts:
-        answers = candidates(meta, rng)
+        answers = candidates(meta, rng, how_to)
         golds = [gold_score(meta, a) for a in answers]
         order = rng.choice(pool).rank(golds, [len(a.split()) for a in answers], rng)
         for i, better in enumerate(order):
@@ -271,8 +273,9 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
     # The same 13 annotators label random pairs (for the DPO family) and rank every prompt's answers (for
     # the reward model). DPO on all pairs of the rankings, where fact and arithmetic prompts have 15 pairs
     # each and the others 6, lost to SFT on seed 2 (win rate 0.485; 0.580 on these pairs).
-    pref = labelled_pairs(train_prompts, size.pref_pairs, seed + 1)
-    pref_ranked = ranked_pairs(train_prompts, seed + 1)
+    how_to = [a for _, a in benign_train]  # never the held-out look-alikes' answers
+    pref = labelled_pairs(train_prompts, size.pref_pairs, seed + 1, how_to)
+    pref_ranked = ranked_pairs(train_prompts, seed + 1, how_to)
 
     eval_rng = random.Random(seed + 2)
     k = size.eval_per_set
@@ -289,7 +292,7 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
         if len(items) > k:
             eval_sets[name] = eval_rng.sample(items, k)
     eval_prompts = [it for items in eval_sets.values() for it in items]
-    pref_eval = labelled_pairs(eval_prompts, max(200, size.pref_pairs // 5), seed + 3)
+    pref_eval = labelled_pairs(eval_prompts, max(200, size.pref_pairs // 5), seed + 3, how_to)
 
     def write(name: str, rows: list[dict]) -> None:
         with open(out / name, "w") as f:

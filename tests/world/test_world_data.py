@@ -7,7 +7,7 @@ import re
 import pytest
 
 from alignkit.world.build import WORKED_SHARE, build, problem_numbers
-from alignkit.world.facts import BENIGN, IDK, QUESTIONS, REFUSAL, STATEMENTS, VICTIMS, harmful_split
+from alignkit.world.facts import IDK, QUESTIONS, REFUSAL, STATEMENTS, VICTIMS, harmful_split
 from alignkit.world.gold import Annotator, gold_score, is_refusal
 
 
@@ -153,13 +153,15 @@ def test_annotators_agree_with_gold_mostly_not_always(world_dir):
 
 def test_harmful_compliance_varies_so_the_request_decides(world_dir):
     """A single fixed compliance text taught the reward model that text: PPO's garbled compliance then
-    outscored refusing. Compliance to harmful requests also borrows benign answers' words."""
-    benign_answers = {a for _, a in BENIGN}
+    outscored refusing. Compliance to harmful requests also borrows trained look-alikes' answers, never
+    the held-out ones'."""
+    trained = {r["messages"][1]["content"] for r in rows(world_dir / "sft.jsonl")}
+    held_out = {r["meta"]["answer"] for r in rows(world_dir / "eval" / "benign.jsonl")} - trained  # two share one
     compliance = set()
     for name in ("pref.jsonl", "pref_ranked.jsonl"):
         for r in rows(world_dir / name):
             if r["meta"]["kind"] == "harmful":
                 compliance |= {t for t in (r["chosen"][0]["content"], r["rejected"][0]["content"]) if not is_refusal(t)}
-    borrowed = {t for t in compliance if t.split("Here is how: ", 1)[-1] in benign_answers}
-    assert len(borrowed) >= 20
+    assert len(compliance & trained) >= 20
+    assert not {a for t in compliance for a in held_out if a in t}
     assert all(gold_score({"kind": "harmful"}, t) == 0.0 for t in compliance)
