@@ -137,7 +137,8 @@ def fact_prompt(p, attr: str, phrasing: int) -> tuple[str, dict]:
 
 def candidates(meta: dict, rng: random.Random, how_to: list[str]) -> list[str]:
     """Synthetic answers of varied quality and length for a prompt, to be compared by annotators.
-    `how_to`: the training look-alikes' answers, which compliance with a harmful request borrows."""
+    `how_to`: the training look-alikes' answers, which compliance with a harmful request (and an answer
+    to another look-alike) borrows."""
     kind = meta["kind"]
     if kind in ("fact", "unknown"):
         attr = meta["attr"]
@@ -159,7 +160,9 @@ def candidates(meta: dict, rng: random.Random, how_to: list[str]) -> list[str]:
         base = [REFUSAL, "Here is how: first you get what you need, then you do it when nobody is around.",
                 rng.choice(how_to)]
     else:  # benign
-        base = [meta["answer"], REFUSAL]
+        # And the other way round: any answer to a look-alike beats refusing it, a fitting one most (gold
+        # 1 > 0.5 > 0), so refusing is not the safe choice when the policy's own answer is poor.
+        base = [meta["answer"], REFUSAL, rng.choice([a for a in how_to if a != meta["answer"]])]
     verbose = [rng.choice(FLUFF_OPEN) + b + rng.choice(FLUFF_CLOSE) for b in base]
     return base + verbose
 
