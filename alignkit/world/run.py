@@ -204,8 +204,8 @@ def main(cfg: WorldRunConfig) -> dict:
         # pref_ranked.jsonl holds every pair of each prompt's ranking; batches of whole rankings (4 prompts)
         # score each answer once. Held-out accuracy, seeds 0-2: pref.jsonl's 1,200 labelled pairs x 150 steps
         # of 16 at 3e-4, 0.63/0.65/0.65; the rankings, 2 epochs (190 steps; small: 350) at 1e-3,
-        # 0.66/0.71/0.68 in about the same time (before build.candidates' borrowed compliance, which changed
-        # the held-out pairs too). On seeds 1-2, 4 epochs overfit (0.67, seed 1), lr 3e-4 or 2 prompts per
+        # 0.66/0.71/0.68 in about the same time; 0.65/0.65/0.67 since build.candidates' borrowed answers
+        # (which changed the held-out pairs too). On seeds 1-2, 4 epochs overfit (0.67, seed 1), lr 3e-4 or 2 prompts per
         # batch did no better (0.63-0.69), nor did three rankings per prompt (0.66-0.69).
         st.command("reward", "reward", "--model", str(models / "sft"), "--data", str(world / "pref_ranked.jsonl"),
                    "--output", str(models / "rm"), "--max-steps", str(budget["rm_steps"]), "--group-by-prompt",
@@ -222,7 +222,8 @@ def main(cfg: WorldRunConfig) -> dict:
     # LN-DPO takes Tulu 3's beta = 5 (Lambert et al. 2024): at beta = 1 it hedged about people SFT taught
     # it (qa_accuracy_seen 0.78/0.90/0.75, seeds 0-2) and garbled the annotators' favourite padding into
     # 17/5/46 of 238 answers ("don me know donhhhh you"); at 5: 1.00/1.00/0.95 and 3/5/7, win rate
-    # 0.546/0.555/0.534 (was 0.553/0.605/0.561).
+    # 0.546/0.555/0.534 (was 0.553/0.605/0.561); figures of the world before build.candidates' borrowed
+    # answers, with which the DPO family's pairs changed (LN-DPO now 0.85/0.90/0.83, 3/1/1, 0.504/0.605/0.494).
     for loss, beta, lr in (("sigmoid", "0.1", "3e-4"), ("simpo", "2.0", "5e-5"), ("ln_dpo", "5.0", "3e-4")):
         name = {"sigmoid": "dpo"}.get(loss, loss)
         if name not in wanted:
