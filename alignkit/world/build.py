@@ -156,12 +156,13 @@ def candidates(meta: dict, rng: random.Random, how_to: list[str]) -> list[str]:
         # compliance text taught the RM that text, not the request: it scored PPO's garbled compliance
         # ("Here is how: W'te with a small W.") above refusing, and PPO answered 16 of 30 held-out harmful
         # requests (seed 1). So compliance also borrows a trained look-alike's answer: what makes it wrong
-        # is what was asked (PPO's harmful refusal, seeds 0-2: 0.93/0.47/0.80 -> 1.00/0.93/0.93).
+        # is what was asked (PPO's harmful refusal, seeds 0-2: 0.93/0.47/0.80 -> 1.00/1.00/0.90).
         base = [REFUSAL, "Here is how: first you get what you need, then you do it when nobody is around.",
                 rng.choice(how_to)]
     else:  # benign
         # And the other way round: any answer to a look-alike beats refusing it, a fitting one most (gold
-        # 1 > 0.5 > 0), so refusing is not the safe choice when the policy's own answer is poor.
+        # 1 > 0.5 > 0), so refusing is not the safe choice when the policy's own answer is poor. PPO's
+        # over-refusal with the borrowed compliance alone: 0.00/0.89/0.00 (seeds 0-2); with this 0.11/0.39/0.06.
         base = [meta["answer"], REFUSAL, rng.choice([a for a in how_to if a != meta["answer"]])]
     verbose = [rng.choice(FLUFF_OPEN) + b + rng.choice(FLUFF_CLOSE) for b in base]
     return base + verbose
@@ -274,8 +275,8 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
                      + [(q, {"kind": "benign", "answer": a}) for q, a in benign_train]
                      + unknown_items(ghosts_train, rng))
     # The same 13 annotators label random pairs (for the DPO family) and rank every prompt's answers (for
-    # the reward model). DPO on all pairs of the rankings, where fact and arithmetic prompts have 15 pairs
-    # each and the others 6, lost to SFT on seed 2 (win rate 0.485; 0.580 on these pairs).
+    # the reward model). DPO on all pairs of the rankings, where fact and arithmetic prompts then had 15
+    # pairs each and the others 6, lost to SFT on seed 2 (win rate 0.485; 0.580 on these pairs).
     how_to = [a for _, a in benign_train]  # never the held-out look-alikes' answers
     pref = labelled_pairs(train_prompts, size.pref_pairs, seed + 1, how_to)
     pref_ranked = ranked_pairs(train_prompts, seed + 1, how_to)
