@@ -205,8 +205,8 @@ def main(cfg: WorldRunConfig) -> dict:
         # score each answer once. Held-out accuracy, seeds 0-2: pref.jsonl's 1,200 labelled pairs x 150 steps
         # of 16 at 3e-4, 0.63/0.65/0.65; the rankings, 2 epochs (190 steps; small: 350) at 1e-3,
         # 0.66/0.71/0.68 in about the same time; 0.65/0.65/0.67 since build.candidates' borrowed answers
-        # (which changed the held-out pairs too). On seeds 1-2, 4 epochs overfit (0.67, seed 1), lr 3e-4 or 2 prompts per
-        # batch did no better (0.63-0.69), nor did three rankings per prompt (0.66-0.69).
+        # (which changed the held-out pairs too). On seeds 1-2, 4 epochs overfit (0.67, seed 1), lr 3e-4
+        # or 2 prompts per batch did no better (0.63-0.69), nor did three rankings per prompt (0.66-0.69).
         st.command("reward", "reward", "--model", str(models / "sft"), "--data", str(world / "pref_ranked.jsonl"),
                    "--output", str(models / "rm"), "--max-steps", str(budget["rm_steps"]), "--group-by-prompt",
                    "--batch-size", "4", "--max-length", "192", "--lr", "1e-3", *common)
