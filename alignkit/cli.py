@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # command -> (module, config class, entry function, one-line help). Imported lazily so that
@@ -59,8 +60,17 @@ def run(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: exit status 0 on success (errors exit through SystemExit)."""
-    run(argv)
+    """Console entry point: exit status 0 on success; a user error is one line on stderr and status 1
+    (ALIGNKIT_DEBUG=1 shows its traceback)."""
+    from alignkit.errors import UserError
+
+    try:
+        run(argv)
+    except UserError as e:
+        if os.environ.get("ALIGNKIT_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -26,6 +26,15 @@ class Dist:
             torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
         return t
 
+    def reduce_sums(self, sums: dict[str, float | torch.Tensor]) -> dict[str, float]:
+        """Sum named values across processes in one all-reduce: metrics by name, never by position."""
+        names = list(sums)
+        if not names:
+            return {}
+        total = self.all_reduce_sum(torch.stack([torch.as_tensor(sums[n], dtype=torch.float64).detach().cpu().reshape(())
+                                                 for n in names]))
+        return dict(zip(names, total.tolist()))
+
     def barrier(self) -> None:
         if self.world_size > 1:
             torch_dist.barrier()
