@@ -1,7 +1,7 @@
 """Pairwise accuracy and calibration of preference predictions.
 
 A reward model (or DPO's implicit reward) predicts P(a beats b) = sigmoid(r_a - r_b), the
-Bradley-Terry probability (Ouyang et al. 2022, eq. 1; seed notes 002 §13.4.1). Accuracy asks
+Bradley-Terry probability (Ouyang et al. 2022, eq. 1; the notes, §13.4.1). Accuracy asks
 whether the chosen answer gets the higher score; calibration asks whether the predicted
 probabilities mean what they say: of the pairs predicted at 0.8, about 80% should be won.
 

@@ -1,6 +1,6 @@
 """Which tokens did alignment change? The token distribution shift of Lin et al. 2023 ("The Unlocking
 Spell on Base LLMs: Rethinking Alignment via In-Context Learning", arXiv 2312.01552, section 2;
-seed 003's "Unshift / Marginal / Shifted").
+the notes' "Unshift / Marginal / Shifted").
 
 The aligned model answers greedily; at every position of that answer the base model, given the same
 context (prompt and the aligned answer so far), ranks the token the aligned model chose:
