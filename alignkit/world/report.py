@@ -88,8 +88,8 @@ def _table(results: dict) -> list[str]:
     return lines
 
 
-def _seed_phenomena(results: dict) -> list[str]:
-    """Calibration per stage (seed 001: RLHF models grow over-confident) and the token shift (seed 003:
+def _calibration_and_shift(results: dict) -> list[str]:
+    """Calibration per stage (the notes: RLHF models grow over-confident) and the token shift (the notes:
     alignment changes few tokens, mostly where the answer ends)."""
     present = [s for s in STAGES if s in results and "fact_calibration_ece" in results[s]]
     if not present:
@@ -126,7 +126,7 @@ def write_report(out: Path, results: dict) -> None:
         md += ["## Reward model (proxy)", "", "| " + " | ".join(results["reward_model"]) + " |",
                "|---" * len(results["reward_model"]) + "|",
                "| " + " | ".join(f"{v:.3f}" for v in results["reward_model"].values()) + " |", ""]
-    md += _seed_phenomena(results)
+    md += _calibration_and_shift(results)
     if "overoptimization" in results:
         c = results["overoptimization"]
         md += ["## Over-optimisation (best-of-n against the proxy RM)", "", "| n | KL | proxy | gold | length |",
