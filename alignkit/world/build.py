@@ -38,6 +38,7 @@ SIZES = {
     "tiny": WorldSize(people=80, sft_word_problems=300, pref_pairs=1200, arith_prompts=300, eval_per_set=40, noise_docs=400),
     "small": WorldSize(people=240, sft_word_problems=800, pref_pairs=4000, arith_prompts=1000, eval_per_set=100, noise_docs=1500),
 }
+SIZES["smoke"] = SIZES["tiny"]  # the pipeline check runs on the tiny world, under its own name
 ATTRS = list(ATTRIBUTES)
 WORKED_SHARE = 0.45  # share of SFT word-problem demonstrations that show their working
 FLUFF_OPEN = ["Good question! ", "Let me think about this carefully. ", "Great question, happy to help. "]

@@ -25,7 +25,7 @@ from alignkit.world.evaluate import (answer_all, load_eval_sets, mean, option_ca
 # Optimizer-step budgets per preset. tiny is sized for <= 10 minutes on 2 CPU cores; smoke only checks
 # the pipeline end to end (CI) and shows no effects.
 PRESETS = {
-    "smoke": dict(world="tiny", pretrain_steps=20, sft_steps=10, rm_steps=5, dpo_steps=3, ppo_steps=2,
+    "smoke": dict(world="smoke", pretrain_steps=20, sft_steps=10, rm_steps=5, dpo_steps=3, ppo_steps=2,
                   grpo_steps=2, bon_prompts=8, bon_n=4),
     "tiny": dict(world="tiny", pretrain_steps=800, sft_steps=600, rm_steps=190, dpo_steps=75, ppo_steps=30,
                  grpo_steps=50, bon_prompts=96, bon_n=32),
@@ -41,7 +41,8 @@ class WorldRunConfig:
     output: str = "runs/world"
     """Directory for data, models and the report."""
     preset: Literal["smoke", "tiny", "small"] = "tiny"
-    """tiny: <= 10 minutes on 2 CPU cores; small: about an hour, clearer effects; smoke: a 1-2 minute pipeline check."""
+    """tiny: <= 10 minutes on 2 CPU cores; small: about an hour, clearer effects; smoke: a 1-2 minute pipeline
+    check whose figures mean nothing."""
     seed: int = 0
     """Seed of the world and of every stage."""
     stages: str = "all"
@@ -242,11 +243,13 @@ def main(cfg: WorldRunConfig) -> dict:
     results["timings"] = st.timings
     results["commands"] = st.commands
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    from alignkit.world.report import write_report
+    from alignkit.world.report import SMOKE_NOTE, write_report
 
     write_report(out, results)
     print("\n== stage timings ==")
     for k, v in st.timings.items():
         print(f"  {k:<16} {v:7.1f} s")
     print(f"  {'total':<16} {results['seconds']:7.1f} s\nreport: {out / 'report.md'}")
+    if cfg.preset == "smoke":
+        print(SMOKE_NOTE)
     return results
