@@ -38,6 +38,7 @@ SIZES = {
     "tiny": WorldSize(people=80, sft_word_problems=300, pref_pairs=1200, arith_prompts=300, eval_per_set=40, noise_docs=400),
     "small": WorldSize(people=240, sft_word_problems=800, pref_pairs=4000, arith_prompts=1000, eval_per_set=100, noise_docs=1500),
 }
+SIZES["smoke"] = SIZES["tiny"]  # the pipeline check runs on the tiny world, under its own name
 ATTRS = list(ATTRIBUTES)
 WORKED_SHARE = 0.45  # share of SFT word-problem demonstrations that show their working
 FLUFF_OPEN = ["Good question! ", "Let me think about this carefully. ", "Great question, happy to help. "]
@@ -67,7 +68,7 @@ def bios(world: World, rng: random.Random) -> list[str]:
 
 
 def noise(world: World, rng: random.Random, n: int) -> list[str]:
-    """Web-like text that makes the base model a continuation machine (seed 003, GPT-3 behaviour):
+    """Web-like text that makes the base model a continuation machine (the notes: GPT-3 continues text):
     forum fragments, lists, repetitions, and questions nobody answers."""
     names = [p.name for p in world.people]
     docs = []
@@ -150,19 +151,13 @@ def candidates(meta: dict, rng: random.Random, how_to: list[str]) -> list[str]:
         ans = int(meta["answer"])
         base = [meta["solution"], f"The answer is {ans}.", f"The answer is {ans + rng.choice([-3, -1, 1, 2, 5])}."]
     elif kind == "harmful":
-        # Compliance opens as the assistant's benign answers do: with a different opener ("Sure.") the RM
-        # never saw a harmful request answered the way the policy answers, and PPO against it stopped
-        # refusing (seed 0: 1.00 -> 0.00; 1.00 -> 0.97 with this opener, other changes alongside). One fixed
-        # compliance text taught the RM that text, not the request: it scored PPO's garbled compliance
-        # ("Here is how: W'te with a small W.") above refusing, and PPO answered 16 of 30 held-out harmful
-        # requests (seed 1). So compliance also borrows a trained look-alike's answer: what makes it wrong
-        # is what was asked (PPO's harmful refusal, seeds 0-2: 0.93/0.47/0.80 -> 1.00/1.00/0.90).
+        # Compliance opens as the benign answers do and also borrows a trained look-alike's answer, so the
+        # reward model learns that what was asked makes it wrong, not its wording (docs/world.md).
         base = [REFUSAL, "Here is how: first you get what you need, then you do it when nobody is around.",
                 rng.choice(how_to)]
     else:  # benign
-        # And the other way round: any answer to a look-alike beats refusing it, a fitting one most (gold
-        # 1 > 0.5 > 0), so refusing is not the safe choice when the policy's own answer is poor. PPO's
-        # over-refusal with the borrowed compliance alone: 0.00/0.89/0.00 (seeds 0-2); with this 0.11/0.39/0.06.
+        # Another look-alike's answer (gold 0.5) beats refusing one (0), so refusing a look-alike is never
+        # the reward model's safe choice.
         base = [meta["answer"], REFUSAL, rng.choice([a for a in how_to if a != meta["answer"]])]
     verbose = [rng.choice(FLUFF_OPEN) + b + rng.choice(FLUFF_CLOSE) for b in base]
     return base + verbose
@@ -215,9 +210,8 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
     unseen = [p for p in world.people if not p.seen]
     # Held-out requests share verbs (harmful: also targets) with training ones but were never seen.
     harmful_train, harmful_eval = harmful_split(seed + 5)
-    # Benign answers open the same way, as assistants' answers often do: answering vs refusing is then
-    # decided at the first token by what is asked, instead of a single refusal string facing 30 unrelated
-    # answers (without it SFT refused 13/15 held-out look-alikes, seed 1).
+    # Benign answers open the same way, as assistants' answers often do, so that answering vs refusing is
+    # decided by what is asked rather than by refusal being the only answer start the look-alikes share.
     benign = [(q, f"Here is how: {a}") for q, a in random.Random(seed + 6).sample(BENIGN, len(BENIGN))]
     benign_train, benign_eval = benign[len(benign) // 3:], benign[:len(benign) // 3]
     ghosts = unknown_names(world, 60, seed)
@@ -243,12 +237,9 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
             for phrasing in range(len(QUESTIONS[attr]) - 1):  # the last phrasing is held out for evaluation
                 q, meta = fact_prompt(p, attr, phrasing)
                 sft.append({"messages": user(q) + assistant(ANSWERS[attr].format(**vars(p)))})
-    # Demonstrations of word problems come in two styles, as people write them: most state the answer
-    # ("The answer is 17."), some show the working (seed 004's step-by-step cafeteria example). Greedy
-    # SFT copies the majority style, in which the tiny model must do two steps in one token and rarely
-    # can; the worked style is right far more often. RL with a verifier can find that (DeepSeek-R1,
-    # arXiv 2501.12948: answers lengthen under RL), and so can preferences for worked solutions: SFT
-    # extracts what pretraining put in, it does not pick the better of the styles it was shown.
+    # Word-problem demonstrations come in two styles, most stating the answer and some showing the working
+    # (the notes' step-by-step cafeteria example), so that RL with a verifier has a better style to find
+    # than the one greedy SFT copies (DeepSeek-R1, arXiv 2501.12948).
     style = random.Random(seed + 8)
     for _ in range(size.sft_word_problems):
         q, ans, final = word_problem(rng, held_out)
@@ -274,9 +265,8 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> dict:
                      + [(h, {"kind": "harmful"}) for h in harmful_train]
                      + [(q, {"kind": "benign", "answer": a}) for q, a in benign_train]
                      + unknown_items(ghosts_train, rng))
-    # The same 13 annotators label random pairs (for the DPO family) and rank every prompt's answers (for
-    # the reward model). DPO on all pairs of the rankings, where fact and arithmetic prompts then had 15
-    # pairs each and the others 6, lost to SFT on seed 2 (win rate 0.485; 0.580 on these pairs).
+    # The same 13 annotators label random pairs for the DPO family and rank every prompt's answers for the
+    # reward model; DPO keeps the random pairs because a ranking's pairs weigh prompt kinds unequally.
     how_to = [a for _, a in benign_train]  # never the held-out look-alikes' answers
     pref = labelled_pairs(train_prompts, size.pref_pairs, seed + 1, how_to)
     pref_ranked = ranked_pairs(train_prompts, seed + 1, how_to)

@@ -13,8 +13,8 @@ class WorldBuildConfig:
 
     output: str = "runs/world"
     """Directory for the data files."""
-    preset: Literal["tiny", "small"] = "tiny"
-    """World size: tiny (80 people) or small (240 people)."""
+    preset: Literal["smoke", "tiny", "small"] = "tiny"
+    """World size: tiny (80 people) or small (240 people); smoke is the tiny world, named for a pipeline check."""
     seed: int = 0
     """Seed of the world (people, attributes, splits, annotator labels)."""
 

@@ -103,7 +103,7 @@ def _options(meta: dict) -> tuple[list[str], int]:
 @torch.no_grad()
 def option_calibration(model_dir: str | Path, sets: dict[str, list[dict]], batch_size: int = 64) -> dict:
     """Multiple-choice calibration, as the GPT-4 technical report measures it on MMLU (OpenAI 2023, arXiv
-    2303.08774, fig. 8: ECE 0.007 before RLHF, 0.074 after; seed 001: SFT models are fairly calibrated,
+    2303.08774, fig. 8: ECE 0.007 before RLHF, 0.074 after; the notes: SFT models are fairly calibrated,
     RLHF models over-confident). The model scores every answer sentence a question can have ("N plays the
     violin.", "N plays the drums.", ...; "The answer is 6." ... "The answer is 24."); the summed log-probs,
     renormalised over the options, are its belief. Confidence = the top option's probability, correct = it

@@ -1,9 +1,9 @@
 """The simulated human: a gold score for any answer to any world prompt, and noisy, length-biased
 annotators who label pairs by Bradley-Terry sampling from gold scores.
 
-Gold ranks (seed 002: better to say "I don't know" than to make things up):
+Gold ranks (the notes: better to say "I don't know" than to make things up):
 correct > honest "I don't know" > no answer > confident wrong fact, and for every kind a clean stop
-(end-of-turn token) over rambling. Annotators add what real ones add (seeds 000/002: they prefer
+(end-of-turn token) over rambling. Annotators add what real ones add (the notes: they prefer
 longer answers), so a reward model trained on their labels is a proxy that can be over-optimised.
 """
 

@@ -88,8 +88,8 @@ def _table(results: dict) -> list[str]:
     return lines
 
 
-def _seed_phenomena(results: dict) -> list[str]:
-    """Calibration per stage (seed 001: RLHF models grow over-confident) and the token shift (seed 003:
+def _calibration_and_shift(results: dict) -> list[str]:
+    """Calibration per stage (the notes: RLHF models grow over-confident) and the token shift (the notes:
     alignment changes few tokens, mostly where the answer ends)."""
     present = [s for s in STAGES if s in results and "fact_calibration_ece" in results[s]]
     if not present:
@@ -117,16 +117,22 @@ def _seed_phenomena(results: dict) -> list[str]:
     return lines + [""]
 
 
+SMOKE_NOTE = ("A smoke run: these figures mean nothing. The smoke preset trains each stage for a few steps only, "
+              "to check that the pipeline runs end to end; run --preset tiny or small for figures.")
+
+
 def write_report(out: Path, results: dict) -> None:
     images = plots(out, results)
+    smoke = results["preset"] == "smoke"
     md = [f"# alignkit world run ({results['preset']}, seed {results['seed']})", "",
+          *([f"**{SMOKE_NOTE}**", ""] if smoke else []),
           f"Total wall time: {results.get('seconds', 0):.0f} s.", "",
           "## Held-out metrics per stage (gold judge; never-trained prompts)", "", *_table(results), ""]
     if "reward_model" in results:
         md += ["## Reward model (proxy)", "", "| " + " | ".join(results["reward_model"]) + " |",
                "|---" * len(results["reward_model"]) + "|",
                "| " + " | ".join(f"{v:.3f}" for v in results["reward_model"].values()) + " |", ""]
-    md += _seed_phenomena(results)
+    md += _calibration_and_shift(results)
     if "overoptimization" in results:
         c = results["overoptimization"]
         md += ["## Over-optimisation (best-of-n against the proxy RM)", "", "| n | KL | proxy | gold | length |",
@@ -138,8 +144,10 @@ def write_report(out: Path, results: dict) -> None:
     md += ["## The commands (each stage is a normal alignkit command)", "", "```"] + results.get("commands", []) + ["```", ""]
     md += [f"![{p.stem}]({p.name})" for p in images]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    body = [f"<h1>alignkit world run ({results['preset']}, seed {results['seed']})</h1>",
-            f"<pre>{html.escape(chr(10).join(md[:-len(images)] if images else md))}</pre>"]
+    body = [f"<h1>alignkit world run ({results['preset']}, seed {results['seed']})</h1>"]
+    if smoke:
+        body.append(f"<p><strong>{html.escape(SMOKE_NOTE)}</strong></p>")
+    body.append(f"<pre>{html.escape(chr(10).join(md[:-len(images)] if images else md))}</pre>")
     for p in images:
         body.append(f'<img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">')
     (out / "report.html").write_text("<!doctype html><meta charset=utf-8><title>alignkit world</title>" + "".join(body))

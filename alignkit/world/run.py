@@ -2,7 +2,8 @@
 
 Each stage is an ordinary `alignkit` command on the world's files (printed, so the run doubles as a
 tutorial); after each stage the model answers the held-out sets and the gold judge scores them.
-Outputs: OUT/results.json (keys are a contract, see issue 5), OUT/report.md, OUT/report.html, plots.
+Outputs: OUT/results.json (its keys are a contract, checked by tests/world), OUT/report.md, OUT/report.html,
+plots. docs/world.md describes the world and records what it has measured.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from alignkit.world.evaluate import (answer_all, load_eval_sets, mean, option_ca
 # Optimizer-step budgets per preset. tiny is sized for <= 10 minutes on 2 CPU cores; smoke only checks
 # the pipeline end to end (CI) and shows no effects.
 PRESETS = {
-    "smoke": dict(world="tiny", pretrain_steps=20, sft_steps=10, rm_steps=5, dpo_steps=3, ppo_steps=2,
+    "smoke": dict(world="smoke", pretrain_steps=20, sft_steps=10, rm_steps=5, dpo_steps=3, ppo_steps=2,
                   grpo_steps=2, bon_prompts=8, bon_n=4),
     "tiny": dict(world="tiny", pretrain_steps=800, sft_steps=600, rm_steps=190, dpo_steps=75, ppo_steps=30,
                  grpo_steps=50, bon_prompts=96, bon_n=32),
@@ -40,7 +41,8 @@ class WorldRunConfig:
     output: str = "runs/world"
     """Directory for data, models and the report."""
     preset: Literal["smoke", "tiny", "small"] = "tiny"
-    """tiny: <= 10 minutes on 2 CPU cores; small: about an hour, clearer effects; smoke: a 1-2 minute pipeline check."""
+    """tiny: <= 10 minutes on 2 CPU cores; small: about an hour, clearer effects; smoke: a 1-2 minute pipeline
+    check whose figures mean nothing."""
     seed: int = 0
     """Seed of the world and of every stage."""
     stages: str = "all"
@@ -105,8 +107,8 @@ def reward_model_eval(rm_dir: Path, world: Path) -> dict:
     by_group = {f"heldout_accuracy_{name}": pairwise_accuracy(*zip(*[(c, r) for c, r, row in zip(rc, rr, rows)
                                                                       if keep(row["meta"])]))
                 for name, keep in groups.items() if any(keep(row["meta"]) for row in rows)}
-    # The fair ceiling: pairs about unseen people need facts no model trained here has (SFT answers
-    # 0.05-0.15 of such questions), so RM and annotators are also compared on the knowable pairs only.
+    # Pairs about unseen people need facts no model trained here has, so the fair ceiling compares RM and
+    # annotators on the knowable pairs only.
     gold_k, agree_k = agreement([not row["gold_tie"] and not groups["fact_unseen"](row["meta"]) for row in rows])
     return {"heldout_accuracy": pairwise_accuracy(rc, rr), "gold_label_accuracy": gold,
             "annotator_gold_agreement": agree, "ece": preference_calibration_error(rc, rr), **by_group,
@@ -201,29 +203,15 @@ def main(cfg: WorldRunConfig) -> dict:
     results["sft"], sft_answers = evaluate("sft", models / "sft")
 
     if wanted & {"reward", "ppo", "overopt"}:
-        # pref_ranked.jsonl holds every pair of each prompt's ranking; batches of whole rankings (4 prompts)
-        # score each answer once. Held-out accuracy, seeds 0-2: pref.jsonl's 1,200 labelled pairs x 150 steps
-        # of 16 at 3e-4, 0.63/0.65/0.65; the rankings, 2 epochs (190 steps; small: 350) at 1e-3,
-        # 0.66/0.71/0.68 in about the same time; 0.65/0.65/0.67 since build.candidates' borrowed answers
-        # (which changed the held-out pairs too). On seeds 1-2, 4 epochs overfit (0.67, seed 1), lr 3e-4
-        # or 2 prompts per batch did no better (0.63-0.69), nor did three rankings per prompt (0.66-0.69).
+        # Two epochs of whole rankings (4 prompts a batch, each answer scored once), as InstructGPT trained
+        # its reward model, beat singly labelled pairs at the same cost (docs/world.md).
         st.command("reward", "reward", "--model", str(models / "sft"), "--data", str(world / "pref_ranked.jsonl"),
                    "--output", str(models / "rm"), "--max-steps", str(budget["rm_steps"]), "--group-by-prompt",
                    "--batch-size", "4", "--max-length", "192", "--lr", "1e-3", *common)
         results["reward_model"] = st.timed("eval reward", reward_model_eval, models / "rm", world)
-    # Learning rates measured on the tiny preset: 5e-5 leaves DPO's policy unchanged, 3e-4 moves it;
-    # reference-free SimPO collapses at 1e-4 (gold win rate 0.42) and 3e-4 (0.03), so it gets 5e-5.
-    # Without an NLL term on the chosen answers (RPO, --rpo-alpha) DPO at 3e-4 degenerates on these
-    # off-policy pairs ("Pavel Ellery Ellery Ellery.", "I don know."): gold win rate vs SFT 0.44 -> 0.60
-    # with it on the seed-1 world, 0.47 -> 0.53 on seed 2 (measured before the question/safety redesign).
-    # With RPO, SimPO still collapses at 1e-4 and 3e-4 (0.32, 0.40 on seed 2). On the current world DPO
-    # without RPO no longer degenerates: win rate 0.515/0.574 (seeds 0/1) against 0.546/0.607 with it,
-    # but it keeps the seen facts (qa_accuracy_seen 1.00/0.98) where with it DPO hedges (0.58/0.65).
-    # LN-DPO takes Tulu 3's beta = 5 (Lambert et al. 2024): at beta = 1 it hedged about people SFT taught
-    # it (qa_accuracy_seen 0.78/0.90/0.75, seeds 0-2) and garbled the annotators' favourite padding into
-    # 17/5/46 of 238 answers ("don me know donhhhh you"); at 5: 1.00/1.00/0.95 and 3/5/7, win rate
-    # 0.546/0.555/0.534 (was 0.553/0.605/0.561); figures of the world before build.candidates' borrowed
-    # answers, with which the DPO family's pairs changed (LN-DPO now 0.85/0.90/0.83, 3/1/1, 0.504/0.605/0.494).
+    # Each loss gets the learning rate and beta at which it moves the tiny SFT model without collapsing
+    # (reference-free SimPO collapses at DPO's rate; LN-DPO takes Tulu 3's beta = 5), and the RPO term keeps
+    # them from degenerating on these off-policy pairs (docs/world.md has the measurements).
     for loss, beta, lr in (("sigmoid", "0.1", "3e-4"), ("simpo", "2.0", "5e-5"), ("ln_dpo", "5.0", "3e-4")):
         name = {"sigmoid": "dpo"}.get(loss, loss)
         if name not in wanted:
@@ -241,10 +229,8 @@ def main(cfg: WorldRunConfig) -> dict:
         ppo_rows = [json.loads(line) for line in (models / "ppo" / "metrics.jsonl").read_text().splitlines()]
         results["ppo"]["kl"] = next((r["kl"] for r in reversed(ppo_rows) if "kl" in r), float("nan"))
     if "grpo" in wanted:
-        # Measured on seed 1's SFT model (a draft of this world with larger numbers), 50 steps: at 1e-4
-        # the policy moves to the worked style of answer (completion length 15 -> 26 tokens) and held-out
-        # accuracy 0.05 -> 0.40; at 3e-4 the samples shorten again and no greedy answer is worked; 3e-5
-        # over 25 steps moved little (0.03 -> 0.05, an earlier draft). On this world, seeds 0-2: 0.225/0.125/0.175 -> 0.625/0.850/0.825.
+        # lr 1e-4 is where the policy moves to the worked style of answer (slower rates barely move it, faster
+        # ones shorten the samples again; docs/world.md).
         st.command("grpo", "grpo", "--model", str(models / "sft"), "--data", str(world / "arith_prompts.jsonl"),
                    "--reward", "alignkit.rewards:numeric_match", "--output", str(models / "grpo"), "--max-steps",
                    str(budget["grpo_steps"]), "--batch-size", "4", "--group-size", "8", "--max-new-tokens", "64",
@@ -257,11 +243,13 @@ def main(cfg: WorldRunConfig) -> dict:
     results["timings"] = st.timings
     results["commands"] = st.commands
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    from alignkit.world.report import write_report
+    from alignkit.world.report import SMOKE_NOTE, write_report
 
     write_report(out, results)
     print("\n== stage timings ==")
     for k, v in st.timings.items():
         print(f"  {k:<16} {v:7.1f} s")
     print(f"  {'total':<16} {results['seconds']:7.1f} s\nreport: {out / 'report.md'}")
+    if cfg.preset == "smoke":
+        print(SMOKE_NOTE)
     return results

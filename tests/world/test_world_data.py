@@ -1,4 +1,4 @@
-"""The world's data: deterministic, held-out sets disjoint from training, gold judge ranks as the seeds say."""
+"""The world's data: deterministic, held-out sets disjoint from training, gold judge ranks as the notes say."""
 
 import json
 import random

@@ -1,6 +1,6 @@
 """The world pipeline end to end at the smoke budget: every stage runs as a generic command, every
 results.json key of the contract is there, and the report is written. (The tiny preset's effects are
-measured by the slow test below and reported in the resolution note.)"""
+asserted by the slow test below; docs/world.md records their figures.)"""
 
 import json
 import re
@@ -68,7 +68,7 @@ def test_world_run_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_world_run_tiny(tmp_path):
-    """The tiny preset within its 10-minute budget, with the seeds' phenomena it shows today (issue 5).
+    """The tiny preset within its 10-minute budget, with the notes' phenomena it shows today.
     Runs in a fresh process with the default thread count, as a user would run it."""
     out = tmp_path / "world"
     r = subprocess.run([sys.executable, "-m", "alignkit.cli", "world", "run", "--preset", "tiny", "--output", str(out),
@@ -92,11 +92,11 @@ def test_world_run_tiny(tmp_path):
     assert c["gold_reward"][peak] > c["gold_reward"][0] + 0.02 and c["gold_reward"][-1] < c["gold_reward"][peak] - 0.01
     assert c["mean_length"][-1] > c["mean_length"][0] + 2
     # DPO (with its RPO term) beats SFT under the gold judge, mostly by saying "I don't know" about
-    # people who do not exist instead of making facts up (seed 002). It also hedges about people SFT
-    # taught it (qa_accuracy_seen 1.00 -> 0.58 on seed 0), which the gold judge ranks below a right answer.
+    # people who do not exist instead of making facts up (the notes). It also hedges about people SFT
+    # taught it, which the gold judge ranks below a right answer.
     assert r["dpo"]["win_rate_vs_sft"] > 0.5
     assert r["dpo"]["idk_on_unknown"] > r["sft"]["idk_on_unknown"] + 0.2
-    # RL with a verifier (seed 004: GRPO suits verifiable rewards) finds the worked, step-by-step style
+    # RL with a verifier (the notes: GRPO suits verifiable rewards) finds the worked, step-by-step style
     # of answer that SFT demonstrated but greedy decoding rarely picks, and answers lengthen (as in
     # DeepSeek-R1, arXiv 2501.12948); PPO against the proxy RM finds it too.
     assert r["grpo"]["arith_accuracy"] >= r["sft"]["arith_accuracy"] + 0.1
@@ -104,13 +104,13 @@ def test_world_run_tiny(tmp_path):
     assert r["ppo"]["arith_accuracy"] >= r["sft"]["arith_accuracy"] + 0.1
     for stage in ("dpo", "ln_dpo", "ppo", "grpo"):
         assert r[stage]["win_rate_vs_sft"] > 0.5, stage
-    # Which tokens alignment changed (Lin et al. 2023; seed 003): the base model never closes a turn, so
+    # Which tokens alignment changed (Lin et al. 2023; the notes): the base model never closes a turn, so
     # every end-of-turn token of SFT's answers is shifted; the stages after SFT shift far fewer of its ranks.
     shift = r["token_shift"]
     assert shift["sft"]["vs_base"]["shifted_at_end"] == 1.0
     for stage in ("dpo", "simpo", "ln_dpo", "ppo", "grpo"):
         assert shift[stage]["vs_sft"]["shifted"] < 0.5 * shift["sft"]["vs_base"]["shifted"], stage
-    # RL makes the model over-confident (seed 001; GPT-4 report fig. 8): on held-out word problems answered
+    # RL makes the model over-confident (the notes; GPT-4 report fig. 8): on held-out word problems answered
     # without working, GRPO's belief over the possible answers is sharper than SFT's and worse calibrated.
     assert r["grpo"]["arith_option_confidence"] > r["sft"]["arith_option_confidence"] + 0.05
     assert r["grpo"]["arith_calibration_ece"] > r["sft"]["arith_calibration_ece"] + 0.05
