@@ -1,6 +1,7 @@
 """Invariants for the recipes the trajectory tests leave out: reward, KTO and LoRA runs resume onto the
-uninterrupted trajectory (every metrics row, the final weights), and KTO and LoRA under 2-process DDP
-match 1 process with --grad-accum 2. Every run goes through the CLI, so the recipes' insides are free."""
+uninterrupted trajectory (every metrics row, the final weights), and KTO, LoRA and pretraining with chat
+--mid-data under 2-process DDP match 1 process with --grad-accum 2. Every run goes through the CLI, so
+the recipes' insides are free to change."""
 
 import json
 import os
@@ -50,12 +51,19 @@ def unpaired(assets, path, rows):
     return path
 
 
+def chat_mid_data(assets, path):
+    """The first instruction conversations, as chat --mid-data for pretraining."""
+    path.write_text("".join((assets / "instructions.jsonl").read_text().splitlines(keepends=True)[:64]))
+    return path
+
+
 @pytest.fixture(scope="module")
 def data(assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("more")
     return {"pairs": toy_preferences(assets, root / "pairs.jsonl", slice(0, 64)),
             "unpaired": unpaired(assets, root / "unpaired.jsonl", slice(0, 64)),
-            "sft": assets / "instructions.jsonl"}
+            "sft": assets / "instructions.jsonl", "corpus": assets / "corpus.jsonl",
+            "chat": chat_mid_data(assets, root / "chat.jsonl")}
 
 
 def args_for(kind, model, data):
@@ -66,6 +74,9 @@ def args_for(kind, model, data):
         return ["kto", "--data", str(data["unpaired"]), *common]
     if kind == "lora":  # LoRA SFT: the checkpoint holds adapters only, the base comes from --model again
         return ["sft", "--data", str(data["sft"]), *common, "--lora-r", "4", "--lr", "1e-2"]
+    if kind == "mid_chat":  # pretraining whose decay stage mixes padded conversations into full text blocks
+        return ["pretrain", "--data", str(data["corpus"]), *common, "--schedule", "wsd", "--decay-fraction", "0.5",
+                "--mid-data", str(data["chat"]), "--mid-ratio", "0.5"]
     raise ValueError(kind)
 
 
@@ -105,9 +116,11 @@ def test_resume_after_a_crash_matches_uninterrupted(tiny_model, data, tmp_path, 
     assert counts and all(final[k] == ref_final[k] for k in counts)
 
 
-@pytest.mark.parametrize("kind", ["kto", "lora"])
+@pytest.mark.parametrize("kind", ["kto", "lora", "mid_chat"])
 def test_two_process_ddp_matches_one_process(tiny_model, data, tmp_path, kind):
-    args = [*args_for(kind, tiny_model, data), "--max-steps", "4", "--batch-size", "4", "--no-group-by-length"]
+    args = [*args_for(kind, tiny_model, data), "--max-steps", "4", "--batch-size", "4"]
+    if kind != "mid_chat":
+        args.append("--no-group-by-length")
     r = run_cli(*args, "--grad-accum", "2", "--output", str(tmp_path / "one"))
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -121,5 +134,8 @@ def test_two_process_ddp_matches_one_process(tiny_model, data, tmp_path, kind):
     if kind == "kto":  # the KL reference point is taken over the whole global batch, however it is split
         ka, kb = [x["kl"] for x in one], [x["kl"] for x in two]
         assert ka == pytest.approx(kb, abs=1e-5) and max(abs(k) for k in ka) > 1e-4
+    if kind == "mid_chat":  # both fed the same conversations in the decay stage
+        assert [x["mid_label_tokens"] for x in one] == [x["mid_label_tokens"] for x in two]
+        assert [x["mid_rows"] for x in one] == [0, 0, 4, 4]
     wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
