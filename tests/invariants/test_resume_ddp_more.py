@@ -74,6 +74,8 @@ def args_for(kind, model, data):
         return ["kto", "--data", str(data["unpaired"]), *common]
     if kind == "lora":  # LoRA SFT: the checkpoint holds adapters only, the base comes from --model again
         return ["sft", "--data", str(data["sft"]), *common, "--lora-r", "4", "--lr", "1e-2"]
+    if kind == "lora_reward":  # adapters plus the new scalar head, which peft saves with them
+        return [*args_for("reward", model, data), "--lora-r", "4", "--lr", "1e-2"]
     if kind == "mid_chat":  # pretraining whose decay stage mixes padded conversations into full text blocks
         return ["pretrain", "--data", str(data["corpus"]), *common, "--schedule", "wsd", "--decay-fraction", "0.5",
                 "--mid-data", str(data["chat"]), "--mid-ratio", "0.5"]
@@ -86,7 +88,7 @@ KTO_RESUME_DRIFT = pytest.mark.xfail(strict=True, reason=(
     "weights are identical"))
 
 
-@pytest.mark.parametrize("kind", ["reward", pytest.param("kto", marks=KTO_RESUME_DRIFT), "lora"])
+@pytest.mark.parametrize("kind", ["reward", pytest.param("kto", marks=KTO_RESUME_DRIFT), "lora", "lora_reward"])
 def test_resume_after_a_crash_matches_uninterrupted(tiny_model, data, tmp_path, kind):
     args = [*args_for(kind, tiny_model, data), "--max-steps", "8", "--batch-size", "4", "--save-every", "4"]
     out = tmp_path / "run"
