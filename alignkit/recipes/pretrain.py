@@ -1,16 +1,17 @@
-"""alignkit pretrain: next-token prediction on raw text (the base model of seed 001/003).
+"""alignkit pretrain: next-token prediction on raw text (the base model of the notes).
 
 Documents (each ending with EOS) are concatenated and cut into fixed blocks of --max-length tokens,
 so no compute goes to padding; the incomplete tail is dropped and reported. Schedules: cosine, or
 WSD (warmup-stable-decay, MiniCPM arXiv:2404.06395), whose decay stage can mix a second data source
-in at --mid-ratio (midtraining / annealing on higher-quality data, seed 001 slides 29-30).
+in at --mid-ratio (midtraining / annealing on higher-quality data, the notes). A --mid-data file of
+text is cut into blocks the same way; a file of chat/instruction records (any format `sft` reads) is
+rendered through the chat template, one conversation per row, with the loss on assistant tokens only.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -19,12 +20,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from alignkit import lora
 from alignkit.config import Repeatable, TrainConfig
-from alignkit.data import load_text
+from alignkit.data import DataStats, Example, detect_format, load_sft, load_text, read_records
 from alignkit.logprobs import next_token_logps
 from alignkit.losses import aggregate
 from alignkit.models import load_tokenizer
+from alignkit.train.batching import collate
 from alignkit.train.optim import adamw, lr_factor, set_lr, wsd_decay_start
 from alignkit.train.run import Run
+from alignkit.train.step import micro_steps, optimizer_step
 
 
 @dataclass
@@ -33,6 +36,8 @@ class PretrainConfig(TrainConfig):
 
     max_length: int = 256
     """Block length in tokens: the concatenated corpus is cut into blocks of this size."""
+    strict: bool = False
+    """A chat --mid-data example longer than --max-length is an error (naming file and line) instead of being truncated. Text is never truncated (documents run across blocks) and a bad text record is always an error, so this needs chat --mid-data."""
     lr: float = 1e-3
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.1
@@ -42,7 +47,7 @@ class PretrainConfig(TrainConfig):
     decay_fraction: float = 0.2
     """WSD: fraction of the steps spent in the final linear decay."""
     mid_data: Annotated[tuple[str, ...], Repeatable] = ()
-    """WSD: second text source mixed into the decay stage (midtraining). Repeatable."""
+    """WSD: second source mixed into the decay stage (midtraining): {"text"} records, or chat/instruction records (loss on assistant tokens only). Repeatable."""
     mid_ratio: float = 0.3
     """WSD: fraction of each decay-stage batch drawn from --mid-data."""
 
@@ -54,8 +59,35 @@ def make_blocks(docs, block: int) -> tuple[list[list[int]], int]:
     return [stream[i * block:(i + 1) * block] for i in range(n)], len(stream) - n * block
 
 
+def text_rows(paths, tokenizer, max_length: int) -> tuple[list[Example], int]:
+    """Text files as blocks of `max_length` tokens, every token trained on; returns (rows, dropped tail tokens)."""
+    blocks, tail = make_blocks(load_text(list(paths), tokenizer), max_length) if paths else ([], 0)
+    return [Example(b, [1] * len(b)) for b in blocks], tail
+
+
+def is_text_file(path: str) -> bool:
+    """A --mid-data file holds text when its first record is {"text"}; anything else is read as chat data."""
+    for _, record in read_records(path):
+        try:
+            return detect_format(record) == "text"
+        except ValueError:
+            return False  # the chat loader names the record and the problem
+    return True
+
+
+def mid_rows(paths, tokenizer, max_length: int, strict: bool) -> tuple[list[Example], int, DataStats | None]:
+    """--mid-data as rows: text blocks, then one row per conversation (right-padded in its micro-batch,
+    never packed with text, loss_mask on assistant tokens). Returns (rows, dropped tail tokens, chat stats)."""
+    chat = [p for p in paths if not is_text_file(p)]
+    rows, tail = text_rows([p for p in paths if p not in chat], tokenizer, max_length)
+    if not chat:
+        return rows, tail, None
+    examples, stats = load_sft(chat, tokenizer, max_length, strict=strict)
+    return rows + examples, tail, stats
+
+
 class MixturePlan:
-    """Global step -> block indices. Each source is read in seeded per-epoch permutations; during the
+    """Global step -> row indices. Each source is read in seeded per-epoch permutations; during the
     WSD decay stage `n_mid` of the `per_step` sequences come from the mid source. Pure function of
     (seed, step), so resume and DDP see the same data as an uninterrupted single-process run."""
 
@@ -78,7 +110,7 @@ class MixturePlan:
         return out
 
     def all_micro_batches(self, step: int) -> list[list[int]]:
-        """Indices < n_main are main blocks; n_main + j is mid block j."""
+        """Indices < n_main are main rows; n_main + j is mid row j."""
         if self.decay_start is None or step < self.decay_start:
             idx = self._stream(self.n_main, step * self.per_step, self.per_step, 0)
         else:
@@ -86,35 +118,62 @@ class MixturePlan:
             main_pos = self.decay_start * self.per_step + k * (self.per_step - self.mid_per_step)
             idx = self._stream(self.n_main, main_pos, self.per_step - self.mid_per_step, 0)
             idx += [self.n_main + j for j in self._stream(self.n_mid_blocks, k * self.mid_per_step, self.mid_per_step, 1)]
-            random.Random(self.seed + step).shuffle(idx)  # spread mid blocks over the micro-batches
+            random.Random(self.seed + step).shuffle(idx)  # spread mid rows over the micro-batches
         return [idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
 
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
         return self.all_micro_batches(step)[rank::self.world_size]
 
 
-def main(cfg: PretrainConfig) -> dict:
+def check_config(cfg: PretrainConfig) -> None:
     if not cfg.data:
         raise SystemExit("error: alignkit pretrain needs --data FILE")
     if cfg.mid_data and cfg.schedule != "wsd":
         raise SystemExit("error: --mid-data mixes data into the WSD decay stage; add --schedule wsd")
+    if cfg.mid_data and not 0 < cfg.mid_ratio <= 1:
+        raise SystemExit(f"error: --mid-ratio must be in (0, 1], got {cfg.mid_ratio}")
+    if cfg.strict and all(is_text_file(p) for p in cfg.mid_data):
+        raise SystemExit("error: --strict applies to chat --mid-data only: text is cut into blocks, never "
+                         "truncated, and a bad text record is always an error")
+
+
+def load_rows(cfg: PretrainConfig, tokenizer, run: Run) -> tuple[list[Example], int, dict]:
+    """All training rows (main text blocks first, then the mid rows), the number of main rows, and
+    the load's counts for the final metrics row."""
+    main, main_tail = text_rows(cfg.data, tokenizer, cfg.max_length)
+    mid, mid_tail, chat_stats = mid_rows(cfg.mid_data, tokenizer, cfg.max_length, cfg.strict)
+    per_step = cfg.batch_size * cfg.grad_accum * run.world_size
+    if len(main) < per_step:
+        raise SystemExit(f"error: the corpus makes {len(main)} blocks of {cfg.max_length} tokens, fewer than one "
+                         f"optimizer step needs ({per_step}); lower --batch-size / --max-length or add text")
+    if cfg.mid_data and not mid:
+        raise SystemExit(f"error: --mid-data {', '.join(cfg.mid_data)}: no rows (less text than one block of "
+                         f"{cfg.max_length} tokens and no conversation)")
+    if cfg.mid_data and round(cfg.mid_ratio * per_step) == 0:
+        raise SystemExit(f"error: --mid-ratio {cfg.mid_ratio} of a global batch of {per_step} rows is 0 rows")
+    n_chat = chat_stats.kept if chat_stats else 0
+    if run.is_main:
+        print(f"pretrain data: {len(main)} blocks of {cfg.max_length} tokens ({main_tail} tail tokens dropped)"
+              + (f", mid data: {len(mid) - n_chat} blocks, {n_chat} conversations" if cfg.mid_data else ""))
+        if chat_stats:
+            chat_stats.warn()
+    counts = {"blocks": len(main), "dropped_tail_tokens": main_tail + mid_tail, "mid_data_rows": len(mid)}
+    if chat_stats:
+        counts.update(mid_truncated=chat_stats.truncated, mid_dropped=chat_stats.dropped)
+    return main + mid, len(main), counts
+
+
+def main(cfg: PretrainConfig) -> dict:
+    check_config(cfg)
     run = Run(cfg, "pretrain")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    blocks, dropped_tail = make_blocks(load_text(list(cfg.data), tokenizer), cfg.max_length)
-    mid_blocks, mid_tail = make_blocks(load_text(list(cfg.mid_data), tokenizer), cfg.max_length) if cfg.mid_data else ([], 0)
-    all_blocks = blocks + mid_blocks
+    rows, n_main, counts = load_rows(cfg, tokenizer, run)
+    labels = [sum(r.loss_mask[1:]) for r in rows]  # trained-on tokens of each row, as next-token labels
     per_step = cfg.batch_size * cfg.grad_accum * run.world_size
-    if len(blocks) < per_step:
-        raise SystemExit(f"error: the corpus makes {len(blocks)} blocks of {cfg.max_length} tokens, fewer than one "
-                         f"optimizer step needs ({per_step}); lower --batch-size / --max-length or add text")
-    if run.is_main:
-        print(f"pretrain data: {len(blocks)} blocks of {cfg.max_length} tokens "
-              f"({dropped_tail} tail tokens dropped)" + (f", mid data: {len(mid_blocks)} blocks" if cfg.mid_data else ""))
-
-    steps_per_epoch = len(blocks) // per_step
+    steps_per_epoch = n_main // per_step
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
     decay_start = wsd_decay_start(total_steps, cfg.warmup_steps, cfg.decay_fraction) if cfg.schedule == "wsd" else None
-    plan = MixturePlan(len(blocks), len(mid_blocks), per_step, cfg.batch_size, run.world_size, cfg.seed,
+    plan = MixturePlan(n_main, len(rows) - n_main, per_step, cfg.batch_size, run.world_size, cfg.seed,
                        decay_start, cfg.mid_ratio)
 
     model = lora.load_trainable(cfg, run.checkpoint, run.device)
@@ -122,32 +181,34 @@ def main(cfg: PretrainConfig) -> dict:
     ddp_model = DDP(model) if run.world_size > 1 else model
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
     start_step = run.begin(model, tokenizer, optimizer, total_steps)
-    n_tokens = per_step * (cfg.max_length - 1)  # next-token labels in one global batch
-    ones = torch.ones((cfg.batch_size, cfg.max_length), dtype=torch.long, device=run.device)
+    total_tokens = run.state.get("tokens", 0)  # over the whole run, carried across --resume
 
     for step in range(start_step, total_steps):
         lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
                                 cfg.decay_fraction)
         set_lr(optimizer, lr)
-        micro = plan.micro_batches(step, run.dist.rank)
-        loss_sum = 0.0
-        for k, idx in enumerate(micro):
-            input_ids = torch.tensor([all_blocks[i] for i in idx], device=run.device)  # (B, T)
-            sync = k == len(micro) - 1 or run.world_size == 1
-            with nullcontext() if sync else ddp_model.no_sync():
-                logps, mask = next_token_logps(ddp_model, input_ids, None, ones[:len(idx)])  # (B, T-1)
-                loss = aggregate(-logps, mask, "token_mean", denominator=n_tokens) * run.world_size
-                loss.backward()
-            loss_sum += loss.item()
-        step_loss = run.dist.all_reduce_sum(loss_sum).item() / run.world_size
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-        if run.check(step_loss, step + 1, f" (blocks {plan.all_micro_batches(step)})"):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        in_decay = decay_start is not None and step >= decay_start
-        run.log(step + 1, {"loss": step_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                           "mid_fraction": plan.mid_per_step / per_step if in_decay else 0.0},
-                tokens=per_step * cfg.max_length)
-        run.end_step(step + 1)
-    return run.finish({"tokens": total_steps * per_step * cfg.max_length, "blocks": len(blocks),
-                       "dropped_tail_tokens": dropped_tail + mid_tail})
+        global_batches = plan.all_micro_batches(step)
+        # Token-mean over the whole global batch: every micro-batch on every process divides by the
+        # same global label count, and DDP averages gradients over processes (hence * world_size).
+        n_labels = sum(labels[i] for b in global_batches for i in b)
+        sums = {"loss": 0.0, "tokens": 0, "mid_rows": 0, "mid_label_tokens": 0}
+        for idx in micro_steps(ddp_model, plan.micro_batches(step, run.dist.rank)):
+            batch = collate([rows[i].input_ids for i in idx], [rows[i].loss_mask for i in idx],
+                            tokenizer.pad_token_id, run.device)
+            logps, mask = next_token_logps(ddp_model, **batch)  # (B, T-1)
+            loss = aggregate(-logps, mask, "token_mean", denominator=n_labels) * run.world_size
+            loss.backward()
+            from_mid = torch.tensor([i >= n_main for i in idx], device=mask.device)  # (B,)
+            sums["loss"] += loss.item()
+            sums["tokens"] += sum(len(rows[i].input_ids) for i in idx)
+            sums["mid_rows"] += int(from_mid.sum())
+            sums["mid_label_tokens"] += int(mask[from_mid].sum())
+        sums = run.dist.reduce_sums(sums)
+        step_loss = sums["loss"] / run.world_size
+        grad_norm = optimizer_step(run, model, optimizer, step_loss, step + 1, f" (blocks {global_batches})")
+        total_tokens += int(sums["tokens"])
+        run.log(step + 1, {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "label_tokens": n_labels,
+                           "mid_rows": int(sums["mid_rows"]), "mid_fraction": sums["mid_rows"] / per_step,
+                           "mid_label_tokens": int(sums["mid_label_tokens"])}, tokens=int(sums["tokens"]))
+        run.end_step(step + 1, {"tokens": total_tokens})
+    return run.finish({"tokens": total_tokens, **counts})
