@@ -1,4 +1,4 @@
-"""alignkit grpo: Group Relative Policy Optimization (seed 004; Shao et al. 2024, DeepSeekMath, arXiv 2402.03300).
+"""alignkit grpo: Group Relative Policy Optimization (the notes; Shao et al. 2024, DeepSeekMath, arXiv 2402.03300).
 
 For each prompt the policy samples a group of G completions; reward functions (verifiable rewards such
 as `alignkit.rewards:numeric_match`) and/or a reward model score them, and each completion's advantage
@@ -62,6 +62,8 @@ class GRPOConfig(TrainConfig):
     """Weight per reward: one per --reward, in order, then one for --reward-model if given (default all 1)."""
     reward_model: str | None = None
     """Sequence-classification reward model directory (e.g. from `alignkit reward`), scored on prompt + completion."""
+    reward_timeout: float = 600.0
+    """Seconds one call of a --reward function may take; past that the run stops, naming the function and the sample it hangs on (0 = no limit)."""
     max_new_tokens: int = 128
     """Completion budget in tokens; completions that reach it without a stop token count in clipped_ratio."""
     temperature: float = 1.0
@@ -101,6 +103,8 @@ def main(cfg: GRPOConfig) -> dict:
         raise SystemExit("error: --group-size must be >= 2 (the group is the baseline)")
     if cfg.num_iterations < 1:
         raise SystemExit("error: --num-iterations must be >= 1")
+    if cfg.reward_timeout < 0:
+        raise SystemExit(f"error: --reward-timeout {cfg.reward_timeout} must be >= 0 seconds (0 = no limit)")
     if cfg.temperature <= 0:
         raise SystemExit("error: --temperature must be > 0: a greedy group has identical completions and no signal")
     if cfg.max_new_tokens >= cfg.max_length:
@@ -113,7 +117,8 @@ def main(cfg: GRPOConfig) -> dict:
         stats.warn()
     if not prompts:
         raise SystemExit("error: no usable prompts (all longer than max_length - max_new_tokens?)")
-    reward_fns = load_rewards(cfg.reward, cfg.reward_model, tokenizer, run.device, cfg.trust_remote_code, cfg.dtype)
+    reward_fns = load_rewards(cfg.reward, cfg.reward_model, tokenizer, run.device, cfg.trust_remote_code, cfg.dtype,
+                              cfg=cfg)
     if cfg.reward_weights and len(cfg.reward_weights) != len(reward_fns):
         raise SystemExit(f"error: {len(cfg.reward_weights)} --reward-weights for {len(reward_fns)} rewards "
                          "(one per --reward, then one for --reward-model)")
@@ -165,7 +170,7 @@ def main(cfg: GRPOConfig) -> dict:
             reward_fns, [ex.prompt for ex in exs], completions, columns, cfg.reward_weights,
             completion_ids=completion_ids, prompt_ids=[ex.prompt_ids for ex in exs],
             trainer_state=SimpleNamespace(global_step=step, max_steps=total_steps),
-            on_error="nan" if cfg.skip_nonfinite else "raise")  # (N,)
+            on_error="nan" if cfg.skip_nonfinite else "raise", timeout=cfg.reward_timeout)  # (N,)
         advantages = group_advantages(rewards, G, normalize_std=cfg.scale_rewards).to(run.device)  # (N,)
         nonfinite = (~torch.isfinite(rewards)).nonzero().flatten().tolist()  # NaN only under --skip-nonfinite
         detail = f" (prompts {plan.all_micro_batches(step)})" + (f", non-finite rewards of completions {nonfinite}"

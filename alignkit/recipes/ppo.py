@@ -1,6 +1,6 @@
 """alignkit ppo: RLHF with PPO against a reward model, InstructGPT step 3.
 
-Seed notes 002 §13.5 (clipped probability ratio, GAE, loss = policy + c1 * value - c2 * entropy);
+The notes, §13.5 (clipped probability ratio, GAE, loss = policy + c1 * value - c2 * entropy);
 Schulman et al. 2017 (PPO); Ouyang et al. 2022 (InstructGPT, eq. 2: RM score minus beta * KL to the
 initial policy); Ziegler et al. 2019 (per-token KL penalty, adaptive KL controller). Implementation
 details follow Huang et al. 2024, "The N Implementation Details of RLHF with PPO", and TRL's PPOTrainer.
@@ -38,7 +38,6 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
-from transformers import AutoTokenizer
 
 from alignkit import lora
 from alignkit.config import TrainConfig
@@ -47,7 +46,8 @@ from alignkit.generation import sample_groups
 from alignkit.logprobs import pack_completions
 from alignkit.losses import (aggregate, gae, kl_penalty, masked_sum, ppo_policy_loss, ppo_value_loss,
                              token_entropy, token_logps, whiten)
-from alignkit.models import backbone_and_head, load_causal_lm, load_reward_model, load_tokenizer, prepare, save_model
+from alignkit.models import backbone_and_head, load_causal_lm, load_tokenizer, prepare, save_model
+from alignkit.rewards import load_scorer
 from alignkit.train.batching import StepPlan, shuffled_batches
 from alignkit.train.optim import adamw, lr_factor, set_lr
 from alignkit.train.run import Run
@@ -107,19 +107,6 @@ class PPOConfig(TrainConfig):
     """Linear warmup steps (rollout steps)."""
     schedule: Literal["constant", "cosine"] = "constant"
     """Learning-rate schedule over rollout steps after warmup."""
-
-
-def load_scorer(path: str, cfg: PPOConfig, device, tokenizer, must_be_trained: bool):
-    """A sequence classifier with one output (reward or value model), safetensors only."""
-    p = Path(path)
-    model = load_reward_model(p, cfg.dtype, cfg.trust_remote_code, pad_token_id=tokenizer.pad_token_id)
-    if must_be_trained and not any("SequenceClassification" in a for a in model.config.architectures or []):
-        raise SystemExit(f"error: --reward-model {p} is not a reward model (architectures {model.config.architectures}); "
-                         "its score head would be random. Train one with `alignkit reward`.")
-    own = AutoTokenizer.from_pretrained(str(p), trust_remote_code=cfg.trust_remote_code) if any(p.glob("tokenizer*.json")) else None
-    if own is not None and own.get_vocab() != tokenizer.get_vocab():
-        raise SystemExit(f"error: {p} has a different tokenizer than --model; it would score other tokens than the policy samples")
-    return model.to(device)
 
 
 def token_scores(scorer, input_ids, attention_mask) -> torch.Tensor:
@@ -223,7 +210,8 @@ def main(cfg: PPOConfig) -> dict:
     policy = lora.load_trainable(cfg, run.checkpoint, dev)
     reference = None if lora.is_peft(policy) else (
         prepare(load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code, dev), cfg).eval().requires_grad_(False))
-    reward_model = load_scorer(cfg.reward_model, cfg, dev, tokenizer, must_be_trained=True).eval().requires_grad_(False)
+    reward_model = load_scorer(cfg.reward_model, tokenizer, dev, cfg.dtype, cfg.trust_remote_code, cfg=cfg,
+                               same_tokenizer=True)
     resume_value = run.checkpoint / "value" if run.checkpoint else None  # written by save_extra below
     if resume_value and not resume_value.is_dir():
         raise SystemExit(f"error: {run.checkpoint} has no value function state ({resume_value}); "
@@ -237,7 +225,8 @@ def main(cfg: PPOConfig) -> dict:
             value_head.load_state_dict(load_file(str(resume_value / "value_head.safetensors")))
     else:
         path = resume_value or cfg.value_model or cfg.reward_model
-        value_model = load_scorer(str(path), cfg, dev, tokenizer, must_be_trained=False)
+        value_model = load_scorer(path, tokenizer, dev, cfg.dtype, cfg.trust_remote_code, flag="--value-model",
+                                  trained=False, same_tokenizer=True)
     def save_value_state(checkpoint_dir: Path) -> None:  # into each checkpoint, atomically with the policy
         save_value(value_model, value_head, tokenizer, checkpoint_dir / "value")
 
