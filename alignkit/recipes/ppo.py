@@ -225,7 +225,7 @@ def main(cfg: PPOConfig) -> dict:
             value_head.load_state_dict(load_file(str(resume_value / "value_head.safetensors")))
     else:
         path = resume_value or cfg.value_model or cfg.reward_model
-        value_model = load_scorer(path, tokenizer, dev, cfg.dtype, cfg.trust_remote_code, flag="--value-model",
+        value_model = load_scorer(path, tokenizer, dev, cfg.dtype, cfg.trust_remote_code, cfg=cfg, flag="--value-model",
                                   trained=False, same_tokenizer=True)
     def save_value_state(checkpoint_dir: Path) -> None:  # into each checkpoint, atomically with the policy
         save_value(value_model, value_head, tokenizer, checkpoint_dir / "value")

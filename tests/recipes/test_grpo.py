@@ -208,3 +208,25 @@ def hangs(prompts, completions, **kw):
     with pytest.raises(SystemExit, match=r"(?s)'hangs' did not return within 0.5 s.*on sample \d+ of 16.*boom"):
         cli(grpo_args(tiny_model, toy, toy / "out", "--max-steps", "2", "--batch-size", "8", "--group-size", "2",
                       "--reward-timeout", "0.5", reward="hangs"))  # the 16 prompts in 2 steps
+
+
+def test_reward_model_is_prepared_as_the_policy(tiny_model, toy, monkeypatch):
+    """--autocast/--compile apply to every model grpo trains or scores with: policy, reference, reward model."""
+    from transformers import AutoModelForSequenceClassification
+
+    from alignkit import models
+
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    rm.save_pretrained(toy / "rm")
+    load_tokenizer(tiny_model).save_pretrained(toy / "rm")
+    original, prepared = models.prepare, []
+
+    def spy(model, cfg):
+        prepared.append(type(models.unwrap(model)).__name__)
+        return original(model, cfg)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("alignkit") and getattr(module, "prepare", None) is original:
+            monkeypatch.setattr(module, "prepare", spy)
+    cli(grpo_args(tiny_model, toy, toy / "out", "--max-steps", "1", "--beta", "0.1", "--reward-model", str(toy / "rm")))
+    assert sorted(prepared) == ["LlamaForCausalLM"] * 2 + ["LlamaForSequenceClassification"]
