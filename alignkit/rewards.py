@@ -467,6 +467,21 @@ def score_completions(fns, prompts: list, completions: list, columns: dict[str, 
     return total.float(), per_function
 
 
+def score_samples(fns, examples: list, completion_ids: list[list[int]], tokenizer, weights=None, **options):
+    """`score_completions` for sampled token ids: `examples` are the prompt records (`alignkit.data.load_prompts`),
+    one per completion. Completions are decoded (special tokens skipped) and, for conversational prompts, given
+    as assistant messages (TRL's convention); the records' other columns go to the functions. `options` are
+    `score_completions`' keyword arguments. Returns (rewards (N,), {name: (N,)}, decoded texts)."""
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    completions = [[{"role": "assistant", "content": t}] if isinstance(ex.prompt, list) else t
+                   for ex, t in zip(examples, texts)]
+    columns = {key: [ex.columns.get(key) for ex in examples] for key in sorted({k for ex in examples for k in ex.columns})}
+    rewards, per_function = score_completions(fns, [ex.prompt for ex in examples], completions, columns, weights,
+                                              completion_ids=completion_ids,
+                                              prompt_ids=[ex.prompt_ids for ex in examples], **options)
+    return rewards, per_function, texts
+
+
 def load_rewards(specs, reward_model: str | None, tokenizer, device, trust_remote_code: bool = False,
                  dtype: str = "float32", cfg=None) -> list:
     """The reward callables of a command: each --reward MODULE:FUNCTION, then --reward-model DIR last

@@ -28,7 +28,7 @@ from alignkit.config import Repeatable, save_config
 from alignkit.data import load_prompts
 from alignkit.generation import sample_groups
 from alignkit.models import load_causal_lm, load_tokenizer
-from alignkit.rewards import load_rewards, score_completions
+from alignkit.rewards import load_rewards, score_samples
 from alignkit.train import dist as distributed
 from alignkit.train.tracking import MetricsWriter
 
@@ -124,7 +124,8 @@ def main(cfg: BestOfNConfig) -> dict:
     if not prompts:
         raise SystemExit("error: no usable prompts (all longer than max_length - max_new_tokens?)")
     model = load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code, d.device).eval()
-    reward_fns = load_rewards(cfg.reward, cfg.reward_model, tokenizer, d.device, cfg.trust_remote_code, cfg.dtype)
+    reward_fns = load_rewards(cfg.reward, cfg.reward_model, tokenizer, d.device, cfg.trust_remote_code, cfg.dtype,
+                              cfg=cfg)
     if cfg.reward_weights and len(cfg.reward_weights) != len(reward_fns):
         raise SystemExit(f"error: {len(cfg.reward_weights)} --reward-weights for {len(reward_fns)} rewards")
 
@@ -139,15 +140,9 @@ def main(cfg: BestOfNConfig) -> dict:
             comp_ids, ended = sample_groups(model, tokenizer, [prompts[i].prompt_ids for i in idx], cfg.group_size,
                                             cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.generation_batch_size)
             exs = [prompts[i] for i in idx for _ in range(cfg.group_size)]
-            texts = tokenizer.batch_decode(comp_ids, skip_special_tokens=True)
-            comps = [[{"role": "assistant", "content": t}] if isinstance(ex.prompt, list) else t
-                     for ex, t in zip(exs, texts)]
-            columns = {k: [ex.columns.get(k) for ex in exs] for k in sorted({k for ex in exs for k in ex.columns})}
             # A failing or hanging reward function, or a NaN/inf reward, stops the run naming the function and sample.
-            rewards, per_function = score_completions(reward_fns, [ex.prompt for ex in exs], comps, columns,
-                                                      cfg.reward_weights, completion_ids=comp_ids,
-                                                      prompt_ids=[ex.prompt_ids for ex in exs],
-                                                      timeout=cfg.reward_timeout)
+            rewards, per_function, texts = score_samples(reward_fns, exs, comp_ids, tokenizer, cfg.reward_weights,
+                                                         timeout=cfg.reward_timeout)
             for g, i in enumerate(idx):
                 rows = range(g * cfg.group_size, (g + 1) * cfg.group_size)
                 rs = [rewards[j].item() for j in rows]
