@@ -304,19 +304,22 @@ def advantages_and_returns(cfg: PPOConfig, ro: Rollout, s: Scored, kl_coef: floa
     return whiten(advantages, ro.mask), returns, rewards  # whitened per process, as TRL (Ziegler et al. 2019)
 
 
+UPDATE_METRICS = ("loss", "policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl")
+
+
 def update(cfg: PPOConfig, run: Run, ddp_ac, actor_critic, optimizer, ro: Rollout, s: Scored, advantages, returns,
            epochs, step: int) -> tuple[dict, dict, int]:
     """PPO epochs, one optimizer update per mini-batch; token means over the whole mini-batch (a global
     denominator across micro-batches and processes, times world_size for DDP's average).
     Returns (summed means over updates, {approx_kl, clip_frac: one value per update}, tokens processed)."""
     ws = run.world_size
-    sums = dict.fromkeys(("loss", "policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl", "grad_norm"), 0.0)
+    sums = dict.fromkeys((*UPDATE_METRICS, "grad_norm"), 0.0)
     per_update = {"approx_kl": [], "clip_frac": []}  # the first one is exactly 0: nothing changed yet
     tokens = 0
     for mini_batches in epochs:
         for micro in mini_batches:
             n_tokens = run.dist.all_reduce_sum(sum(len(ro.completions[i]) for mb in micro for i in mb)).item()
-            local = dict.fromkeys(("loss", "policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl"), 0.0)
+            local = dict.fromkeys(UPDATE_METRICS, 0.0)  # token means over this mini-batch, by name
             for rows in micro_steps(ddp_ac, micro):
                 b, m = ro.pack(rows), ro.mask[rows]
                 logits, values = ddp_ac(b)
@@ -329,11 +332,10 @@ def update(cfg: PPOConfig, run: Run, ddp_ac, actor_critic, optimizer, ro: Rollou
                 loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
                 (loss * ws).backward()
                 share = m.sum().item() / n_tokens  # this micro-batch's weight in the mini-batch token mean
-                for key, value in (("loss", loss.item()), ("policy_loss", policy_loss.item()),
-                                   ("value_loss", value_loss.item()), ("entropy", entropy.item()),
-                                   ("clip_frac", pm["clip_frac"].item() * share),
-                                   ("approx_kl", pm["approx_kl"].item() * share)):
-                    local[key] += value
+                got = {"loss": loss.item(), "policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
+                       "entropy": entropy.item(), "clip_frac": pm["clip_frac"].item() * share,
+                       "approx_kl": pm["approx_kl"].item() * share}
+                local = {key: local[key] + got[key] for key in local}
                 tokens += b["input_ids"].numel() if b["attention_mask"] is None else int(b["attention_mask"].sum())
             totals = run.dist.reduce_sums(local)
             totals["grad_norm"] = optimizer_step(run, actor_critic, optimizer, totals["loss"], step + 1,
