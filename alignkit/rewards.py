@@ -17,7 +17,9 @@ Reward-function convention (the same as TRL's GRPOTrainer, so functions written 
   nothing to that sample's total (a sample where every function returns None gets 0, with a warning).
 
 `score_completions` calls each function, checks what it returned, and reports a failure with the
-function's name and the offending sample (prompt, completion, columns).
+function's name and the offending sample (prompt, completion, columns); a call that does not return
+within --reward-timeout seconds is such a failure too, so a hanging reward function stops the run
+instead of hanging it.
 """
 
 from __future__ import annotations
@@ -25,15 +27,21 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import json
 import math
 import numbers
+import os
 import re
+import signal
 import sys
+import threading
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
+from transformers.utils import logging as hf_logging
 
 # ----------------------------------------------------------------------------------------------
 # Loading user functions
@@ -144,9 +152,75 @@ def format_check(prompts, completions, **kwargs) -> list[float]:
 # ----------------------------------------------------------------------------------------------
 
 
+def is_sequence_classifier(architectures) -> bool:
+    """Whether a config's `architectures` name a trained sequence classifier (not a causal LM)."""
+    return any("SequenceClassification" in a for a in architectures or [])
+
+
+def _architectures(path: Path) -> list[str] | None:
+    """`architectures` of path/config.json, read before loading; None when the directory has no config.json."""
+    config = path / "config.json"
+    return json.loads(config.read_text()).get("architectures") if config.is_file() else None
+
+
+def _not_a_reward_model(flag: str, path: Path, architectures) -> SystemExit:
+    return SystemExit(f"error: {flag} {path} is not a reward model (architectures {architectures}); its score head "
+                      "would be random. Train one with `alignkit reward`.")
+
+
+@contextmanager
+def _quiet_load_report():
+    """transformers' warnings off while loading a causal LM whose score head is expected to be new: its
+    LOAD REPORT would list that head as MISSING, as if something had gone wrong."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def load_scorer(path, tokenizer, device="cpu", dtype: str = "float32", trust_remote_code: bool = False, *,
+                cfg=None, flag: str = "--reward-model", trained: bool = True, same_tokenizer: bool = False):
+    """The one loader of reward models (ppo, grpo, best-of-n) and of PPO's value model: a sequence
+    classifier with one output (safetensors only), prepared as the policy is (`models.prepare`:
+    --autocast and --compile of `cfg`).
+
+    trained=True (a reward model, frozen) refuses a causal LM, whose score head would be random numbers.
+    trained=False (a value model, trained from here) accepts one and says once, plainly, that its head is
+    new. same_tokenizer=True refuses a directory with another vocabulary than `tokenizer` (for callers that
+    feed it the policy's token ids)."""
+    from alignkit.models import load_reward_model, prepare
+
+    p = Path(path)
+    declared = _architectures(p) if p.is_dir() else None
+    new_head = declared is not None and not is_sequence_classifier(declared)
+    if new_head and trained:
+        raise _not_a_reward_model(flag, p, declared)
+    if new_head and int(os.environ.get("RANK", "0")) == 0:
+        print(f"{flag} {p} is a causal LM ({', '.join(declared)}): its score head is new, initialised here")
+    with _quiet_load_report() if new_head else nullcontext():
+        model = load_reward_model(p, dtype, trust_remote_code, device, pad_token_id=tokenizer.pad_token_id)
+    if trained and not is_sequence_classifier(model.config.architectures):  # e.g. a directory without config.json
+        raise _not_a_reward_model(flag, p, model.config.architectures)
+    if model.config.num_labels != 1:
+        raise SystemExit(f"error: {flag} {p} has num_labels={model.config.num_labels}; a reward model has one "
+                         "output (num_labels=1)")
+    if same_tokenizer and any(p.glob("tokenizer*.json")):
+        from transformers import AutoTokenizer
+
+        own = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
+        if own.get_vocab() != tokenizer.get_vocab():
+            raise SystemExit(f"error: {flag} {p} has a different tokenizer than --model; it would score other tokens "
+                             "than the policy samples")
+    if trained:
+        model.eval().requires_grad_(False)
+    return prepare(model, cfg) if cfg is not None else model
+
+
 class RewardModelScorer:
     """Scores prompt + completion with a sequence-classification reward model (num_labels=1, e.g. from
-    `alignkit reward`): the score head read at the last real token, as in training.
+    `alignkit reward`, loaded by `load_scorer`): the score head read at the last real token, as in training.
 
     Input ids are ``prompt_ids + completion_ids`` directly when the reward model's tokenizer and chat
     template are the policy's (the same ids the reward model saw in training, via `alignkit.data`
@@ -156,15 +230,11 @@ class RewardModelScorer:
     __name__ = "reward_model"
 
     def __init__(self, path: str, tokenizer, device="cpu", batch_size: int = 32, dtype: str = "float32",
-                 trust_remote_code: bool = False):
-        from alignkit.models import load_reward_model, load_tokenizer
+                 trust_remote_code: bool = False, cfg=None):
+        from alignkit.models import load_tokenizer
 
         p = Path(path)
-        self.model = load_reward_model(p, dtype, trust_remote_code, device, pad_token_id=tokenizer.pad_token_id)
-        if self.model.config.num_labels != 1:
-            raise SystemExit(f"error: --reward-model {path} has num_labels={self.model.config.num_labels}; a reward "
-                             "model has one output (num_labels=1)")
-        self.model.eval().requires_grad_(False)
+        self.model = load_scorer(p, tokenizer, device, dtype, trust_remote_code, cfg=cfg)
         has_tok = any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
         self.tokenizer = load_tokenizer(p, trust_remote_code) if has_tok else tokenizer
         template = lambda t: getattr(t, "chat_template", None)  # noqa: E731
@@ -227,10 +297,36 @@ def describe_sample(i: int, prompts, completions, kwargs: dict) -> str:
             + (f"\n  columns: {_short(cols)}" if cols else ""))
 
 
-def _call(fn, prompts, completions, kwargs: dict):
+class _Timeout(BaseException):
+    """Raised inside a reward function that ran past its time (a BaseException: user code's `except Exception`
+    must not swallow it)."""
+
+
+def _on_timeout(signum, frame):
+    raise _Timeout
+
+
+def _call(fn, prompts, completions, kwargs: dict, timeout: float | None = None):
+    """fn(prompts, completions, **the kwargs it accepts), interrupted with `_Timeout` after `timeout` seconds.
+
+    The function runs in the main thread, where TRL runs it too (reward code such as math-verify sets its own
+    SIGALRM timers, which only work there); a timer thread interrupts it with SIGUSR1. Off the main thread,
+    or without a timeout, it is a plain call."""
     var_kw, names = _accepts(fn)
     kw = {"prompts": prompts, "completions": completions, **kwargs}
-    return fn(**(kw if var_kw else {k: v for k, v in kw.items() if k in names}))
+    kw = kw if var_kw else {k: v for k, v in kw.items() if k in names}
+    if not timeout or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_kill"):
+        return fn(**kw)
+    main = threading.main_thread().ident
+    timer = threading.Timer(timeout, signal.pthread_kill, (main, signal.SIGUSR1))
+    previous = signal.signal(signal.SIGUSR1, _on_timeout)
+    try:
+        timer.start()
+        return fn(**kw)
+    finally:
+        timer.cancel()
+        if previous is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGUSR1, previous)
 
 
 def _check_values(name: str, out, n: int, prompts, completions, kwargs, offset: int = 0) -> list[float]:
@@ -260,19 +356,40 @@ def _check_values(name: str, out, n: int, prompts, completions, kwargs, offset: 
     return values
 
 
-def _run_one(name, fn, prompts, completions, kwargs, on_error: str) -> list[float | None]:
+def _run_one(name, fn, prompts, completions, kwargs, on_error: str, timeout: float | None = None) -> list[float | None]:
     n = len(completions)
+
+    def alone(i):  # fn called on sample i alone: (its output, its kwargs)
+        one = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == n else v) for k, v in kwargs.items()}
+        try:
+            return _call(fn, prompts[i:i + 1], completions[i:i + 1], one, timeout), one
+        except _Timeout:
+            raise RewardError(f"error: reward function {name!r} did not return within {timeout:g} s "
+                              f"(--reward-timeout) on sample {i} of {n}\n"
+                              + describe_sample(i, prompts, completions, kwargs)) from None
+
     try:
-        out = _call(fn, prompts, completions, kwargs)
+        out = _call(fn, prompts, completions, kwargs, timeout)
+    except _Timeout:
+        # Call sample by sample to name the one it hangs on; a sample that fails instead is another story.
+        for i in range(n):
+            try:
+                alone(i)
+            except RewardError:
+                raise
+            except Exception:
+                pass
+        raise RewardError(f"error: reward function {name!r} did not return within {timeout:g} s (--reward-timeout) "
+                          f"on the batch of {n} completions, though it did on each one alone; raise "
+                          "--reward-timeout") from None
     except Exception as batch_error:
         # Call sample by sample to find (and name) the offending one(s).
         values: list[float | None] = []
         failures = []
         for i in range(n):
-            one = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == n else v) for k, v in kwargs.items()}
             try:
-                values += _check_values(name, _call(fn, prompts[i:i + 1], completions[i:i + 1], one), 1,
-                                        prompts[i:i + 1], completions[i:i + 1], one, offset=i)
+                out_i, one = alone(i)
+                values += _check_values(name, out_i, 1, prompts[i:i + 1], completions[i:i + 1], one, offset=i)
             except RewardError:
                 raise
             except Exception as e:
@@ -299,14 +416,16 @@ def _run_one(name, fn, prompts, completions, kwargs, on_error: str) -> list[floa
 
 def score_completions(fns, prompts: list, completions: list, columns: dict[str, list] | None = None,
                       weights=None, *, completion_ids=None, prompt_ids=None, trainer_state=None,
-                      on_error: str = "raise") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      on_error: str = "raise", timeout: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total reward per completion, ``sum_f weight_f * r_f`` -> (rewards (N,) float32, {name: (N,)}).
 
     In the per-function tensors "not applicable" (None) is NaN; in the total it adds 0, as in TRL.
     A function that raises is called sample by sample to name the offending sample; then a
     `RewardError` (SystemExit) is raised, or, with ``on_error="nan"`` (the recipes pass it under
     --skip-nonfinite), the failing samples get NaN with a warning, so the total is NaN and the recipe
-    skips the step. Returned NaN/inf are errors too unless ``on_error="nan"``.
+    skips the step. Returned NaN/inf are errors too unless ``on_error="nan"``. A call of a reward
+    function (not of the reward model) that has not returned after ``timeout`` seconds is an error naming
+    the function and the sample it hangs on, whatever ``on_error`` says.
     """
     n = len(completions)
     weights = [1.0] * len(fns) if weights is None or len(weights) == 0 else list(weights)
@@ -331,7 +450,8 @@ def score_completions(fns, prompts: list, completions: list, columns: dict[str, 
     per_function: dict[str, torch.Tensor] = {}
     for fn, w in zip(fns, weights):
         name = reward_name(fn)
-        values = _run_one(name, fn, prompts, completions, kwargs, on_error)
+        limit = None if isinstance(fn, RewardModelScorer) else timeout  # our code; it may just be slow
+        values = _run_one(name, fn, prompts, completions, kwargs, on_error, limit)
         r = torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float64)  # (N,)
         given = torch.tensor([v is not None for v in values], dtype=torch.bool)  # (N,)
         total += torch.where(given, w * r, 0.0)
@@ -347,13 +467,29 @@ def score_completions(fns, prompts: list, completions: list, columns: dict[str, 
     return total.float(), per_function
 
 
+def score_samples(fns, examples: list, completion_ids: list[list[int]], tokenizer, weights=None, **options):
+    """`score_completions` for sampled token ids: `examples` are the prompt records (`alignkit.data.load_prompts`),
+    one per completion. Completions are decoded (special tokens skipped) and, for conversational prompts, given
+    as assistant messages (TRL's convention); the records' other columns go to the functions. `options` are
+    `score_completions`' keyword arguments. Returns (rewards (N,), {name: (N,)}, decoded texts)."""
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    completions = [[{"role": "assistant", "content": t}] if isinstance(ex.prompt, list) else t
+                   for ex, t in zip(examples, texts)]
+    columns = {key: [ex.columns.get(key) for ex in examples] for key in sorted({k for ex in examples for k in ex.columns})}
+    rewards, per_function = score_completions(fns, [ex.prompt for ex in examples], completions, columns, weights,
+                                              completion_ids=completion_ids,
+                                              prompt_ids=[ex.prompt_ids for ex in examples], **options)
+    return rewards, per_function, texts
+
+
 def load_rewards(specs, reward_model: str | None, tokenizer, device, trust_remote_code: bool = False,
-                 dtype: str = "float32") -> list:
-    """The reward callables of a command: each --reward MODULE:FUNCTION, then --reward-model DIR last."""
+                 dtype: str = "float32", cfg=None) -> list:
+    """The reward callables of a command: each --reward MODULE:FUNCTION, then --reward-model DIR last
+    (prepared with `cfg`'s --autocast/--compile, as the policy)."""
     fns = [load_reward_function(s) for s in specs]
     if reward_model:
         fns.append(RewardModelScorer(reward_model, tokenizer, device, dtype=dtype,
-                                     trust_remote_code=trust_remote_code))
+                                     trust_remote_code=trust_remote_code, cfg=cfg))
     if not fns:
         raise SystemExit("error: give at least one --reward MODULE:FUNCTION or a --reward-model DIR")
     return fns

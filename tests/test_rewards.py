@@ -149,3 +149,36 @@ def test_reward_model_scorer_padding_and_eos(tiny_model, reward_model_dir):
     ids = render_prompt_completion(tok, MSG, [{"role": "assistant", "content": "5"}]).input_ids
     with torch.no_grad():
         assert conv[0] == pytest.approx(ref(input_ids=torch.tensor([ids])).logits[0, 0].item(), abs=1e-5)
+
+
+def test_reward_model_scorer_refuses_a_causal_lm(tiny_model, reward_model_dir):
+    """One loader for every command's reward model (ppo's check): a causal LM's score head would be random."""
+    from alignkit.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model)
+    with pytest.raises(SystemExit, match="is not a reward model"):
+        RewardModelScorer(str(tiny_model), tok)
+    assert RewardModelScorer(str(reward_model_dir), tok).model.config.num_labels == 1
+
+
+def test_a_hanging_reward_function_stops_naming_itself_and_the_sample():
+    """A reward that never returns (here: on one prompt) would hang the run; after the timeout the error
+    names the function and the sample, even if the function catches every Exception."""
+    import time
+
+    prompts = [[{"role": "user", "content": q}] for q in ("q0", "q1", "stuck here", "q3")]
+
+    def sleepy(prompts, completions, **kw):
+        try:
+            for p in prompts:
+                if p[0]["content"] == "stuck here":
+                    time.sleep(10 ** 6)
+        except Exception:
+            pass
+        return [1.0] * len(prompts)
+
+    with pytest.raises(RewardError, match=r"(?s)'sleepy' did not return within 0.3 s \(--reward-timeout\) on sample 2 "
+                                          r"of 4.*stuck here.*'c'"):
+        score_completions([sleepy], prompts, ["a", "b", "c", "d"], {}, timeout=0.3)
+    total, _ = score_completions([sleepy], prompts[:2], ["a", "b"], {}, timeout=5)  # a quick call is unaffected
+    assert total.tolist() == [1.0, 1.0]

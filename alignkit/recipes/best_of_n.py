@@ -1,7 +1,7 @@
-"""alignkit best-of-n: rejection sampling (seed 001, slide 55; the rejection-sampling step of Llama 2,
+"""alignkit best-of-n: rejection sampling (the notes, slide 55; the rejection-sampling step of Llama 2,
 Touvron et al. 2023 §3.2.3, and of iterative "RAFT"/expert-iteration pipelines).
 
-For each prompt, sample n completions from the model, score them with a reward model and/or reward
+For each prompt, sample --group-size completions from the model, score them with a reward model and/or reward
 functions, and keep the best one. The kept completions are written as SFT data (OUTPUT/best.jsonl), and
 with --pairs the best and the worst of each prompt as preference pairs (OUTPUT/pairs.jsonl) for an
 iterative DPO round. Nothing is trained. The mean reward of the kept completions against the mean
@@ -28,14 +28,14 @@ from alignkit.config import Repeatable, save_config
 from alignkit.data import load_prompts
 from alignkit.generation import sample_groups
 from alignkit.models import load_causal_lm, load_tokenizer
-from alignkit.rewards import load_rewards, score_completions
+from alignkit.rewards import load_rewards, score_samples
 from alignkit.train import dist as distributed
 from alignkit.train.tracking import MetricsWriter
 
 
 @dataclass
 class BestOfNConfig:
-    """Rejection sampling: keep the best of n samples per prompt as SFT data (and best/worst pairs)."""
+    """Rejection sampling: keep the best of --group-size samples per prompt as SFT data (and best/worst pairs)."""
 
     model: str = ""
     """Local Hugging Face model directory (the policy that samples)."""
@@ -45,10 +45,10 @@ class BestOfNConfig:
     """Output directory: best.jsonl, pairs.jsonl (--pairs), metrics.jsonl, config.yaml."""
     config: str | None = None
     """YAML file of defaults for these fields; command-line flags override it."""
-    n: Annotated[int, tyro.conf.arg(aliases=("--num-samples",))] = 8
-    """Samples per prompt (alias --num-samples: under torchrun, whose parser takes --n for its own flags)."""
+    group_size: Annotated[int, tyro.conf.arg(aliases=("--n", "--num-samples"))] = 8
+    """Samples per prompt, as ppo's and grpo's --group-size (older names --n and --num-samples still work)."""
     batch_size: int = 8
-    """Prompts per sampling batch (each sampled n times)."""
+    """Prompts per sampling batch (each sampled --group-size times)."""
     max_prompts: int = -1
     """Use only the first N prompts of the data (-1 = all)."""
     max_new_tokens: int = 128
@@ -67,6 +67,8 @@ class BestOfNConfig:
     """Weight per reward: one per --reward, in order, then one for --reward-model if given (default all 1)."""
     reward_model: str | None = None
     """Sequence-classification reward model directory (e.g. from `alignkit reward`)."""
+    reward_timeout: float = 600.0
+    """Seconds one call of a --reward function may take; past that the run stops, naming the function and the sample it hangs on (0 = no limit)."""
     pairs: bool = False
     """Also write OUTPUT/pairs.jsonl: best (chosen) vs worst (rejected) per prompt; ties are skipped and counted."""
     keep_truncated: bool = False
@@ -103,10 +105,12 @@ def pair_record(prompt, chosen: str, rejected: str) -> dict:
 def main(cfg: BestOfNConfig) -> dict:
     if not cfg.data:
         raise SystemExit("error: alignkit best-of-n needs --data FILE (records with a 'prompt' field)")
-    if cfg.n < 1 or cfg.n < 2 and cfg.pairs:
-        raise SystemExit("error: --n must be >= 1 (>= 2 with --pairs)")
+    if cfg.group_size < 1 or cfg.group_size < 2 and cfg.pairs:
+        raise SystemExit("error: --group-size must be >= 1 (>= 2 with --pairs)")
     if cfg.temperature <= 0:
-        raise SystemExit("error: --temperature must be > 0: greedy decoding gives n identical samples")
+        raise SystemExit("error: --temperature must be > 0: greedy decoding gives --group-size identical samples")
+    if cfg.reward_timeout < 0:
+        raise SystemExit(f"error: --reward-timeout {cfg.reward_timeout} must be >= 0 seconds (0 = no limit)")
     d = distributed.setup(cfg.device)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +124,8 @@ def main(cfg: BestOfNConfig) -> dict:
     if not prompts:
         raise SystemExit("error: no usable prompts (all longer than max_length - max_new_tokens?)")
     model = load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code, d.device).eval()
-    reward_fns = load_rewards(cfg.reward, cfg.reward_model, tokenizer, d.device, cfg.trust_remote_code, cfg.dtype)
+    reward_fns = load_rewards(cfg.reward, cfg.reward_model, tokenizer, d.device, cfg.trust_remote_code, cfg.dtype,
+                              cfg=cfg)
     if cfg.reward_weights and len(cfg.reward_weights) != len(reward_fns):
         raise SystemExit(f"error: {len(cfg.reward_weights)} --reward-weights for {len(reward_fns)} rewards")
 
@@ -132,19 +137,14 @@ def main(cfg: BestOfNConfig) -> dict:
         for b in tqdm(mine, disable=not (cfg.progress and d.is_main), desc="best-of-n"):
             idx = batches[b]
             torch.manual_seed(cfg.seed * 100003 + b)
-            comp_ids, ended = sample_groups(model, tokenizer, [prompts[i].prompt_ids for i in idx], cfg.n,
+            comp_ids, ended = sample_groups(model, tokenizer, [prompts[i].prompt_ids for i in idx], cfg.group_size,
                                             cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.generation_batch_size)
-            exs = [prompts[i] for i in idx for _ in range(cfg.n)]
-            texts = tokenizer.batch_decode(comp_ids, skip_special_tokens=True)
-            comps = [[{"role": "assistant", "content": t}] if isinstance(ex.prompt, list) else t
-                     for ex, t in zip(exs, texts)]
-            columns = {k: [ex.columns.get(k) for ex in exs] for k in sorted({k for ex in exs for k in ex.columns})}
-            # A failing reward function, or a NaN/inf reward, stops the run naming the function and sample.
-            rewards, per_function = score_completions(reward_fns, [ex.prompt for ex in exs], comps, columns,
-                                                      cfg.reward_weights, completion_ids=comp_ids,
-                                                      prompt_ids=[ex.prompt_ids for ex in exs])
+            exs = [prompts[i] for i in idx for _ in range(cfg.group_size)]
+            # A failing or hanging reward function, or a NaN/inf reward, stops the run naming the function and sample.
+            rewards, per_function, texts = score_samples(reward_fns, exs, comp_ids, tokenizer, cfg.reward_weights,
+                                                         timeout=cfg.reward_timeout)
             for g, i in enumerate(idx):
-                rows = range(g * cfg.n, (g + 1) * cfg.n)
+                rows = range(g * cfg.group_size, (g + 1) * cfg.group_size)
                 rs = [rewards[j].item() for j in rows]
                 ok = [j for j in rows if ended[j] or cfg.keep_truncated]
                 rec = {"index": i, "batch": b, "rewards": rs,
@@ -187,7 +187,7 @@ def merge(cfg: BestOfNConfig, out: Path, n_batches: int, world_size: int, second
         everything = [x for rec in rs for x in rec["rewards"] if x is not None]
         best = [rec["best"]["reward"] for rec in rs if rec["best"] is not None]
         row = {"reward_best": sum(best) / max(1, len(best)), "reward_mean": sum(everything) / max(1, len(everything)),
-               "completions": len(rs) * cfg.n, "prompts": len(rs), "kept": len(best),
+               "completions": len(rs) * cfg.group_size, "prompts": len(rs), "kept": len(best),
                "truncated": sum(rec["truncated"] for rec in rs)}
         for name in (rs[0]["per_function"] if rs else {}):
             vals = [x for rec in rs for x in rec["per_function"][name] if x is not None]
@@ -203,6 +203,6 @@ def merge(cfg: BestOfNConfig, out: Path, n_batches: int, world_size: int, second
              "ties": sum(rec["tie"] for rec in recs), "pairs": sum(rec["pair"] is not None for rec in recs),
              "seconds": seconds, "completions_per_s": total["completions"] / max(seconds, 1e-9)}
     metrics.log(final)
-    print(f"best-of-{cfg.n}: {total['kept']}/{total['prompts']} prompts kept, reward of the best "
+    print(f"best-of-{cfg.group_size}: {total['kept']}/{total['prompts']} prompts kept, reward of the best "
           f"{total['reward_best']:.4f} vs a random sample {total['reward_mean']:.4f} -> {out / 'best.jsonl'}")
     return final

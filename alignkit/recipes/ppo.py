@@ -1,6 +1,6 @@
 """alignkit ppo: RLHF with PPO against a reward model, InstructGPT step 3.
 
-Seed notes 002 §13.5 (clipped probability ratio, GAE, loss = policy + c1 * value - c2 * entropy);
+The notes, §13.5 (clipped probability ratio, GAE, loss = policy + c1 * value - c2 * entropy);
 Schulman et al. 2017 (PPO); Ouyang et al. 2022 (InstructGPT, eq. 2: RM score minus beta * KL to the
 initial policy); Ziegler et al. 2019 (per-token KL penalty, adaptive KL controller). Implementation
 details follow Huang et al. 2024, "The N Implementation Details of RLHF with PPO", and TRL's PPOTrainer.
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,7 +37,6 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
-from transformers import AutoTokenizer
 
 from alignkit import lora
 from alignkit.config import TrainConfig
@@ -47,10 +45,12 @@ from alignkit.generation import sample_groups
 from alignkit.logprobs import pack_completions
 from alignkit.losses import (aggregate, gae, kl_penalty, masked_sum, ppo_policy_loss, ppo_value_loss,
                              token_entropy, token_logps, whiten)
-from alignkit.models import backbone_and_head, load_causal_lm, load_reward_model, load_tokenizer, prepare, save_model
+from alignkit.models import LastTokenReward, backbone_and_head, load_causal_lm, load_tokenizer, prepare, save_model
+from alignkit.rewards import load_scorer
 from alignkit.train.batching import StepPlan, shuffled_batches
 from alignkit.train.optim import adamw, lr_factor, set_lr
 from alignkit.train.run import Run
+from alignkit.train.step import micro_steps, optimizer_step
 
 
 @dataclass
@@ -109,22 +109,9 @@ class PPOConfig(TrainConfig):
     """Learning-rate schedule over rollout steps after warmup."""
 
 
-def load_scorer(path: str, cfg: PPOConfig, device, tokenizer, must_be_trained: bool):
-    """A sequence classifier with one output (reward or value model), safetensors only."""
-    p = Path(path)
-    model = load_reward_model(p, cfg.dtype, cfg.trust_remote_code, pad_token_id=tokenizer.pad_token_id)
-    if must_be_trained and not any("SequenceClassification" in a for a in model.config.architectures or []):
-        raise SystemExit(f"error: --reward-model {p} is not a reward model (architectures {model.config.architectures}); "
-                         "its score head would be random. Train one with `alignkit reward`.")
-    own = AutoTokenizer.from_pretrained(str(p), trust_remote_code=cfg.trust_remote_code) if any(p.glob("tokenizer*.json")) else None
-    if own is not None and own.get_vocab() != tokenizer.get_vocab():
-        raise SystemExit(f"error: {p} has a different tokenizer than --model; it would score other tokens than the policy samples")
-    return model.to(device)
-
-
 def token_scores(scorer, input_ids, attention_mask) -> torch.Tensor:
-    """Score head at every position (B, T): the value function needs every position, and the reward
-    model is read at each row's last real token, as `alignkit reward` trained it (`LastTokenReward`)."""
+    """Score head at every position (B, T): the value function's V(state) at every token (the reward model
+    is read at each row's last real token only, by `LastTokenReward`, as `alignkit reward` trained it)."""
     backbone, head = backbone_and_head(scorer)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return head(hidden).squeeze(-1).float()  # (B, T)
@@ -204,27 +191,52 @@ def save_value(value_model, value_head, tokenizer, out: Path) -> None:
         save_model(value_model, tokenizer, out)
 
 
-def main(cfg: PPOConfig) -> dict:
+@dataclass
+class Rollout:
+    """One step's samples on this process: row i is prompt_ids[i] + completions[i] (group_size rows per prompt)."""
+
+    prompt_ids: list[list[int]]
+    completions: list[list[int]]
+    ended: torch.Tensor  # (N,) True where sampling stopped at a stop token
+    lengths: torch.Tensor  # (N,) completion lengths
+    mask: torch.Tensor  # (N, W) real completion tokens in the completion layout
+    pad_id: int
+
+    def pack(self, rows: list[int]) -> dict:
+        return pack_rollout([self.prompt_ids[i] for i in rows], [self.completions[i] for i in rows],
+                            self.mask.shape[1], self.pad_id, self.mask.device)
+
+
+@dataclass
+class Scored:
+    """What the rollout's policy, reference, value function and reward model say about it, before any update."""
+
+    old_logps: torch.Tensor  # (N, W)
+    ref_logps: torch.Tensor  # (N, W)
+    old_values: torch.Tensor  # (N, W)
+    scores: torch.Tensor  # (N,) reward-model scores
+
+
+def check_config(cfg: PPOConfig) -> None:
     if not cfg.data or not cfg.reward_model:
         raise SystemExit("error: alignkit ppo needs --data FILE (prompts) and --reward-model DIR")
     if cfg.value_head and cfg.value_model:
         raise SystemExit("error: --value-head and --value-model are alternatives; give one")
     if not 0 < cfg.max_new_tokens < cfg.max_length:
         raise SystemExit(f"error: --max-new-tokens {cfg.max_new_tokens} must be > 0 and leave room for a prompt in --max-length {cfg.max_length}")
-    run = Run(cfg, "ppo")
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    prompts, stats = load_prompts(list(cfg.data), tokenizer, cfg.max_length - cfg.max_new_tokens, strict=cfg.strict)
-    if run.is_main:
-        stats.warn()
-    pad, dev, ws = tokenizer.pad_token_id, run.device, run.world_size
 
-    # Models. Dropout stays off everywhere (eval mode): the rollout's log-probs and the first PPO
-    # forward must agree exactly, or the "ratio" is noise from the start (Huang et al. 2024).
+
+def load_models(cfg: PPOConfig, run: Run, tokenizer):
+    """(policy, reference, reward model, value model, value head), each prepared for --autocast/--compile.
+    Dropout stays off everywhere (eval mode): the rollout's log-probs and the first PPO forward must agree
+    exactly, or the "ratio" is noise from the start (Huang et al. 2024)."""
+    dev = run.device
     policy = lora.load_trainable(cfg, run.checkpoint, dev)
     reference = None if lora.is_peft(policy) else (
         prepare(load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code, dev), cfg).eval().requires_grad_(False))
-    reward_model = load_scorer(cfg.reward_model, cfg, dev, tokenizer, must_be_trained=True).eval().requires_grad_(False)
-    resume_value = run.checkpoint / "value" if run.checkpoint else None  # written by save_extra below
+    reward_model = load_scorer(cfg.reward_model, tokenizer, dev, cfg.dtype, cfg.trust_remote_code, cfg=cfg,
+                               same_tokenizer=True)
+    resume_value = run.checkpoint / "value" if run.checkpoint else None  # written by save_value each checkpoint
     if resume_value and not resume_value.is_dir():
         raise SystemExit(f"error: {run.checkpoint} has no value function state ({resume_value}); "
                          "delete that checkpoint to resume from the previous one")
@@ -237,136 +249,171 @@ def main(cfg: PPOConfig) -> dict:
             value_head.load_state_dict(load_file(str(resume_value / "value_head.safetensors")))
     else:
         path = resume_value or cfg.value_model or cfg.reward_model
-        value_model = load_scorer(str(path), cfg, dev, tokenizer, must_be_trained=False)
-    def save_value_state(checkpoint_dir: Path) -> None:  # into each checkpoint, atomically with the policy
-        save_value(value_model, value_head, tokenizer, checkpoint_dir / "value")
+        value_model = load_scorer(path, tokenizer, dev, cfg.dtype, cfg.trust_remote_code, cfg=cfg, flag="--value-model",
+                                  trained=False, same_tokenizer=True)
+    return policy, reference, reward_model, value_model, value_head
 
+
+def rollout(cfg: PPOConfig, run: Run, policy, tokenizer, prompt_ids: list[list[int]], step: int) -> Rollout:
+    """group_size samples per prompt, seeded per (step, rank): a resumed run samples what the original did."""
+    torch.manual_seed(cfg.seed * 100003 + step + run.dist.rank * 7919)
+    completions, ended = sample_groups(policy, tokenizer, prompt_ids, cfg.group_size, cfg.max_new_tokens,
+                                       cfg.temperature, cfg.top_p)
+    lengths = torch.tensor([len(c) for c in completions], device=run.device)  # (N,)
+    mask = torch.arange(int(lengths.max()), device=run.device)[None] < lengths[:, None]  # (N, W)
+    return Rollout([p for p in prompt_ids for _ in range(cfg.group_size)], completions,
+                   torch.tensor(ended, device=run.device), lengths, mask, tokenizer.pad_token_id)
+
+
+def update_plan(cfg: PPOConfig, step: int, n: int) -> list[list[list[list[int]]]]:
+    """PPO's shuffled mini-batches for every epoch, fixed before the rollout is scored: epochs[e] = mini-batches,
+    each a list of micro-batches (lists of rollout rows). The scoring forward runs on exactly the first epoch's
+    micro-batches, so the first update's forward repeats it bit for bit (ratio == 1)."""
+    gen = torch.Generator().manual_seed(cfg.seed * 100003 + step)
+    size = cfg.mini_batch_size or n
+    epochs = []
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(n, generator=gen).tolist()
+        epochs.append([chunks(order[k:k + size], cfg.grad_accum) for k in range(0, n, size)])
+    return epochs
+
+
+@torch.no_grad()
+def score(cfg: PPOConfig, actor_critic: ActorCritic, reference, reward_model, ro: Rollout, micro_batches) -> Scored:
+    """Old log-probs and values (the policy before any update), reference log-probs and reward-model scores."""
+    N, W = ro.mask.shape
+    policy, dev = actor_critic.policy, ro.mask.device
+    s = Scored(*(torch.zeros(N, W, device=dev) for _ in range(3)), torch.zeros(N, device=dev))
+    reward = LastTokenReward(reward_model)  # the token `alignkit reward` trained on
+    for rows in micro_batches:
+        b = ro.pack(rows)
+        logits, values = actor_critic(b)
+        s.old_logps[rows], s.old_values[rows] = token_logps(logits, b["labels"]), values
+        with lora.reference(policy):
+            s.ref_logps[rows] = token_logps(completion_logits(reference or policy, b, cfg.temperature)[0], b["labels"])
+        s.scores[rows] = reward(b["input_ids"], b["attention_mask"]).float()
+    return s
+
+
+def advantages_and_returns(cfg: PPOConfig, ro: Rollout, s: Scored, kl_coef: float):
+    """KL-shaped per-token rewards -> GAE -> whitened advantages, all (N, W) in the completion layout."""
+    penalized = s.scores - cfg.missing_eos_penalty * (~ro.ended).float()  # (N,)
+    kl = kl_penalty(s.old_logps, s.ref_logps, cfg.kl_estimator)  # (N, W)
+    rewards = kl_shaped_rewards(penalized, kl, ro.mask, kl_coef)  # (N, W)
+    advantages, returns = gae(rewards, s.old_values, ro.mask, cfg.gamma, cfg.lam)  # (N, W) each
+    return whiten(advantages, ro.mask), returns, rewards  # whitened per process, as TRL (Ziegler et al. 2019)
+
+
+UPDATE_METRICS = ("loss", "policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl")
+
+
+def update(cfg: PPOConfig, run: Run, ddp_ac, actor_critic, optimizer, ro: Rollout, s: Scored, advantages, returns,
+           epochs, step: int) -> tuple[dict, dict, int]:
+    """PPO epochs, one optimizer update per mini-batch; token means over the whole mini-batch (a global
+    denominator across micro-batches and processes, times world_size for DDP's average).
+    Returns (summed means over updates, {approx_kl, clip_frac: one value per update}, tokens processed)."""
+    ws = run.world_size
+    sums = dict.fromkeys((*UPDATE_METRICS, "grad_norm"), 0.0)
+    per_update = {"approx_kl": [], "clip_frac": []}  # the first one is exactly 0: nothing changed yet
+    tokens = 0
+    for mini_batches in epochs:
+        for micro in mini_batches:
+            n_tokens = run.dist.all_reduce_sum(sum(len(ro.completions[i]) for mb in micro for i in mb)).item()
+            local = dict.fromkeys(UPDATE_METRICS, 0.0)  # token means over this mini-batch, by name
+            for rows in micro_steps(ddp_ac, micro):
+                b, m = ro.pack(rows), ro.mask[rows]
+                logits, values = ddp_ac(b)
+                logps = token_logps(logits, b["labels"])  # (B, W)
+                pg, pm = ppo_policy_loss(logps, s.old_logps[rows], advantages[rows], m, cfg.clip_eps)
+                vf = ppo_value_loss(values, s.old_values[rows], returns[rows], m, cfg.clip_eps_value)
+                policy_loss = aggregate(pg, m, "token_mean", denominator=n_tokens)
+                value_loss = aggregate(vf, m, "token_mean", denominator=n_tokens)
+                entropy = aggregate(token_entropy(logits), m, "token_mean", denominator=n_tokens)
+                loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
+                (loss * ws).backward()
+                share = m.sum().item() / n_tokens  # this micro-batch's weight in the mini-batch token mean
+                got = {"loss": loss.item(), "policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
+                       "entropy": entropy.item(), "clip_frac": pm["clip_frac"].item() * share,
+                       "approx_kl": pm["approx_kl"].item() * share}
+                local = {key: local[key] + got[key] for key in local}
+                tokens += b["input_ids"].numel() if b["attention_mask"] is None else int(b["attention_mask"].sum())
+            totals = run.dist.reduce_sums(local)
+            totals["grad_norm"] = optimizer_step(run, actor_critic, optimizer, totals["loss"], step + 1,
+                                                 f" (mini-batch of completions {sorted(i for mb in micro for i in mb)})")
+            for key in sums:
+                sums[key] += totals[key]
+            for key in per_update:
+                per_update[key].append(totals[key])
+    return sums, per_update, tokens
+
+
+def step_metrics(run: Run, ro: Rollout, s: Scored, rewards, sums: dict, per_update: dict,
+                 tokens: int, kl_coef: float) -> tuple[dict, int, int]:
+    """(the step's metrics row, completions and tokens over all processes)."""
+    k1 = masked_sum(s.old_logps - s.ref_logps, ro.mask, dim=-1)  # (N,) summed k1 KL per sequence
+    g = run.dist.reduce_sums({"score": s.scores.sum(), "shaped": rewards.sum(), "kl": k1.sum(),
+                              "length": ro.lengths.sum(), "truncated": (~ro.ended).sum(),
+                              "completions": len(ro.completions), "tokens": tokens})
+    n, n_updates = g["completions"], len(per_update["approx_kl"])
+    row = {"reward_mean": g["score"] / n, "reward_with_penalty": g["shaped"] / n, "kl": g["kl"] / n,
+           "kl_coef": kl_coef, **{k: v / n_updates for k, v in sums.items()},
+           "approx_kl_per_update": per_update["approx_kl"], "clip_frac_per_update": per_update["clip_frac"],
+           "completion_length": g["length"] / n, "clipped_ratio": g["truncated"] / n}
+    return row, int(n), int(g["tokens"])
+
+
+def main(cfg: PPOConfig) -> dict:
+    check_config(cfg)
+    run = Run(cfg, "ppo")
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    prompts, stats = load_prompts(list(cfg.data), tokenizer, cfg.max_length - cfg.max_new_tokens, strict=cfg.strict)
+    if run.is_main:
+        stats.warn()
+    policy, reference, reward_model, value_model, value_head = load_models(cfg, run, tokenizer)
     actor_critic = ActorCritic(policy, value_model, value_head, cfg.temperature).eval()
-    ddp_ac = DDP(actor_critic) if ws > 1 else actor_critic
+    ddp_ac = DDP(actor_critic) if run.world_size > 1 else actor_critic
     optimizer = adamw(actor_critic, cfg.lr, cfg.weight_decay, cfg.adam_betas)
 
     # Prompt order: a pure function of (seed, step), so resume and DDP see the same prompts.
     plan = StepPlan(lambda e: [b for b in shuffled_batches(len(prompts), cfg.batch_size, cfg.seed + e)
-                               if len(b) == cfg.batch_size], 1, ws)
+                               if len(b) == cfg.batch_size], 1, run.world_size)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * plan.steps_per_epoch)
     start_step = run.begin(policy, tokenizer, optimizer, total_steps)
-    kl_coef = run.state.get("kl_coef", cfg.kl_coef)
-    N = cfg.batch_size * cfg.group_size  # completions per step on this process
-    M = cfg.mini_batch_size or N
-    # Totals over the whole run, carried across --resume in the checkpoint's state.
-    total_completions, total_tokens = run.state.get("completions", 0), run.state.get("tokens", 0)
+    # State carried across --resume in the checkpoint: the adaptive kl_coef and the whole run's totals.
+    state = {"kl_coef": run.state.get("kl_coef", cfg.kl_coef), "completions": run.state.get("completions", 0),
+             "tokens": run.state.get("tokens", 0)}
+
+    def save_value_state(checkpoint_dir: Path) -> None:  # into each checkpoint, atomically with the policy
+        save_value(value_model, value_head, tokenizer, checkpoint_dir / "value")
 
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
         set_lr(optimizer, lr)
-
-        # 1. Rollout. Sampling is seeded per (step, rank): a resumed run samples what the original did.
-        torch.manual_seed(cfg.seed * 100003 + step + run.dist.rank * 7919)
-        prompt_ids = [prompts[i].prompt_ids for i in plan.micro_batches(step, run.dist.rank)[0]]
-        completions, ended = sample_groups(policy, tokenizer, prompt_ids, cfg.group_size, cfg.max_new_tokens,
-                                           cfg.temperature, cfg.top_p)
-        rollout_prompts = [p for p in prompt_ids for _ in range(cfg.group_size)]
-        W = max(len(c) for c in completions)
-        lengths = torch.tensor([len(c) for c in completions], device=dev)  # (N,)
-        mask = torch.arange(W, device=dev)[None] < lengths[:, None]  # (N, W)
-        ended = torch.tensor(ended, device=dev)  # (N,)
-
-        def pack(rows):
-            return pack_rollout([rollout_prompts[i] for i in rows], [completions[i] for i in rows], W, pad, dev)
-
-        # PPO's shuffled mini-batches for every epoch, fixed now. The rollout forward runs on exactly the
-        # first epoch's micro-batches, so the first update's forward repeats it bit for bit (ratio == 1).
-        gen = torch.Generator().manual_seed(cfg.seed * 100003 + step)
-        epochs = []  # epochs[e] = mini-batches, each a list of micro-batches (lists of rollout rows)
-        for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(N, generator=gen).tolist()
-            epochs.append([chunks(order[k:k + M], cfg.grad_accum) for k in range(0, N, M)])
-
-        # 2. Score: old log-probs and values (policy before any update), reference log-probs, RM scores.
-        old_logps, ref_logps, old_values = (torch.zeros(N, W, device=dev) for _ in range(3))
-        scores = torch.zeros(N, device=dev)
-        with torch.no_grad():
-            for rows in (mb for mini in epochs[0] for mb in mini):
-                b = pack(rows)
-                logits, values = actor_critic(b)
-                old_logps[rows], old_values[rows] = token_logps(logits, b["labels"]), values
-                with lora.reference(policy):
-                    ref_logps[rows] = token_logps(completion_logits(reference or policy, b, cfg.temperature)[0], b["labels"])
-                scores[rows] = token_scores(reward_model, b["input_ids"], b["attention_mask"])[torch.arange(len(rows)), b["last"]]
-        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()[:1]
-        detail = "".join(f" (reward model score {scores[i].item()} for prompt {tokenizer.decode(rollout_prompts[i])!r}, "
-                         f"completion {tokenizer.decode(completions[i])!r})" for i in bad)
-        if not run.check(run.dist.all_reduce_sum(scores.sum()).item(), step + 1, detail):
+        ro = rollout(cfg, run, policy, tokenizer, [prompts[i].prompt_ids
+                                                   for i in plan.micro_batches(step, run.dist.rank)[0]], step)
+        epochs = update_plan(cfg, step, len(ro.completions))
+        s = score(cfg, actor_critic, reference, reward_model, ro, [mb for mini in epochs[0] for mb in mini])
+        bad = (~torch.isfinite(s.scores)).nonzero().flatten().tolist()[:1]
+        detail = "".join(f" (reward model score {s.scores[i].item()} for prompt {tokenizer.decode(ro.prompt_ids[i])!r}, "
+                         f"completion {tokenizer.decode(ro.completions[i])!r})" for i in bad)
+        if not run.check(run.dist.all_reduce_sum(s.scores.sum()).item(), step + 1, detail):
             run.log(step + 1, {"skipped_nonfinite_reward": 1.0, "lr": lr})
-            run.end_step(step + 1, {"kl_coef": kl_coef, "completions": total_completions, "tokens": total_tokens},
-                         save_extra=save_value_state)
+            run.end_step(step + 1, state, save_extra=save_value_state)
             continue
-
-        # 3. KL-shaped per-token rewards -> GAE -> whitened advantages (all in the completion layout).
-        penalized = scores - cfg.missing_eos_penalty * (~ended).float()  # (N,)
-        kl = kl_penalty(old_logps, ref_logps, cfg.kl_estimator)  # (N, W)
-        rewards = kl_shaped_rewards(penalized, kl, mask, kl_coef)  # (N, W)
-        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # (N, W) each
-        advantages = whiten(advantages, mask)  # per process, as TRL (Ziegler et al. 2019)
-
-        # 4. PPO epochs: one optimizer update per mini-batch; token means over the whole mini-batch
-        # (global denominator across micro-batches and processes, times world_size for DDP's average).
-        sums = {k: 0.0 for k in ("loss", "policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl", "grad_norm")}
-        per_update = {"approx_kl": [], "clip_frac": []}  # the first one is exactly 0: nothing changed yet
-        step_tokens = 0
-        for mini_batches in epochs:
-            for micro in mini_batches:
-                n_tokens = run.dist.all_reduce_sum(sum(len(completions[i]) for mb in micro for i in mb)).item()
-                totals = torch.zeros(6, dtype=torch.float64, device=dev)
-                for k, rows in enumerate(micro):
-                    b, m = pack(rows), mask[rows]
-                    with nullcontext() if k == len(micro) - 1 or ws == 1 else ddp_ac.no_sync():
-                        logits, values = ddp_ac(b)
-                        logps = token_logps(logits, b["labels"])  # (B, W)
-                        pg, pm = ppo_policy_loss(logps, old_logps[rows], advantages[rows], m, cfg.clip_eps)
-                        vf = ppo_value_loss(values, old_values[rows], returns[rows], m, cfg.clip_eps_value)
-                        policy_loss = aggregate(pg, m, "token_mean", denominator=n_tokens)
-                        value_loss = aggregate(vf, m, "token_mean", denominator=n_tokens)
-                        entropy = aggregate(token_entropy(logits), m, "token_mean", denominator=n_tokens)
-                        loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
-                        (loss * ws).backward()
-                    share = m.sum().item() / n_tokens  # this micro-batch's weight in the mini-batch token mean
-                    totals += torch.tensor([loss.item(), policy_loss.item(), value_loss.item(), entropy.item(),
-                                          pm["clip_frac"].item() * share, pm["approx_kl"].item() * share],
-                                         dtype=torch.float64, device=dev)
-                    step_tokens += b["input_ids"].numel() if b["attention_mask"] is None else int(b["attention_mask"].sum())
-                totals = run.dist.all_reduce_sum(totals)
-                grad_norm = torch.nn.utils.clip_grad_norm_(actor_critic.parameters(), cfg.max_grad_norm or float("inf"))
-                if run.check(totals[0].item(), step + 1, f" (mini-batch of completions {sorted(i for mb in micro for i in mb)})"):
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                for key, v in zip(sums, [*totals.tolist(), grad_norm.item()]):
-                    sums[key] += v
-                per_update["clip_frac"].append(totals[4].item())
-                per_update["approx_kl"].append(totals[5].item())
-
-        # 5. Log (global over processes), then adapt the KL coefficient for the next step.
-        k1 = masked_sum(old_logps - ref_logps, mask, dim=-1)  # (N,) summed k1 KL per sequence
-        g = run.dist.all_reduce_sum(torch.stack([
-            scores.sum(), rewards.sum(), k1.sum(), lengths.sum().float(), (~ended).sum().float(),
-            torch.tensor(float(N), device=dev), torch.tensor(float(step_tokens), device=dev)]))
-        n_global, step_tokens = int(g[5]), int(g[6])
-        n_updates = len(per_update["approx_kl"])
-        row = {"reward_mean": g[0].item() / n_global, "reward_with_penalty": g[1].item() / n_global,
-               "kl": g[2].item() / n_global, "kl_coef": kl_coef, **{k: v / n_updates for k, v in sums.items()},
-               "approx_kl_per_update": per_update["approx_kl"], "clip_frac_per_update": per_update["clip_frac"],
-               "completion_length": g[3].item() / n_global, "clipped_ratio": g[4].item() / n_global,
-               "completions_per_s": n_global / (time.perf_counter() - t0), "lr": lr}
+        advantages, returns, rewards = advantages_and_returns(cfg, ro, s, state["kl_coef"])
+        sums, per_update, tokens = update(cfg, run, ddp_ac, actor_critic, optimizer, ro, s, advantages, returns,
+                                          epochs, step)
+        row, n, tokens = step_metrics(run, ro, s, rewards, sums, per_update, tokens, state["kl_coef"])
+        row.update(completions_per_s=n / (time.perf_counter() - t0), lr=lr)
         if cfg.target_kl is not None:
-            kl_coef = adaptive_kl_coef(kl_coef, row["kl"], cfg.target_kl, cfg.kl_horizon, n_global)
-        total_completions, total_tokens = total_completions + n_global, total_tokens + step_tokens
-        run.log(step + 1, row, tokens=step_tokens)
-        run.end_step(step + 1, {"kl_coef": kl_coef, "completions": total_completions, "tokens": total_tokens},
-                     save_extra=save_value_state)
+            state["kl_coef"] = adaptive_kl_coef(state["kl_coef"], row["kl"], cfg.target_kl, cfg.kl_horizon, n)
+        state["completions"], state["tokens"] = state["completions"] + n, state["tokens"] + tokens
+        run.log(step + 1, row, tokens=tokens)
+        run.end_step(step + 1, state, save_extra=save_value_state)
 
     if run.is_main:
         save_value(value_model, value_head, tokenizer,
                    Path(cfg.output) / "value_model" if value_head is None else Path(cfg.output))
-    return run.finish({"completions": total_completions, "tokens": total_tokens, "kl_coef": kl_coef,
-                       "prompts": len(prompts), "dropped_prompts": stats.dropped})
+    return run.finish({**{k: state[k] for k in ("completions", "tokens", "kl_coef")}, "prompts": len(prompts),
+                       "dropped_prompts": stats.dropped})

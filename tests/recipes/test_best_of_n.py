@@ -114,3 +114,17 @@ def test_reward_model_and_two_processes(tiny_model, toy, tmp_path):
         assert [x.get("messages", x.get("chosen")) for x in a] == [x.get("messages", x.get("chosen")) for x in b]
         assert [x.get("reward", x.get("score_chosen")) for x in a] == pytest.approx(
             [x.get("reward", x.get("score_chosen")) for x in b], abs=1e-5)
+
+
+def test_causal_lm_is_refused_as_reward_model(tiny_model, toy):
+    """A causal LM has no trained score head: the kept "best" would be chosen by random numbers."""
+    with pytest.raises(SystemExit, match="--reward-model .* is not a reward model.*alignkit reward"):
+        cli(bon_args(tiny_model, toy, toy / "out", "chat.jsonl", "vowels", "--reward-model", str(tiny_model)))
+
+
+@pytest.mark.parametrize("flag", ["--group-size", "--n", "--num-samples"])
+def test_samples_per_prompt_is_group_size_as_in_ppo_and_grpo(tiny_model, toy, flag):
+    """One name for one thing across commands: --group-size, with the older names kept as aliases."""
+    args = [a for a in bon_args(tiny_model, toy, toy / "out", "plain.jsonl") if a not in ("--num-samples", "8")]
+    final = cli(args + [flag, "3", "--max-prompts", "2", "--max-new-tokens", "4"])
+    assert final["completions"] == 2 * 3

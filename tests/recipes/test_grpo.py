@@ -189,3 +189,44 @@ def test_two_process_ddp_matches_grad_accum(tiny_model, toy):
     for key in ("loss", "reward_mean", "frac_zero_std", "completion_length", "grad_norm"):
         assert [x[key] for x in a] == pytest.approx([x[key] for x in b], abs=1e-5), key
     assert a[0]["reward_mean"] != a[-1]["reward_mean"]  # the policy moved, so equality means something
+
+
+def test_causal_lm_is_refused_as_reward_model(tiny_model, toy):
+    """A causal LM has no trained score head: scoring with it would reward random numbers (as ppo says)."""
+    with pytest.raises(SystemExit, match="--reward-model .* is not a reward model.*alignkit reward"):
+        cli(grpo_args(tiny_model, toy, toy / "out", "--max-steps", "1", "--reward-model", str(tiny_model)))
+
+
+def test_reward_timeout_stops_a_hanging_reward_function(tiny_model, toy):
+    (toy / "rw.py").write_text((toy / "rw.py").read_text() + """
+import time
+def hangs(prompts, completions, **kw):
+    if any(p[0]["content"] == "boom" for p in prompts):
+        time.sleep(10 ** 6)
+    return [0.0] * len(prompts)
+""")
+    with pytest.raises(SystemExit, match=r"(?s)'hangs' did not return within 0.5 s.*on sample \d+ of 16.*boom"):
+        cli(grpo_args(tiny_model, toy, toy / "out", "--max-steps", "2", "--batch-size", "8", "--group-size", "2",
+                      "--reward-timeout", "0.5", reward="hangs"))  # the 16 prompts in 2 steps
+
+
+def test_reward_model_is_prepared_as_the_policy(tiny_model, toy, monkeypatch):
+    """--autocast/--compile apply to every model grpo trains or scores with: policy, reference, reward model."""
+    from transformers import AutoModelForSequenceClassification
+
+    from alignkit import models
+
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    rm.save_pretrained(toy / "rm")
+    load_tokenizer(tiny_model).save_pretrained(toy / "rm")
+    original, prepared = models.prepare, []
+
+    def spy(model, cfg):
+        prepared.append(type(models.unwrap(model)).__name__)
+        return original(model, cfg)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("alignkit") and getattr(module, "prepare", None) is original:
+            monkeypatch.setattr(module, "prepare", spy)
+    cli(grpo_args(tiny_model, toy, toy / "out", "--max-steps", "1", "--beta", "0.1", "--reward-model", str(toy / "rm")))
+    assert sorted(prepared) == ["LlamaForCausalLM"] * 2 + ["LlamaForSequenceClassification"]

@@ -204,3 +204,35 @@ def test_bad_reward_models_are_reported(toy, tmp_path):
         cli(["ppo", "--model", str(toy["model"]), "--reward-model", str(nan_rm), "--data", str(toy["prompts"]),
              "--output", str(tmp_path / "b"), "--max-steps", "1", "--batch-size", "2", "--max-new-tokens", "3",
              "--no-progress"])
+
+
+def test_value_model_from_a_causal_lm_is_said_once_without_a_load_report(toy, tmp_path, capfd):
+    """A value model may start from a causal LM (its score head is new, as expected): one plain line says so,
+    and transformers' LOAD REPORT listing score.weight as MISSING does not appear."""
+    ppo(toy, tmp_path / "run", "--max-steps", "1", "--batch-size", "2", "--ppo-epochs", "1",
+        "--value-model", str(toy["model"]))
+    out = capfd.readouterr()
+    assert out.out.count("score head is new") == 1
+    assert "LOAD REPORT" not in out.out + out.err and "MISSING" not in out.out + out.err
+
+
+def prepared_models(monkeypatch) -> list[str]:
+    """Class names of the models that go through `models.prepare` (--autocast, --compile), wherever it is imported."""
+    from alignkit import models
+
+    original, seen = models.prepare, []
+
+    def spy(model, cfg):
+        seen.append(type(models.unwrap(model)).__name__)
+        return original(model, cfg)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("alignkit") and getattr(module, "prepare", None) is original:
+            monkeypatch.setattr(module, "prepare", spy)
+    return seen
+
+
+def test_every_model_is_prepared_policy_reference_reward_and_value(toy, tmp_path, monkeypatch):
+    prepared = prepared_models(monkeypatch)
+    ppo(toy, tmp_path / "run", "--max-steps", "1", "--batch-size", "2", "--ppo-epochs", "1")
+    assert sorted(prepared) == ["LlamaForCausalLM"] * 2 + ["LlamaForSequenceClassification"] * 2
