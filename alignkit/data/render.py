@@ -90,7 +90,7 @@ class PromptExample:
 
 def _zero_prompt(ex: Example, prompt_ids: list[int], r: ChatRenderer) -> Example:
     if ex.input_ids[:len(prompt_ids)] != prompt_ids:
-        raise r._error("is not prefix-consistent: the prompt rendered with the generation prompt is not a "
+        raise r.error("is not prefix-consistent: the prompt rendered with the generation prompt is not a "
                        "token prefix of prompt + completion")
     return Example(ex.input_ids, [0] * len(prompt_ids) + ex.loss_mask[len(prompt_ids):])
 
@@ -98,9 +98,9 @@ def _zero_prompt(ex: Example, prompt_ids: list[int], r: ChatRenderer) -> Example
 def _text_pair(r: ChatRenderer, prompt: str, completions: list[str]) -> Callable[[], tuple[list[int], list[list[int]]]]:
     """Plain-text prompt and completions -> (prompt ids, [completion ids + EOS])."""
     eos = r.eos
-    r.want_text(prompt, True)
+    r.want(prompt, True)
     for c in completions:
-        r.want_text(c, False)
+        r.want(c, False)
     return lambda: (r.text_ids(prompt), [r.ids(c) + [eos] for c in completions])
 
 
@@ -163,7 +163,7 @@ def render_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
     r = ChatRenderer(tokenizer)
     if isinstance(prompt, str):
         return r.text_ids(prompt)
-    return r.prompt_ids(r.prompt_text(check_messages(prompt, "prompt")))
+    return r.ids(r.prompt_text(check_messages(prompt, "prompt")))
 
 
 def _sft_prompt_completion(r: ChatRenderer, item) -> Callable[[], Example]:
@@ -177,7 +177,7 @@ def _sft_prompt_completion(r: ChatRenderer, item) -> Callable[[], Example]:
         return text_example
     p = r.prompt_text(prompt)
     rc = r.render_conversation(prompt + completion, first=len(prompt))
-    return lambda: _zero_prompt(r.example(rc), r.prompt_ids(p), r)
+    return lambda: _zero_prompt(r.example(rc), r.ids(p), r)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def load_text(paths: list[str] | str, tokenizer) -> Iterator[list[int]]:
         if fmt != "text":
             raise _wrong_format(fmt, "pretraining", ("text",))
         text = require_str(rec.data, "text")
-        r.want_text(text, True)
+        r.want(text, True)
         return text
 
     def build(rec, text):
@@ -423,7 +423,7 @@ def load_prompts(paths: list[str] | str, tokenizer, max_prompt_length: int | Non
                                 " (it has no 'prompt' field)")
         prompt = rec.data["prompt"]
         if isinstance(prompt, str):
-            r.want_text(require_str(rec.data, "prompt"), True)
+            r.want(require_str(rec.data, "prompt"), True)
             return lambda: r.text_ids(prompt)
         if not isinstance(prompt, list):
             raise ValueError(f"field 'prompt' must be a string or a list of messages, got a JSON "
@@ -433,7 +433,7 @@ def load_prompts(paths: list[str] | str, tokenizer, max_prompt_length: int | Non
             raise ValueError("prompt ends with an assistant turn; a prompt must end with a user (or system) turn")
         _turn_order(stats, msgs, strict)
         text = r.prompt_text(msgs)
-        return lambda: r.prompt_ids(text)
+        return lambda: r.ids(text)
 
     def build(rec, prompt_ids):
         ids = prompt_ids()

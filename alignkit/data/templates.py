@@ -155,9 +155,9 @@ class RenderedConversation:
 class ChatRenderer:
     """Renders conversations with one tokenizer's chat template and tokenizes them.
 
-    Rendering (`render_conversation`, `prompt_text`) only makes text; `flush` then tokenizes every text
-    rendered since the last flush in one batched call, so that `example`, `prompt_ids` and `completion`
-    (which would otherwise tokenize one text at a time) read the cached encodings."""
+    Rendering (`render_conversation`, `prompt_text`, `want`) only makes text; `flush` then tokenizes every
+    text queued since the last flush in one batched call, so that `example`, `ids` and `completion` (which
+    would otherwise tokenize one text at a time) read the cached encodings."""
 
     def __init__(self, tokenizer, use_generation_markers: bool | None = None):
         self.tok = tokenizer
@@ -198,7 +198,7 @@ class ChatRenderer:
             r = self._ws[tid] = tid not in self.eot and _is_whitespace(self.tok, tid)
         return r
 
-    def _error(self, why: str) -> ChatTemplateError:
+    def error(self, why: str) -> ChatTemplateError:
         return ChatTemplateError(f"the chat template of tokenizer {tokenizer_name(self.tok)!r} {why}")
 
     # --- text --------------------------------------------------------------------------------------
@@ -214,23 +214,22 @@ class ChatRenderer:
                                     f"conversation: {type(e).__name__}: {e}") from None
         return (texts[0], spans[0]) if blocks else texts[0]
 
-    def _want(self, text: str, special: bool = False) -> str:
+    def want(self, text: str, special: bool = False) -> str:
+        """Queue ``text`` for the next `flush` (``special``: with the tokenizer's own special tokens)."""
         self._pending.append((text, special))
         return text
 
     def prompt_text(self, messages: list[dict]) -> str:
         """``messages`` rendered with the generation prompt (the assistant header)."""
-        chat_template(self.tok)  # the no-template error first
-        return self._want(self._render(messages, True))
+        return self.want(self._render(messages, True))
 
     def render_conversation(self, messages: list[dict], first: int = 0) -> RenderedConversation:
         """Render ``messages`` for training on its assistant turns; without generation markers only those at
         index >= ``first`` (a prompt's own assistant turns are context) are located and checked, so callers
         zero the loss mask over the prompt tokens either way."""
-        chat_template(self.tok)
         if self.markers:
             return self._render_marked(messages)
-        text = self._want(self._render(messages))
+        text = self.want(self._render(messages))
         turns = [a for a, m in enumerate(messages) if m["role"] == "assistant" and a >= first]
         if turns and turns[0] == 0:
             raise ChatTemplateError(
@@ -238,12 +237,12 @@ class ChatRenderer:
                 "template each assistant turn is checked against the prompt it would be generated from (the "
                 "turns before it), so a system or user turn must come first")
         spans = self._locate(messages, text)
-        return RenderedConversation(text, [AssistantTurn(a, *spans[a], self._want(self._render(messages[:a], True)))
+        return RenderedConversation(text, [AssistantTurn(a, *spans[a], self.want(self._render(messages[:a], True)))
                                            for a in turns])
 
     def _render_marked(self, messages: list[dict]) -> RenderedConversation:
         text, blocks = self._render(messages, blocks=True)
-        return RenderedConversation(self._want(text), blocks=[tuple(b) for b in blocks])
+        return RenderedConversation(self.want(text), blocks=[tuple(b) for b in blocks])
 
     def _locate(self, messages: list[dict], text: str) -> dict[int, tuple[int, int]]:
         """Character span of each assistant message's content (as rendered, maybe trimmed) in ``text``."""
@@ -254,13 +253,13 @@ class ChatRenderer:
         pieces = _PLACEHOLDER_RE.split(self._render(holes))
         # pieces alternate: text, placeholder number, text, ...; every assistant turn exactly once, in order
         if [int(x) for x in pieces[1::2]] != [a for a, m in enumerate(messages) if m["role"] == "assistant"]:
-            raise self._error("does not render each assistant message's content exactly once, so the "
+            raise self.error("does not render each assistant message's content exactly once, so the "
                               "assistant tokens cannot be located; add {% generation %} markers to it")
         spans, pos, n = {}, 0, len(pieces) // 2
         for k in range(n):
             a, seg, after = int(pieces[2 * k + 1]), pieces[2 * k], pieces[2 * k + 2]
             if not text.startswith(seg, pos):
-                raise self._error(f"renders the conversation differently depending on the content of its "
+                raise self.error(f"renders the conversation differently depending on the content of its "
                                   f"assistant turns (before messages[{a}]), so the assistant tokens cannot be "
                                   "located; add {% generation %} markers to it")
             pos += len(seg)
@@ -270,7 +269,7 @@ class ChatRenderer:
                 if text.startswith(v, pos) and (text[rest:] == after if k == n - 1 else text.startswith(after, rest)):
                     break
             else:
-                raise self._error(f"does not render the content of messages[{a}] (assistant) verbatim, so "
+                raise self.error(f"does not render the content of messages[{a}] (assistant) verbatim, so "
                                   "its tokens cannot be located; add {% generation %} markers to it")
             spans[a] = (pos, pos + len(v))
             pos += len(v)
@@ -306,9 +305,6 @@ class ChatRenderer:
         """A plain-text prompt or document as the tokenizer itself encodes it (with its special tokens)."""
         return self.ids(text, special=True)
 
-    def want_text(self, text: str, special: bool) -> None:
-        self._want(text, special)
-
     # --- examples ----------------------------------------------------------------------------------
     def example(self, rc: RenderedConversation) -> Example:
         """Token ids of a rendered conversation, with the loss mask on its assistant turns."""
@@ -337,7 +333,7 @@ class ChatRenderer:
             span = _token_span(offsets, turn.start, turn.end)
             if ids[:len(p)] != p or span is None or span[0] < len(p):
                 a = turn.index
-                raise self._error(
+                raise self.error(
                     f"is not prefix-consistent (rendering messages[:{a}] with the generation prompt is not a "
                     f"token prefix of messages[:{a + 1}] as rendered in the whole conversation), so the model "
                     "would be trained on one prompt and asked with another (does the template drop or move a "
@@ -347,7 +343,7 @@ class ChatRenderer:
             if ids[last] not in self.eot:
                 nxt = repr(self.tok.decode(ids[last + 1:last + 4])) if last + 1 < len(ids) else "the end of the text"
                 names = ", ".join(self.tok.convert_ids_to_tokens(sorted(self.eot)))
-                raise self._error(
+                raise self.error(
                     f"writes no end-of-turn token after the content of messages[{turn.index}] (assistant) (it is "
                     f"followed by {nxt}); the loss runs through the token that ends each assistant turn, so that "
                     f"the model learns to stop (end-of-turn tokens: {names})")
@@ -368,16 +364,13 @@ class ChatRenderer:
             j += 1
         return j if j < len(ids) and ids[j] in self.eot else last
 
-    def prompt_ids(self, text: str) -> list[int]:
-        return self.ids(text)
-
     def completion(self, prompt_text: str, rc: RenderedConversation) -> tuple[list[int], list[int]]:
         """(prompt ids, completion ids) of a conversational prompt + completion, the completion running from
         the end of the prompt through the end-of-turn token of its last assistant turn."""
         ex = self.example(rc)
         p = self.ids(prompt_text)
         if ex.input_ids[:len(p)] != p:
-            raise self._error("is not prefix-consistent: the prompt rendered with the generation prompt is not "
+            raise self.error("is not prefix-consistent: the prompt rendered with the generation prompt is not "
                               "a token prefix of prompt + completion, so the completion tokens cannot be "
                               "separated from the prompt")
         last = max((i for i, m in enumerate(ex.loss_mask) if m), default=len(ex.input_ids) - 1)
