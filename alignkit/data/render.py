@@ -83,8 +83,8 @@ class PromptExample:
 
 
 # --------------------------------------------------------------------------------------------------
-# Records to token ids: each `_Tokenize*` is made while reading a record (validated, rendered to text)
-# and called after the chunk's texts were tokenized.
+# Records to token ids: each helper renders a record's text now and returns a function that makes its
+# token ids once the chunk's texts are tokenized (`ChatRenderer.flush`).
 # --------------------------------------------------------------------------------------------------
 
 
@@ -119,6 +119,20 @@ def _chat_pair(r: ChatRenderer, prompt: list[dict], completions: list[list[dict]
 def _pair(r: ChatRenderer, item: tuple[Any, list[Any], bool]):
     prompt, completions, conversational = item
     return _chat_pair(r, prompt, completions) if conversational else _text_pair(r, prompt, completions)
+
+
+def _sft_prompt_completion(r: ChatRenderer, item) -> Callable[[], Example]:
+    prompt, (completion,), conversational = item
+    if not conversational:
+        pair = _text_pair(r, prompt, [completion])
+
+        def text_example():
+            p, (c,) = pair()
+            return Example(p + c, [0] * len(p) + [1] * len(c))
+        return text_example
+    p = r.prompt_text(prompt)
+    rc = r.render_conversation(prompt + completion, first=len(prompt))
+    return lambda: _zero_prompt(r.example(rc), r.ids(p), r)
 
 
 def _turn_order(stats: DataStats, msgs: list[dict], strict: bool) -> None:
@@ -164,20 +178,6 @@ def render_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
     if isinstance(prompt, str):
         return r.text_ids(prompt)
     return r.ids(r.prompt_text(check_messages(prompt, "prompt")))
-
-
-def _sft_prompt_completion(r: ChatRenderer, item) -> Callable[[], Example]:
-    prompt, (completion,), conversational = item
-    if not conversational:
-        pair = _text_pair(r, prompt, [completion])
-
-        def text_example():
-            p, (c,) = pair()
-            return Example(p + c, [0] * len(p) + [1] * len(c))
-        return text_example
-    p = r.prompt_text(prompt)
-    rc = r.render_conversation(prompt + completion, first=len(prompt))
-    return lambda: _zero_prompt(r.example(rc), r.ids(p), r)
 
 
 # --------------------------------------------------------------------------------------------------
