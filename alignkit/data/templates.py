@@ -233,9 +233,10 @@ class ChatRenderer:
         turns = [a for a, m in enumerate(messages) if m["role"] == "assistant" and a >= first]
         if turns and turns[0] == 0:
             raise ChatTemplateError(
-                "conversation starts with an assistant turn; without {% generation %} markers in the chat "
-                "template each assistant turn is checked against the prompt it would be generated from (the "
-                "turns before it), so a system or user turn must come first")
+                f"conversation starts with an assistant turn; the chat template of tokenizer "
+                f"{tokenizer_name(self.tok)!r} has no {{% generation %}} markers, so each assistant turn is checked "
+                "against the prompt it would be generated from (the turns before it) and a system or user turn "
+                "must come first")
         spans = self._locate(messages, text)
         return RenderedConversation(text, [AssistantTurn(a, *spans[a], self.want(self._render(messages[:a], True)))
                                            for a in turns])
@@ -321,10 +322,10 @@ class ChatRenderer:
                     for i in range(span[0], self._close(ids, span[1]) + 1):
                         mask[i] = 1
             if rc.blocks and not any(mask):
-                raise ChatTemplateError(
-                    "the chat template has {% generation %} markers but they marked no tokens of this "
-                    "conversation's assistant turns; put {% generation %}...{% endgeneration %} around the "
-                    "assistant content and end-of-turn token")
+                raise self.error(
+                    "has {% generation %} markers but they marked no tokens of this conversation's assistant "
+                    "turns; put {% generation %}...{% endgeneration %} around the assistant content and "
+                    "end-of-turn token")
             return Example(list(ids), mask)
         for turn in rc.turns:
             # trained: from the end of the generation prompt (so whatever the template writes before the

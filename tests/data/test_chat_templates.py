@@ -345,3 +345,12 @@ def test_template_without_end_of_turn_token_is_refused(_tokenizer_object):
     with pytest.raises(ChatTemplateError) as ei:
         render_messages(tok, [u("Hi?"), a("Hello."), u("More?"), a("Yes.")])
     assert "test-tokenizers/plain-text" in str(ei.value) and "writes no end-of-turn token" in str(ei.value)
+
+
+def test_assistant_first_without_markers_is_refused_naming_the_tokenizer(tokenizers):
+    with pytest.raises(ChatTemplateError) as ei:
+        render_messages(tokenizers["phi3"], [a("Hello."), u("Hi?"), a("Yes.")])
+    assert "starts with an assistant turn" in str(ei.value) and "test-tokenizers/phi3" in str(ei.value)
+    # with generation markers the turn is simply trained on
+    assert spans(tokenizers["marin"], render_messages(tokenizers["marin"], [a("Hello."), u("Hi?"), a("Yes.")])) == \
+        ["Hello.<|eot_id|>", "Yes.<|eot_id|>"]
