@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -126,9 +127,18 @@ def _starts_with_bracket(p: Path) -> bool:
         return f.read(4096).decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n").startswith("[")
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
 def _loads(p: Path, line: int | None, text: str):
     try:
-        return json.loads(text)
+        value = json.loads(text)
+        if _SURROGATE_ESCAPE.search(text):  # an escaped half of a UTF-16 pair is valid JSON but not text
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        raise DataError(p, line, "has a \\uD800-\\uDFFF escape that is not part of a surrogate pair, so a "
+                                 "string is not valid text") from None
     except json.JSONDecodeError as e:
         raise DataError(p, line or e.lineno, f"malformed JSON: {e.msg} (column {e.colno})") from None
     except RecursionError:  # Python's json parser recurses once per nesting level
@@ -168,10 +178,10 @@ def _read_hf(p: Path, suffix: str) -> Iterator[tuple[int, dict]]:
     except ImportError:
         raise DataError(p, None, f"reading {suffix} files needs the optional 'datasets' package: "
                                  "pip install 'alignkit[datasets]' (or convert the file to .jsonl)") from None
-    if suffix == ".parquet":
-        ds = datasets.Dataset.from_parquet(str(p))
-    else:
-        ds = datasets.Dataset.from_file(str(p))
+    try:
+        ds = datasets.Dataset.from_parquet(str(p)) if suffix == ".parquet" else datasets.Dataset.from_file(str(p))
+    except Exception as e:  # pyarrow's errors for truncated or foreign files
+        raise DataError(p, None, f"cannot be read as a {suffix} file: {type(e).__name__}: {e}") from None
     for i, row in enumerate(ds, 1):
         yield i, dict(row)
 

@@ -114,3 +114,21 @@ def test_cli_names_an_empty_data_file(tiny_model, tmp_path):
     r = run_cli("sft", "--model", str(tiny_model), "--data", str(empty), "--output", str(tmp_path / "out"))
     assert (r.returncode, r.stderr.strip()) == (
         1, f"error: {empty}: has no records (the file is empty or has only blank lines)")
+
+
+def test_unpaired_surrogate_escape_is_named(tok, write_jsonl):
+    p = write_jsonl([GOOD, '{"messages": [{"role": "user", "content": "q\\ud800"}, {"role": "assistant", "content": "x"}]}',
+                     '{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}, {"role": "assistant", "content": "x"}]}'])
+    e = data_error(load_sft, [str(p)], tok, max_length=256)
+    assert str(e).startswith(f"{p}:2: has a \\uD800-\\uDFFF escape that is not part of a surrogate pair")
+    p = write_jsonl([GOOD, '{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}, '
+                           '{"role": "assistant", "content": "x"}]}'], name="emoji.jsonl")
+    assert load_sft([str(p)], tok, max_length=256)[1].kept == 2  # a proper pair is an emoji
+
+
+def test_unreadable_parquet_is_named(tok, tmp_path):
+    pytest.importorskip("datasets")
+    p = tmp_path / "broken.parquet"
+    p.write_bytes(b"not parquet at all")
+    e = data_error(load_sft, [str(p)], tok, max_length=256)
+    assert str(e).startswith(f"{p}: cannot be read as a .parquet file")
