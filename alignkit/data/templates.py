@@ -243,6 +243,9 @@ class ChatRenderer:
 
     def _render_marked(self, messages: list[dict]) -> RenderedConversation:
         text, blocks = self._render(messages, blocks=True)
+        if not blocks and any(m["role"] == "assistant" for m in messages):
+            raise self.error("marked no generation block in this conversation; put {% generation %}..."
+                             "{% endgeneration %} around the assistant content and end-of-turn token")
         return RenderedConversation(self.want(text), blocks=[tuple(b) for b in blocks])
 
     def _locate(self, messages: list[dict], text: str) -> dict[int, tuple[int, int]]:

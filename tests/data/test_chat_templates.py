@@ -354,3 +354,8 @@ def test_assistant_first_without_markers_is_refused_naming_the_tokenizer(tokeniz
     # with generation markers the turn is simply trained on
     assert spans(tokenizers["marin"], render_messages(tokenizers["marin"], [a("Hello."), u("Hi?"), a("Yes.")])) == \
         ["Hello.<|eot_id|>", "Yes.<|eot_id|>"]
+
+
+def test_forcing_markers_on_a_template_without_them_is_refused(tokenizers):
+    with pytest.raises(ChatTemplateError, match="test-tokenizers/phi3' marked no generation block"):
+        render_messages(tokenizers["phi3"], [u("Hi?"), a("Yes.")], use_generation_markers=True)
