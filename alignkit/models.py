@@ -113,16 +113,12 @@ class LastTokenReward(torch.nn.Module):
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """Token ids that end a generation: EOS, the chat template's end-of-turn token, and the model's
+    """Token ids that end a generation: the end-of-turn tokens the data layer trains on
+    (`alignkit.data.end_of_turn_ids`: EOS, the chat template's end-of-turn token) and the model's
     generation_config EOS ids (Qwen-style models list several)."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    for t in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        tid = tokenizer.convert_tokens_to_ids(t)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None and tid >= 0:
-            if tokenizer.convert_ids_to_tokens(tid) == t:
-                ids.add(tid)
+    from alignkit.data.templates import end_of_turn_ids
+
+    ids = end_of_turn_ids(tokenizer)
     gc = getattr(model, "generation_config", None) if model is not None else None
     if gc is not None and gc.eos_token_id is not None:
         ids.update([gc.eos_token_id] if isinstance(gc.eos_token_id, int) else gc.eos_token_id)

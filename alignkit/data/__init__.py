@@ -1,7 +1,8 @@
 """Data layer: read JSONL / parquet / arrow files in the ecosystem's formats and tokenize them.
 
-See `alignkit.data.formats` (reading, format detection, validation) and `alignkit.data.render`
-(chat-template rendering with assistant-only loss masks, and the loaders the recipes call).
+See `alignkit.data.formats` (reading, format detection, validation), `alignkit.data.templates`
+(chat-template rendering with assistant-only loss masks, end-of-turn tokens) and `alignkit.data.render`
+(records to token ids, and the loaders the recipes call).
 """
 
 from .formats import FORMATS, DataError, DataStats, detect_format, read_records
@@ -21,6 +22,7 @@ from .render import (
     render_prompt,
     render_prompt_completion,
 )
+from .templates import END_OF_TURN_TOKENS, end_of_turn_ids
 
 __all__ = [
     "FORMATS",
@@ -42,4 +44,6 @@ __all__ = [
     "render_messages",
     "render_prompt",
     "render_prompt_completion",
+    "END_OF_TURN_TOKENS",
+    "end_of_turn_ids",
 ]

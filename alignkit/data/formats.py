@@ -14,16 +14,20 @@ Every record format uses the same field names as the Hugging Face ecosystem (TRL
 Nothing here tokenizes: this module only reads records, recognises their format, validates fields
 and converts Alpaca / ShareGPT / implicit-prompt records into the canonical shapes that
 `alignkit.data.render` turns into token ids.  Problems raise `ValueError` with a message that says
-what is wrong; the loaders wrap it into a `DataError` carrying the file and line.
+what is wrong; the loaders wrap it into a `DataError` (`alignkit.errors`) carrying the file and line, which
+the CLI prints as one line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+from alignkit.errors import DataError
 
 logger = logging.getLogger("alignkit.data")
 
@@ -38,22 +42,6 @@ __all__ = [
     "to_conversation",
     "split_implicit_prompt",
 ]
-
-
-class DataError(ValueError):
-    """A problem with one record of a data file.  ``str(e) == f"{path}:{line}: {problem}"``.
-
-    ``line`` is the 1-based line of a JSONL file (row index + 1 for parquet/arrow files).  For a problem
-    with the file as a whole (missing file, unsupported extension) ``line`` is None and the message is
-    ``f"{path}: {problem}"``.
-    """
-
-    def __init__(self, path: str | Path, line: int | None, problem: str):
-        self.path = str(path)
-        self.line = line
-        self.problem = problem
-        where = self.path if line is None else f"{self.path}:{line}"
-        super().__init__(f"{where}: {problem}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,21 +101,49 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
     """
     p = Path(path)
     suffix = p.suffix.lower()
+    if p.is_dir():
+        raise DataError(path, None, "is a directory; pass the data files themselves (.jsonl, .json, .parquet "
+                                    "or .arrow), e.g. " + str(p / "*.jsonl"))
     if suffix not in _JSONL_SUFFIXES | _HF_SUFFIXES:
         raise DataError(path, None, f"unsupported file type {suffix or '(no extension)'!r}; expected "
                                     ".jsonl (JSON lines), .json, .parquet or .arrow")
     if not p.is_file():
         raise DataError(path, None, "no such file")
     if suffix in _HF_SUFFIXES:
-        yield from _read_hf(p, suffix)
-        return
-    if suffix == ".json":
-        with open(p, "rb") as f:
-            head = f.read(4096).decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n")
-        if head.startswith("["):
-            yield from _read_json_array(p)
-            return
-    yield from _read_jsonl(p)
+        records = _read_hf(p, suffix)
+    elif suffix == ".json" and _starts_with_bracket(p):
+        records = _read_json_array(p)
+    else:
+        records = _read_jsonl(p)
+    n = 0
+    for n, rec in enumerate(records, 1):
+        yield rec
+    if n == 0:
+        raise DataError(path, None, "has no records (the file is empty or has only blank lines)")
+
+
+def _starts_with_bracket(p: Path) -> bool:
+    with open(p, "rb") as f:
+        return f.read(4096).decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n").startswith("[")
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _loads(p: Path, line: int | None, text: str):
+    try:
+        value = json.loads(text)
+        if _SURROGATE_ESCAPE.search(text):  # an escaped half of a UTF-16 pair is valid JSON but not text
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        raise DataError(p, line, "has a \\uD800-\\uDFFF escape that is not part of a surrogate pair, so a "
+                                 "string is not valid text") from None
+    except json.JSONDecodeError as e:
+        raise DataError(p, line or e.lineno, f"malformed JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:  # Python's json parser recurses once per nesting level
+        raise DataError(p, line, "JSON nested too deeply to read (more levels than Python's recursion "
+                                 "limit)") from None
 
 
 def _read_jsonl(p: Path) -> Iterator[tuple[int, dict]]:
@@ -139,10 +155,7 @@ def _read_jsonl(p: Path) -> Iterator[tuple[int, dict]]:
                 raise DataError(p, lineno, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not text.strip():
                 continue
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(p, lineno, f"malformed JSON: {e.msg} (column {e.colno})") from None
+            rec = _loads(p, lineno, text)
             if not isinstance(rec, dict):
                 raise DataError(p, lineno, f"expected a JSON object per line, got a JSON {_json_type(rec)}")
             yield lineno, rec
@@ -150,9 +163,7 @@ def _read_jsonl(p: Path) -> Iterator[tuple[int, dict]]:
 
 def _read_json_array(p: Path) -> Iterator[tuple[int, dict]]:
     try:
-        data = json.loads(p.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as e:
-        raise DataError(p, e.lineno, f"malformed JSON: {e.msg} (column {e.colno})") from None
+        data = _loads(p, None, p.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as e:
         raise DataError(p, None, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
     for i, rec in enumerate(data, 1):
@@ -167,10 +178,10 @@ def _read_hf(p: Path, suffix: str) -> Iterator[tuple[int, dict]]:
     except ImportError:
         raise DataError(p, None, f"reading {suffix} files needs the optional 'datasets' package: "
                                  "pip install 'alignkit[datasets]' (or convert the file to .jsonl)") from None
-    if suffix == ".parquet":
-        ds = datasets.Dataset.from_parquet(str(p))
-    else:
-        ds = datasets.Dataset.from_file(str(p))
+    try:
+        ds = datasets.Dataset.from_parquet(str(p)) if suffix == ".parquet" else datasets.Dataset.from_file(str(p))
+    except Exception as e:  # pyarrow's errors for truncated or foreign files
+        raise DataError(p, None, f"cannot be read as a {suffix} file: {type(e).__name__}: {e}") from None
     for i, row in enumerate(ds, 1):
         yield i, dict(row)
 

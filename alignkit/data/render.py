@@ -1,33 +1,24 @@
 """Turning records into token ids, and the loaders the recipes call.
 
-The one rule for conversations: render through the tokenizer's chat template, and train
-(``loss_mask == 1``) exactly on the assistant turns' tokens, including their end-of-turn token
-(``<|im_end|>`` in ChatML), never on system/user turns nor on the ``<|im_start|>assistant\\n`` header.
+Conversations go through the chat template (`alignkit.data.templates`: loss on the assistant turns and
+their end-of-turn token only).  Plain-text prompt/completion pairs do not use the template:
+``tokenizer(prompt)`` (with whatever special tokens the tokenizer adds, e.g. BOS) then
+``tokenizer(completion, add_special_tokens=False)`` and the EOS token; loss on completion + EOS.  Prompt
+and completion are tokenized separately, so the boundary is exact (no token merges across it).
 
-Two ways to find the assistant tokens, giving identical masks on well-behaved templates:
-
-* the template has ``{% generation %}`` markers: use transformers' own
-  ``apply_chat_template(..., return_assistant_tokens_mask=True)``;
-* otherwise render growing prefixes: ``messages[:i]`` with the generation prompt and ``messages[:i+1]``;
-  the tokens between the two are assistant turn i.  Each rendering must be a token prefix of the next
-  (otherwise the template is rejected with an explanation).
-
-Both masks are then normalised the same way: a masked span directly followed by an end-of-turn token is
-extended over it, and whitespace tokens after the end-of-turn token (ChatML's ``"\\n"`` between turns)
-are not trained on.  The same trimming applies to conversational completions of preference data.
-
-Plain-text prompt/completion pairs do not use the template: ``tokenizer(prompt)`` (with whatever
-special tokens the tokenizer adds, e.g. BOS) then ``tokenizer(completion, add_special_tokens=False)``
-and the EOS token; loss on completion + EOS.  Prompt and completion are tokenized separately, so the
-boundary is exact (no token merges across it).
+Every loader reads its files through one skeleton (`_load`): per chunk of records, validate and render
+each record to text (a bad record raises a `DataError` naming its file:line), tokenize the chunk's texts
+in one batched call, then build each record's examples (again raising at the record).
 """
 
 from __future__ import annotations
 
-import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+from alignkit.errors import UserError
 
 from .formats import (
     FORMATS,
@@ -43,6 +34,7 @@ from .formats import (
     require_str,
     to_conversation,
 )
+from .templates import ChatRenderer, ChatTemplateError, Example, has_generation_markers
 
 __all__ = [
     "Example",
@@ -61,16 +53,7 @@ __all__ = [
     "load_unpaired",
 ]
 
-
-@dataclass
-class Example:
-    """One tokenized training sequence; ``loss_mask[i] == 1`` means token i is trained on (as a label)."""
-
-    input_ids: list[int]
-    loss_mask: list[int]
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
+_CHUNK = 1024
 
 
 @dataclass
@@ -99,320 +82,73 @@ class PromptExample:
     columns: dict[str, Any] = field(default_factory=dict)
 
 
-class ChatTemplateError(ValueError):
-    """The tokenizer's chat template is missing or cannot be used to find the assistant tokens."""
-
-
 # --------------------------------------------------------------------------------------------------
-# Tokenizer context: template, end-of-turn tokens, batched rendering
+# Records to token ids: each helper renders a record's text now and returns a function that makes its
+# token ids once the chunk's texts are tokenized (`ChatRenderer.flush`).
 # --------------------------------------------------------------------------------------------------
 
-_GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
-_EOT_NAMES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>")
-_CHUNK = 1024
+
+def _zero_prompt(ex: Example, prompt_ids: list[int], r: ChatRenderer) -> Example:
+    if ex.input_ids[:len(prompt_ids)] != prompt_ids:
+        raise r.error("is not prefix-consistent: the prompt rendered with the generation prompt is not a "
+                       "token prefix of prompt + completion")
+    return Example(ex.input_ids, [0] * len(prompt_ids) + ex.loss_mask[len(prompt_ids):])
 
 
-def _tokenizer_name(tokenizer) -> str:
-    return getattr(tokenizer, "name_or_path", "") or "(in-memory tokenizer)"
+def _text_pair(r: ChatRenderer, prompt: str, completions: list[str]) -> Callable[[], tuple[list[int], list[list[int]]]]:
+    """Plain-text prompt and completions -> (prompt ids, [completion ids + EOS])."""
+    eos = r.eos
+    r.want(prompt, True)
+    for c in completions:
+        r.want(c, False)
+    return lambda: (r.text_ids(prompt), [r.ids(c) + [eos] for c in completions])
 
 
-def _chat_template(tokenizer) -> str:
-    t = getattr(tokenizer, "chat_template", None)
-    if isinstance(t, dict):
-        t = t.get("default")
-    if not t:
-        raise ChatTemplateError(
-            f"tokenizer {_tokenizer_name(tokenizer)!r} has no chat template, which conversational data needs; "
-            "run `alignkit train-tokenizer` (it writes a tokenizer with a chat template) or set 'chat_template' "
-            "in the tokenizer's tokenizer_config.json")
-    return t
+def _chat_pair(r: ChatRenderer, prompt: list[dict], completions: list[list[dict]]
+               ) -> Callable[[], tuple[list[int], list[list[int]]]]:
+    """Conversational prompt and completions -> (prompt ids, [completion ids through the last end-of-turn])."""
+    p = r.prompt_text(prompt)
+    rcs = [r.render_conversation(prompt + c, first=len(prompt)) for c in completions]
+
+    def ids():
+        pairs = [r.completion(p, rc) for rc in rcs]
+        return pairs[0][0], [c for _, c in pairs]
+    return ids
 
 
-def has_generation_markers(tokenizer) -> bool:
-    """True if the tokenizer's chat template marks assistant content with ``{% generation %}``."""
-    return bool(_GENERATION_RE.search(_chat_template(tokenizer)))
+def _pair(r: ChatRenderer, item: tuple[Any, list[Any], bool]):
+    prompt, completions, conversational = item
+    return _chat_pair(r, prompt, completions) if conversational else _text_pair(r, prompt, completions)
 
 
-class _Ctx:
-    """Per-load helper around a tokenizer (caches the template check and token classes)."""
+def _sft_prompt_completion(r: ChatRenderer, item) -> Callable[[], Example]:
+    prompt, (completion,), conversational = item
+    if not conversational:
+        pair = _text_pair(r, prompt, [completion])
 
-    def __init__(self, tokenizer, use_generation_markers: bool | None = None):
-        self.tok = tokenizer
-        self._use_markers = use_generation_markers
-        self._checked = False
-        self._eot: set[int] | None = None
-        self._ws: dict[int, bool] = {}
-        self._special: set[int] | None = None
-
-    # --- template -------------------------------------------------------------------------------
-    def check_template(self) -> None:
-        if not self._checked:
-            template = _chat_template(self.tok)
-            if self._use_markers is None:
-                self._use_markers = bool(_GENERATION_RE.search(template)) and getattr(self.tok, "is_fast", True)
-            self._checked = True
-
-    @property
-    def markers(self) -> bool:
-        self.check_template()
-        return bool(self._use_markers)
-
-    # --- token classes --------------------------------------------------------------------------
-    @property
-    def eos(self) -> int:
-        eos = self.tok.eos_token_id
-        if eos is None:
-            raise ValueError(f"tokenizer {_tokenizer_name(self.tok)!r} has no eos token; "
-                             "plain-text data needs one to mark the end of a completion/document")
-        return eos
-
-    @property
-    def eot(self) -> set[int]:
-        if self._eot is None:
-            ids = set()
-            if self.tok.eos_token_id is not None:
-                ids.add(self.tok.eos_token_id)
-            added = getattr(self.tok, "added_tokens_encoder", {}) or {}
-            ids.update(added[n] for n in _EOT_NAMES if n in added)
-            self._eot = ids
-        return self._eot
-
-    def is_ws(self, i: int) -> bool:
-        r = self._ws.get(i)
-        if r is None:
-            if self._special is None:
-                self._special = set(self.tok.all_special_ids)
-            r = i not in self.eot and i not in self._special and self.tok.decode([i]).strip() == ""
-            self._ws[i] = r
-        return r
-
-    def trim_after_eot(self, ids: list[int]) -> list[int]:
-        """Drop whitespace tokens that follow a final end-of-turn token (e.g. ChatML's newline)."""
-        k = len(ids)
-        while k > 0 and self.is_ws(ids[k - 1]):
-            k -= 1
-        if 0 < k < len(ids) and ids[k - 1] in self.eot:
-            return ids[:k]
-        return ids
-
-    def normalize_mask(self, ids: list[int], mask: list[int]) -> list[int]:
-        """Extend each masked span over a directly following end-of-turn token; un-mask whitespace tokens
-        at the end of a span that come after an end-of-turn token."""
-        out = list(mask)
-        n, i = len(ids), 0
-        while i < n:
-            if not out[i]:
-                i += 1
-                continue
-            j = i
-            while j < n and out[j]:
-                j += 1
-            if j < n and ids[j] in self.eot and ids[j - 1] not in self.eot:
-                out[j] = 1
-                j += 1
-            k = i + len(self.trim_after_eot(ids[i:j]))
-            for q in range(k, j):
-                out[q] = 0
-            i = j
-        return out
-
-    # --- batched rendering ----------------------------------------------------------------------
-    def render_strings(self, convs: list[list[dict]], gen_prompt: bool) -> list[str | Exception]:
-        """Render conversations to strings with the chat template (one batched call; per item on failure)."""
-        if not convs:
-            return []
-        try:
-            self.check_template()
-        except ChatTemplateError as e:
-            return [e] * len(convs)
-        try:
-            return list(self.tok.apply_chat_template(convs, tokenize=False, add_generation_prompt=gen_prompt))
-        except Exception:
-            pass
-        out: list[str | Exception] = []
-        for c in convs:
-            try:
-                out.append(self.tok.apply_chat_template(c, tokenize=False, add_generation_prompt=gen_prompt))
-            except Exception as e:  # jinja errors, raise_exception() in templates, ...
-                out.append(ChatTemplateError(f"chat template failed on this conversation: {type(e).__name__}: {e}"))
-        return out
-
-    def encode(self, strings: list[str], special: bool = False) -> list[list[int]]:
-        if not strings:
-            return []
-        return [list(x) for x in self.tok(strings, add_special_tokens=special)["input_ids"]]
-
-    def encode_items(self, items: list[str | Exception]) -> list[list[int] | Exception]:
-        """`encode` that passes Exception entries through in place."""
-        strs = [s for s in items if not isinstance(s, Exception)]
-        enc = iter(self.encode(strs))
-        return [s if isinstance(s, Exception) else next(enc) for s in items]
-
-    # --- conversations -> Example -----------------------------------------------------------------
-    def render_convs(self, convs: list[list[dict]]) -> list[Example | Exception]:
-        if not convs:
-            return []
-        try:
-            self.check_template()
-        except ChatTemplateError as e:
-            return [e] * len(convs)
-        if self.markers:
-            return self._render_convs_markers(convs)
-        return self._render_convs_prefix(convs)
-
-    def _render_convs_markers(self, convs):
-        try:
-            enc = self.tok.apply_chat_template(convs, tokenize=True, return_dict=True,
-                                               return_assistant_tokens_mask=True)
-            pairs = list(zip(enc["input_ids"], enc["assistant_masks"]))
-        except Exception:
-            pairs = []
-            for c in convs:
-                try:
-                    e = self.tok.apply_chat_template(c, tokenize=True, return_dict=True,
-                                                     return_assistant_tokens_mask=True)
-                    pairs.append((e["input_ids"], e["assistant_masks"]))
-                except Exception as ex:
-                    pairs.append(ChatTemplateError(
-                        f"chat template failed on this conversation: {type(ex).__name__}: {ex}"))
-        out: list[Example | Exception] = []
-        for c, p in zip(convs, pairs):
-            if isinstance(p, Exception):
-                out.append(p)
-                continue
-            ids, mask = list(p[0]), [int(m) for m in p[1]]
-            mask = self.normalize_mask(ids, mask)
-            if any(m["role"] == "assistant" for m in c) and not any(mask):
-                out.append(ChatTemplateError(
-                    "the chat template has {% generation %} markers but they marked no tokens of this "
-                    "conversation's assistant turns; put {% generation %}...{% endgeneration %} around the "
-                    "assistant content and end-of-turn token"))
-                continue
-            out.append(Example(ids, mask))
-        return out
-
-    def _render_convs_prefix(self, convs):
-        # What to render: for every assistant turn a, messages[:a] + generation prompt and messages[:a+1];
-        # plus the full conversation (== messages[:a+1] for the last turn).
-        errors: dict[int, Exception] = {}
-        pre_req, thr_req = [], []  # (conv index, a)
-        for ci, c in enumerate(convs):
-            turns = [a for a, m in enumerate(c) if m["role"] == "assistant"]
-            if turns and turns[0] == 0:
-                errors[ci] = ChatTemplateError(
-                    "conversation starts with an assistant turn; without {% generation %} markers in the chat "
-                    "template the assistant tokens are found by rendering the turns before it, so a system or "
-                    "user turn must come first")
-                continue
-            for a in turns:
-                pre_req.append((ci, a))
-                if a + 1 < len(c):
-                    thr_req.append((ci, a + 1))
-            thr_req.append((ci, len(c)))
-        pre = self.encode_items(self.render_strings([convs[ci][:a] for ci, a in pre_req], True))
-        thr = self.encode_items(self.render_strings([convs[ci][:a] for ci, a in thr_req], False))
-        pre_ids = dict(zip(pre_req, pre))
-        thr_ids = dict(zip(thr_req, thr))
-        out: list[Example | Exception] = []
-        for ci, c in enumerate(convs):
-            if ci in errors:
-                out.append(errors[ci])
-                continue
-            full = thr_ids[(ci, len(c))]
-            if isinstance(full, Exception):
-                out.append(full)
-                continue
-            mask = [0] * len(full)
-            err = None
-            for a, m in enumerate(c):
-                if m["role"] != "assistant":
-                    continue
-                p, t = pre_ids[(ci, a)], thr_ids[(ci, a + 1)]
-                for x in (p, t):
-                    if isinstance(x, Exception):
-                        err = x
-                if err is None and not (t[:len(p)] == p and full[:len(t)] == t):
-                    bad = (f"messages[:{a}] with the generation prompt is not a token prefix of messages[:{a + 1}]"
-                           if t[:len(p)] != p else
-                           f"messages[:{a + 1}] is not a token prefix of the whole conversation")
-                    err = ChatTemplateError(
-                        f"the chat template of tokenizer {_tokenizer_name(self.tok)!r} is not prefix-consistent "
-                        f"(rendering {bad}), so the assistant tokens cannot be located; add "
-                        "{% generation %}...{% endgeneration %} markers around the assistant content (and its "
-                        "end-of-turn token) in the template")
-                if err is not None:
-                    break
-                for q in range(len(p), len(t)):
-                    mask[q] = 1
-            if err is not None:
-                out.append(err)
-                continue
-            out.append(Example(list(full), self.normalize_mask(full, mask)))
-        return out
-
-    # --- prompts and completions ------------------------------------------------------------------
-    def text_prompts(self, prompts: list[str]) -> list[list[int]]:
-        return self.encode(prompts, special=True)
-
-    def text_completions(self, comps: list[str]) -> list[list[int]]:
-        eos = self.eos
-        out = []
-        for ids in self.encode(comps):
-            out.append(ids + [eos])
-        return out
-
-    def chat_prompts(self, prompts: list[list[dict]]) -> list[list[int] | Exception]:
-        return self.encode_items(self.render_strings(prompts, True))
-
-    def chat_completions(self, prompts: list[list[dict]], comps: list[list[list[dict]]]):
-        """For each prompt and its completions (message lists): (prompt_ids, [completion_ids, ...]) or an
-        Exception.  completion_ids = tokens of rendering prompt+completion after those of the prompt with
-        the generation prompt, with trailing whitespace after the end-of-turn token trimmed."""
-        p_ids = self.chat_prompts(prompts)
-        flat = [p + c for p, cs in zip(prompts, comps) for c in cs]
-        full = iter(self.encode_items(self.render_strings(flat, False)))
-        out = []
-        for p, cs in zip(p_ids, comps):
-            fs = [next(full) for _ in cs]
-            if isinstance(p, Exception):
-                out.append(p)
-                continue
-            bad = next((f for f in fs if isinstance(f, Exception)), None)
-            if bad is not None:
-                out.append(bad)
-                continue
-            if not all(f[:len(p)] == p for f in fs):
-                out.append(ChatTemplateError(
-                    f"the chat template of tokenizer {_tokenizer_name(self.tok)!r} is not prefix-consistent: the "
-                    "prompt rendered with the generation prompt is not a token prefix of prompt + completion, so "
-                    "the completion tokens cannot be separated from the prompt"))
-                continue
-            out.append((p, [self.trim_after_eot(f[len(p):]) for f in fs]))
-        return out
-
-    def prompt_completion_examples(self, prompts: list[list[dict]], comps: list[list[dict]]):
-        """Conversational prompt-completion for SFT: loss on the completion's assistant turn(s) only."""
-        exs = self.render_convs([p + c for p, c in zip(prompts, comps)])
-        p_ids = self.chat_prompts(prompts)
-        out = []
-        for ex, p in zip(exs, p_ids):
-            if isinstance(ex, Exception) or isinstance(p, Exception):
-                out.append(ex if isinstance(ex, Exception) else p)
-                continue
-            if ex.input_ids[:len(p)] != p:
-                out.append(ChatTemplateError(
-                    f"the chat template of tokenizer {_tokenizer_name(self.tok)!r} is not prefix-consistent: the "
-                    "prompt rendered with the generation prompt is not a token prefix of prompt + completion"))
-                continue
-            mask = [0] * len(p) + ex.loss_mask[len(p):]
-            out.append(Example(ex.input_ids, mask))
-        return out
+        def text_example():
+            p, (c,) = pair()
+            return Example(p + c, [0] * len(p) + [1] * len(c))
+        return text_example
+    p = r.prompt_text(prompt)
+    rc = r.render_conversation(prompt + completion, first=len(prompt))
+    return lambda: _zero_prompt(r.example(rc), r.ids(p), r)
 
 
-def _raise_if_error(x):
-    if isinstance(x, Exception):
-        raise x
-    return x
+def _turn_order(stats: DataStats, msgs: list[dict], strict: bool) -> None:
+    """Count (or, strict, refuse) conversations that start with the assistant or repeat a role: both are
+    legal for a chat template but usually a mistake in the data."""
+    if next((m["role"] for m in msgs if m["role"] != "system"), None) == "assistant":
+        if strict:
+            raise ValueError("conversation starts with an assistant turn (strict mode; without it the "
+                             "conversation is kept and counted)")
+        stats.note("conversation starts with an assistant turn (kept)")
+    repeat = next((m["role"] for m, n in zip(msgs, msgs[1:]) if m["role"] == n["role"]), None)
+    if repeat is not None:
+        if strict:
+            raise ValueError(f"conversation has two {repeat} turns in a row (strict mode; without it the "
+                             "conversation is kept and counted)")
+        stats.note("conversation repeats a role in consecutive turns (kept)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -424,29 +160,24 @@ def render_messages(tokenizer, messages: list[dict], *, use_generation_markers: 
     """Render a conversation with the chat template; ``loss_mask`` is 1 on every assistant turn's tokens
     (content + end-of-turn token).  ``use_generation_markers`` forces (True) or avoids (False) the
     ``{% generation %}`` path; by default it is used when the template has the markers."""
-    msgs = check_messages(messages)
-    return _raise_if_error(_Ctx(tokenizer, use_generation_markers).render_convs([msgs])[0])
+    r = ChatRenderer(tokenizer, use_generation_markers)
+    return r.example(r.render_conversation(check_messages(messages)))
 
 
 def render_prompt_completion(tokenizer, prompt: str | list[dict], completion: str | list[dict]) -> Example:
     """Strings: ``tokenizer(prompt) + tokenizer(completion) + [eos]``, loss on completion + eos.
     Message lists: rendered through the chat template, loss on the completion's assistant turn(s)."""
-    p, (c,), conv = prompt_and_completions({"prompt": prompt, "completion": completion},
-                                           "prompt_completion", ("completion",))
-    ctx = _Ctx(tokenizer)
-    if conv:
-        return _raise_if_error(ctx.prompt_completion_examples([p], [c])[0])
-    p_ids, c_ids = ctx.text_prompts([p])[0], ctx.text_completions([c])[0]
-    return Example(p_ids + c_ids, [0] * len(p_ids) + [1] * len(c_ids))
+    item = prompt_and_completions({"prompt": prompt, "completion": completion}, "prompt_completion", ("completion",))
+    return _sft_prompt_completion(ChatRenderer(tokenizer), item)()
 
 
 def render_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
     """Token ids of a prompt: a string is tokenized as is (with the tokenizer's usual special tokens), a
     message list is rendered with the chat template and the generation prompt (assistant header)."""
-    ctx = _Ctx(tokenizer)
+    r = ChatRenderer(tokenizer)
     if isinstance(prompt, str):
-        return ctx.text_prompts([prompt])[0]
-    return _raise_if_error(ctx.chat_prompts([check_messages(prompt, "prompt")])[0])
+        return r.text_ids(prompt)
+    return r.ids(r.prompt_text(check_messages(prompt, "prompt")))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -454,12 +185,30 @@ def render_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _records(paths) -> Iterator[tuple[str, int, dict]]:
+@dataclass
+class _Record:
+    path: str
+    line: int
+    data: dict
+
+
+@contextmanager
+def _at(rec: _Record):
+    """Report any problem raised while handling ``rec`` as a DataError at its file:line."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (ValueError, UserError) as e:
+        raise DataError(rec.path, rec.line, str(e)) from None
+
+
+def _records(paths) -> Iterator[_Record]:
     if isinstance(paths, (str, Path)):
         paths = [paths]
     for p in paths:
         for line, rec in read_records(p):
-            yield str(p), line, rec
+            yield _Record(str(p), line, rec)
 
 
 def _chunks(it: Iterable, n: int = _CHUNK) -> Iterator[list]:
@@ -473,40 +222,59 @@ def _chunks(it: Iterable, n: int = _CHUNK) -> Iterator[list]:
         yield buf
 
 
+def _load(paths, r: ChatRenderer, stats: DataStats | None, read: Callable[[_Record], Any],
+          build: Callable[[_Record, Any], Iterable]) -> Iterator:
+    """The skeleton of every loader: ``read(record)`` validates a record and renders its text (returning
+    whatever ``build`` needs); after the chunk's texts are tokenized, ``build(record, job)`` yields its
+    examples.  Both run under the record's file:line."""
+    for chunk in _chunks(_records(paths)):
+        jobs = []
+        for rec in chunk:
+            if stats is not None:
+                stats.read += 1
+            with _at(rec):
+                jobs.append((rec, read(rec)))
+        r.flush()
+        for rec, job in jobs:
+            with _at(rec):
+                yield from build(rec, job)
+
+
 def _wrong_format(fmt: str, task: str, accepted: tuple[str, ...], hint: str = "") -> ValueError:
     return ValueError(f"a {fmt} record {FORMATS[fmt]} cannot be used for {task}{hint}; {task} data must be one "
                       f"of: {describe_formats(accepted)}")
+
+
+def _too_long(n: int, max_length: int, strict: bool, what: str) -> bool:
+    if n > max_length and strict:
+        raise ValueError(f"{what} is {n} tokens, longer than max_length={max_length} "
+                         "(strict mode; without it the example would be truncated)")
+    return n > max_length
 
 
 def load_text(paths: list[str] | str, tokenizer) -> Iterator[list[int]]:
     """Pretraining documents: for each ``{"text"}`` record, ``tokenizer(text)`` ids (with whatever special
     tokens the tokenizer itself adds, e.g. none for the alignkit tokenizer) followed by EOS (not doubled
     if the tokenizer already appends it).  Raises DataError on other records and empty texts."""
-    ctx = _Ctx(tokenizer)
-    eos = ctx.eos
-    for chunk in _chunks(_records(paths)):
-        texts = []
-        for path, line, rec in chunk:
-            try:
-                fmt = detect_format(rec)
-                if fmt != "text":
-                    raise _wrong_format(fmt, "pretraining", ("text",))
-                texts.append(require_str(rec, "text"))
-            except ValueError as e:
-                raise DataError(path, line, str(e)) from None
-        for ids in ctx.encode(texts, special=True):
-            if not ids or ids[-1] != eos:
-                ids.append(eos)
-            yield ids
+    r = ChatRenderer(tokenizer)
+    eos = r.eos
+
+    def read(rec):
+        fmt = detect_format(rec.data)
+        if fmt != "text":
+            raise _wrong_format(fmt, "pretraining", ("text",))
+        text = require_str(rec.data, "text")
+        r.want(text, True)
+        return text
+
+    def build(rec, text):
+        ids = r.text_ids(text)
+        yield ids if ids and ids[-1] == eos else ids + [eos]
+
+    yield from _load(paths, r, None, read, build)
 
 
 SFT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion")
-
-
-def _check_length(path: str, line: int, n: int, max_length: int, strict: bool, what: str) -> None:
-    if n > max_length and strict:
-        raise DataError(path, line, f"{what} is {n} tokens, longer than max_length={max_length} "
-                                    "(strict mode; without it the example would be truncated)")
 
 
 def load_sft(paths: list[str] | str, tokenizer, max_length: int, strict: bool = False
@@ -515,92 +283,47 @@ def load_sft(paths: list[str] | str, tokenizer, max_length: int, strict: bool = 
 
     Conversations must end with an assistant turn.  Over-long examples are cut to ``max_length`` (the
     prompt is kept, the end is cut); an example left with no trained token is dropped.  Both are counted
-    in the returned `DataStats`.  ``strict=True`` makes an over-long example a DataError instead.
+    in the returned `DataStats`, and so are conversations that start with the assistant or repeat a role.
+    ``strict=True`` makes an over-long example or such a conversation a DataError instead.
     """
-    ctx = _Ctx(tokenizer)
+    r = ChatRenderer(tokenizer)
     stats = DataStats()
-    out: list[Example] = []
-    for chunk in _chunks(_records(paths)):
-        jobs = []  # (path, line, kind, payload)
-        for path, line, rec in chunk:
-            stats.read += 1
-            try:
-                fmt = detect_format(rec)
-                if fmt in ("messages", "sharegpt", "alpaca"):
-                    conv = to_conversation(rec, fmt)
-                    require_ends_with_assistant(conv)
-                    jobs.append((path, line, "conv", conv))
-                elif fmt == "prompt_completion":
-                    p, (c,), is_conv = prompt_and_completions(rec, fmt, ("completion",))
-                    jobs.append((path, line, "pc_conv" if is_conv else "pc_text", (p, c)))
-                else:
-                    hint = " (use it for pretraining)" if fmt == "text" else ""
-                    raise _wrong_format(fmt, "SFT", SFT_FORMATS, hint)
-            except ValueError as e:
-                raise DataError(path, line, str(e)) from None
-        results: list[Any] = [None] * len(jobs)
-        by_kind: dict[str, list[int]] = {}
-        for i, j in enumerate(jobs):
-            by_kind.setdefault(j[2], []).append(i)
-        if "conv" in by_kind:
-            idx = by_kind["conv"]
-            for i, r in zip(idx, ctx.render_convs([jobs[i][3] for i in idx])):
-                results[i] = r
-        if "pc_conv" in by_kind:
-            idx = by_kind["pc_conv"]
-            rs = ctx.prompt_completion_examples([jobs[i][3][0] for i in idx], [jobs[i][3][1] for i in idx])
-            for i, r in zip(idx, rs):
-                results[i] = r
-        if "pc_text" in by_kind:
-            idx = by_kind["pc_text"]
-            ps = ctx.text_prompts([jobs[i][3][0] for i in idx])
-            cs = ctx.text_completions([jobs[i][3][1] for i in idx])
-            for i, p, c in zip(idx, ps, cs):
-                results[i] = Example(p + c, [0] * len(p) + [1] * len(c))
-        for (path, line, _, _), ex in zip(jobs, results):
-            if isinstance(ex, Exception):
-                raise DataError(path, line, str(ex)) from None
-            n = len(ex.input_ids)
-            if n > max_length:
-                _check_length(path, line, n, max_length, strict, "sequence")
-                ex = Example(ex.input_ids[:max_length], ex.loss_mask[:max_length])
-                if not any(ex.loss_mask):
-                    stats.dropped += 1
-                    stats.note("nothing trainable left after truncation to max_length")
-                    continue
-                stats.truncated += 1
-            stats.kept += 1
-            out.append(ex)
-    return out, stats
+
+    def read(rec) -> Callable[[], Example]:
+        fmt = detect_format(rec.data)
+        if fmt in ("messages", "sharegpt", "alpaca"):
+            conv = to_conversation(rec.data, fmt)
+            require_ends_with_assistant(conv)
+            _turn_order(stats, conv, strict)
+            rc = r.render_conversation(conv)
+            return lambda: r.example(rc)
+        if fmt == "prompt_completion":
+            item = prompt_and_completions(rec.data, fmt, ("completion",))
+            if item[2]:
+                _turn_order(stats, item[0] + item[1][0], strict)
+            return _sft_prompt_completion(r, item)
+        raise _wrong_format(fmt, "SFT", SFT_FORMATS, " (use it for pretraining)" if fmt == "text" else "")
+
+    def build(rec, example):
+        ex = example()
+        if _too_long(len(ex), max_length, strict, "sequence"):
+            ex = Example(ex.input_ids[:max_length], ex.loss_mask[:max_length])
+            if not any(ex.loss_mask):
+                stats.dropped += 1
+                stats.note("nothing trainable left after truncation to max_length")
+                return
+            stats.truncated += 1
+        stats.kept += 1
+        yield ex
+
+    return list(_load(paths, r, stats, read, build)), stats
 
 
-def _pairs_to_ids(ctx: _Ctx, items: list[tuple[Any, list[Any], bool]]) -> list[Any]:
-    """items: (prompt, [completions], conversational) -> (prompt_ids, [completion_ids]) or Exception."""
-    results: list[Any] = [None] * len(items)
-    conv = [i for i, it in enumerate(items) if it[2]]
-    text = [i for i, it in enumerate(items) if not it[2]]
-    if conv:
-        for i, r in zip(conv, ctx.chat_completions([items[i][0] for i in conv], [items[i][1] for i in conv])):
-            results[i] = r
-    if text:
-        ps = ctx.text_prompts([items[i][0] for i in text])
-        flat = ctx.text_completions([c for i in text for c in items[i][1]])
-        k = 0
-        for i, p in zip(text, ps):
-            n = len(items[i][1])
-            results[i] = (p, flat[k:k + n])
-            k += n
-    return results
-
-
-def _fit(stats: DataStats, path: str, line: int, prompt_ids: list[int], comps: list[list[int]], max_length: int,
-         strict: bool) -> list[list[int]] | None:
+def _fit(stats: DataStats, prompt_ids: list[int], comps: list[list[int]], max_length: int, strict: bool
+         ) -> list[list[int]] | None:
     """Cut completions (keeping the prompt) so that prompt + longest completion <= max_length; None = drop."""
-    longest = max(len(c) for c in comps)
-    n = len(prompt_ids) + longest
-    if n <= max_length:
+    if not _too_long(len(prompt_ids) + max(len(c) for c in comps), max_length, strict, "prompt + longest completion"):
         return comps
-    _check_length(path, line, n, max_length, strict, "prompt + longest completion")
     budget = max_length - len(prompt_ids)
     if budget <= 0:
         stats.dropped += 1
@@ -608,6 +331,16 @@ def _fit(stats: DataStats, path: str, line: int, prompt_ids: list[int], comps: l
         return None
     stats.truncated += 1
     return [c[:budget] for c in comps]
+
+
+def _paired(rec: dict, fmt: str, keys: tuple[str, ...], stats: DataStats, strict: bool):
+    item = prompt_and_completions(rec, fmt, keys)
+    if item[2]:
+        for c in item[1]:
+            _turn_order(stats, item[0] + c, strict)
+    if len(item[1]) == 2 and item[1][0] == item[1][1]:
+        stats.note("chosen identical to rejected (kept)")
+    return item
 
 
 def load_preference(paths: list[str] | str, tokenizer, max_length: int, strict: bool = False
@@ -618,33 +351,24 @@ def load_preference(paths: list[str] | str, tokenizer, max_length: int, strict: 
     Over-long pairs: completions are cut (prompt kept) so prompt + longest completion fits ``max_length``;
     a pair whose prompt alone fills ``max_length`` is dropped.  Pairs with chosen == rejected are kept
     (they carry no preference signal) and counted in ``stats.reasons``."""
-    ctx = _Ctx(tokenizer)
+    r = ChatRenderer(tokenizer)
     stats = DataStats()
-    out: list[PreferenceExample] = []
-    for chunk in _chunks(_records(paths)):
-        jobs = []
-        for path, line, rec in chunk:
-            stats.read += 1
-            try:
-                fmt = detect_format(rec)
-                if fmt != "preference":
-                    hint = " (load_unpaired reads it)" if fmt == "unpaired_preference" else ""
-                    raise _wrong_format(fmt, "preference training", ("preference",), hint)
-                jobs.append((path, line, prompt_and_completions(rec, fmt, ("chosen", "rejected"))))
-            except ValueError as e:
-                raise DataError(path, line, str(e)) from None
-        for (path, line, item), r in zip(jobs, _pairs_to_ids(ctx, [j[2] for j in jobs])):
-            if isinstance(r, Exception):
-                raise DataError(path, line, str(r)) from None
-            if item[1][0] == item[1][1]:
-                stats.note("chosen identical to rejected (kept)")
-            p_ids, comps = r
-            comps = _fit(stats, path, line, p_ids, comps, max_length, strict)
-            if comps is None:
-                continue
+
+    def read(rec):
+        fmt = detect_format(rec.data)
+        if fmt != "preference":
+            hint = " (load_unpaired reads it)" if fmt == "unpaired_preference" else ""
+            raise _wrong_format(fmt, "preference training", ("preference",), hint)
+        return _pair(r, _paired(rec.data, fmt, ("chosen", "rejected"), stats, strict))
+
+    def build(rec, pair):
+        p_ids, comps = pair()
+        comps = _fit(stats, p_ids, comps, max_length, strict)
+        if comps is not None:
             stats.kept += 1
-            out.append(PreferenceExample(p_ids, comps[0], comps[1]))
-    return out, stats
+            yield PreferenceExample(p_ids, comps[0], comps[1])
+
+    return list(_load(paths, r, stats, read, build)), stats
 
 
 def load_unpaired(paths: list[str] | str, tokenizer, max_length: int, strict: bool = False
@@ -652,40 +376,30 @@ def load_unpaired(paths: list[str] | str, tokenizer, max_length: int, strict: bo
     """Unpaired preference (KTO-style) ``{"prompt", "completion", "label": bool}``.  Paired preference records
     are unpaired automatically: chosen -> label True, rejected -> label False (two examples per record).
     Over-long examples: the completion is cut (prompt kept); dropped if the prompt alone fills max_length."""
-    ctx = _Ctx(tokenizer)
+    r = ChatRenderer(tokenizer)
     stats = DataStats()
-    out: list[UnpairedExample] = []
-    for chunk in _chunks(_records(paths)):
-        jobs = []  # (path, line, (prompt, comps, conv), labels)
-        for path, line, rec in chunk:
-            stats.read += 1
-            try:
-                fmt = detect_format(rec)
-                if fmt == "unpaired_preference":
-                    label = rec["label"]
-                    if not isinstance(label, bool):
-                        raise ValueError(f"field 'label' must be true or false, got {label!r}")
-                    jobs.append((path, line, prompt_and_completions(rec, fmt, ("completion",)), [label]))
-                elif fmt == "preference":
-                    item = prompt_and_completions(rec, fmt, ("chosen", "rejected"))
-                    if item[1][0] == item[1][1]:
-                        stats.note("chosen identical to rejected (kept)")
-                    jobs.append((path, line, item, [True, False]))
-                else:
-                    raise _wrong_format(fmt, "unpaired preference training", ("unpaired_preference", "preference"))
-            except ValueError as e:
-                raise DataError(path, line, str(e)) from None
-        for (path, line, _, labels), r in zip(jobs, _pairs_to_ids(ctx, [j[2] for j in jobs])):
-            if isinstance(r, Exception):
-                raise DataError(path, line, str(r)) from None
-            p_ids, comps = r
-            for c, label in zip(comps, labels):
-                fitted = _fit(stats, path, line, p_ids, [c], max_length, strict)
-                if fitted is None:
-                    continue
+
+    def read(rec):
+        fmt = detect_format(rec.data)
+        if fmt == "unpaired_preference":
+            label = rec.data["label"]
+            if not isinstance(label, bool):
+                raise ValueError(f"field 'label' must be true or false, got {label!r}")
+            return _pair(r, _paired(rec.data, fmt, ("completion",), stats, strict)), [label]
+        if fmt == "preference":
+            return _pair(r, _paired(rec.data, fmt, ("chosen", "rejected"), stats, strict)), [True, False]
+        raise _wrong_format(fmt, "unpaired preference training", ("unpaired_preference", "preference"))
+
+    def build(rec, job):
+        pair, labels = job
+        p_ids, comps = pair()
+        for c, label in zip(comps, labels):
+            fitted = _fit(stats, p_ids, [c], max_length, strict)
+            if fitted is not None:
                 stats.kept += 1
-                out.append(UnpairedExample(p_ids, fitted[0], label))
-    return out, stats
+                yield UnpairedExample(p_ids, fitted[0], label)
+
+    return list(_load(paths, r, stats, read, build)), stats
 
 
 PROMPT_FORMATS = ("prompt_only", "prompt_completion", "preference", "unpaired_preference")
@@ -699,49 +413,39 @@ def load_prompts(paths: list[str] | str, tokenizer, max_prompt_length: int | Non
 
     A prompt longer than ``max_prompt_length`` is dropped (counted in the stats), since a cut prompt
     would no longer match its columns (e.g. the answer); ``strict=True`` makes it a DataError."""
-    ctx = _Ctx(tokenizer)
+    r = ChatRenderer(tokenizer)
     stats = DataStats()
-    out: list[PromptExample] = []
-    for chunk in _chunks(_records(paths)):
-        jobs = []
-        for path, line, rec in chunk:
-            stats.read += 1
-            try:
-                fmt = detect_format(rec)
-                if fmt not in PROMPT_FORMATS or "prompt" not in rec:
-                    raise _wrong_format(fmt, "prompt-only (generation) training", PROMPT_FORMATS,
-                                        " (it has no 'prompt' field)")
-                original = prompt = rec["prompt"]
-                if isinstance(prompt, str):
-                    require_str(rec, "prompt")
-                elif isinstance(prompt, list):
-                    prompt = check_messages(prompt, "prompt")
-                    if prompt[-1]["role"] == "assistant":
-                        raise ValueError("prompt ends with an assistant turn; a prompt must end with a user "
-                                         "(or system) turn")
-                else:
-                    raise ValueError(f"field 'prompt' must be a string or a list of messages, got a JSON "
-                                     f"{_json_type(prompt)}")
-                jobs.append((path, line, prompt, original, {k: v for k, v in rec.items() if k != "prompt"}))
-            except ValueError as e:
-                raise DataError(path, line, str(e)) from None
-        ids: list[Any] = [None] * len(jobs)
-        ti = [i for i, j in enumerate(jobs) if isinstance(j[2], str)]
-        ci = [i for i, j in enumerate(jobs) if not isinstance(j[2], str)]
-        for i, r in zip(ti, ctx.text_prompts([jobs[i][2] for i in ti])):
-            ids[i] = r
-        for i, r in zip(ci, ctx.chat_prompts([jobs[i][2] for i in ci])):
-            ids[i] = r
-        for (path, line, _, original, cols), p_ids in zip(jobs, ids):
-            if isinstance(p_ids, Exception):
-                raise DataError(path, line, str(p_ids)) from None
-            if max_prompt_length is not None and len(p_ids) > max_prompt_length:
-                if strict:
-                    raise DataError(path, line, f"prompt is {len(p_ids)} tokens, longer than max_prompt_length="
-                                                f"{max_prompt_length} (strict mode; without it the prompt is dropped)")
-                stats.dropped += 1
-                stats.note("prompt longer than max_prompt_length")
-                continue
-            stats.kept += 1
-            out.append(PromptExample(p_ids, original, cols))  # the field as written in the file
-    return out, stats
+
+    def read(rec) -> Callable[[], list[int]]:
+        fmt = detect_format(rec.data)
+        if fmt not in PROMPT_FORMATS or "prompt" not in rec.data:
+            raise _wrong_format(fmt, "prompt-only (generation) training", PROMPT_FORMATS,
+                                " (it has no 'prompt' field)")
+        prompt = rec.data["prompt"]
+        if isinstance(prompt, str):
+            r.want(require_str(rec.data, "prompt"), True)
+            return lambda: r.text_ids(prompt)
+        if not isinstance(prompt, list):
+            raise ValueError(f"field 'prompt' must be a string or a list of messages, got a JSON "
+                             f"{_json_type(prompt)}")
+        msgs = check_messages(prompt, "prompt")
+        if msgs[-1]["role"] == "assistant":
+            raise ValueError("prompt ends with an assistant turn; a prompt must end with a user (or system) turn")
+        _turn_order(stats, msgs, strict)
+        text = r.prompt_text(msgs)
+        return lambda: r.ids(text)
+
+    def build(rec, prompt_ids):
+        ids = prompt_ids()
+        if max_prompt_length is not None and len(ids) > max_prompt_length:
+            if strict:
+                raise ValueError(f"prompt is {len(ids)} tokens, longer than max_prompt_length={max_prompt_length} "
+                                 "(strict mode; without it the prompt is dropped)")
+            stats.dropped += 1
+            stats.note("prompt longer than max_prompt_length")
+            return
+        stats.kept += 1
+        columns = {k: v for k, v in rec.data.items() if k != "prompt"}
+        yield PromptExample(ids, rec.data["prompt"], columns)  # the field as written in the file
+
+    return list(_load(paths, r, stats, read, build)), stats
