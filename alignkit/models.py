@@ -26,6 +26,10 @@ SIZES = {
 ARCHS = {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}
 
 
+class ModelDirError(UserError, OSError):
+    """A path given as a model directory that cannot be loaded as one (an OSError, like transformers' own)."""
+
+
 ADAPTER_CONFIG = "adapter_config.json"  # what a LoRA run without --merge-lora writes (peft's save_pretrained)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -33,13 +37,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def _local_dir(path: str | os.PathLike) -> Path:
     """`path` as an existing directory, or a one-line error saying what it is instead."""
     if not str(path):  # Path("") is ".", the working directory: never what an empty flag meant
-        raise UserError("no model directory given (an empty path)")
+        raise ModelDirError("no model directory given (an empty path)")
     p = Path(path)
     if p.is_file():
-        raise UserError(f"{p} is a file, not a model directory (a Hugging Face model directory holds config.json, "
+        raise ModelDirError(f"{p} is a file, not a model directory (a Hugging Face model directory holds config.json, "
                         "*.safetensors and the tokenizer files)")
     if not p.is_dir():
-        raise UserError(f"model directory {p} does not exist (expected a local Hugging Face model directory)")
+        raise ModelDirError(f"model directory {p} does not exist (expected a local Hugging Face model directory)")
     return p
 
 
@@ -72,9 +76,9 @@ def _adapter_config(p: Path) -> dict:
     try:
         config = json.loads((p / ADAPTER_CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{p / ADAPTER_CONFIG}: not valid JSON ({e})") from None
+        raise ModelDirError(f"{p / ADAPTER_CONFIG}: not valid JSON ({e})") from None
     if not isinstance(config, dict) or not config.get("base_model_name_or_path"):
-        raise UserError(f"{p / ADAPTER_CONFIG}: no base_model_name_or_path; the adapter does not say which model it adapts")
+        raise ModelDirError(f"{p / ADAPTER_CONFIG}: no base_model_name_or_path; the adapter does not say which model it adapts")
     return config
 
 
@@ -88,7 +92,7 @@ def adapter_base(p: Path) -> Path:
         if base.is_dir():
             return base
     where = " or ".join(str(t) for t in dict.fromkeys(tried))
-    raise UserError(f"{p} is a LoRA adapter of {name}, which is not a local directory (looked for {where}); alignkit "
+    raise ModelDirError(f"{p} is a LoRA adapter of {name}, which is not a local directory (looked for {where}); alignkit "
                     f"loads local models only: point base_model_name_or_path in {p / ADAPTER_CONFIG} to the base model's directory")
 
 
@@ -98,7 +102,7 @@ def _check_model_dir(path: str | os.PathLike) -> Path:
     p = _local_dir(path)
     adapter = is_adapter_dir(p)
     if not adapter and not (p / "config.json").is_file():
-        raise UserError(_not_a_model(p))
+        raise ModelDirError(_not_a_model(p))
     weights = ["adapter_model.safetensors"] if adapter else ["*.safetensors", "*.safetensors.index.json"]
     if not any(any(p.glob(w)) for w in weights):
         pickled = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
@@ -115,8 +119,8 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
         if (p / ADAPTER_CONFIG).is_file():
             return load_tokenizer(adapter_base(p), trust_remote_code)
         if (p / "config.json").is_file():
-            raise UserError(f"{p} is a model directory without a tokenizer (none of {', '.join(TOKENIZER_FILES)})")
-        raise UserError(_not_a_model(p))
+            raise ModelDirError(f"{p} is a model directory without a tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+        raise ModelDirError(_not_a_model(p))
     tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         # Padding positions are masked out of every loss, so any id works; EOS is the usual choice.
@@ -143,19 +147,19 @@ def _load(path, auto_class, dtype: str, trust_remote_code: bool, **kwargs):
     config = peft.PeftConfig.from_pretrained(str(p))
     scorer = config.task_type == "SEQ_CLS"
     if scorer and auto_class is AutoModelForCausalLM:
-        raise UserError(f"{p} is a LoRA adapter of a reward model (peft task_type SEQ_CLS): it scores text, it does "
+        raise ModelDirError(f"{p} is a LoRA adapter of a reward model (peft task_type SEQ_CLS): it scores text, it does "
                         "not generate; give it as --reward-model")
     if scorer:
         # the head is not new: the adapter carries it (modules_to_save), so the base's report of a
         # missing `score.weight` would mislead
         with safe_open(str(p / "adapter_model.safetensors"), "pt") as f:
             if not any(k.endswith("score.weight") for k in f.keys()):
-                raise UserError(f"{p} is a reward-model adapter without its score head (not in modules_to_save)")
+                raise ModelDirError(f"{p} is a reward-model adapter without its score head (not in modules_to_save)")
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
     base = adapter_base(p)
     if base.resolve() == p.resolve():
-        raise UserError(f"{p / ADAPTER_CONFIG}: base_model_name_or_path names the adapter directory itself")
+        raise ModelDirError(f"{p / ADAPTER_CONFIG}: base_model_name_or_path names the adapter directory itself")
     try:
         model = _load(base, auto_class, dtype, trust_remote_code, **kwargs)
     finally:
