@@ -141,3 +141,81 @@ def test_world_eval_of_an_adapter_dir(runs, tmp_path):
         f.write_text("".join(f.read_text().splitlines(keepends=True)[:2]))
     metrics = cli(["world", "eval", "--model", str(runs["sft"]), "--world", str(world)])
     assert 0.0 <= metrics["arith_option_accuracy"] <= 1.0
+
+
+def sft_args(model, data, out, *extra):
+    return ["sft", "--model", str(model), "--data", str(data), "--output", str(out), "--max-steps", "1",
+            "--batch-size", "2", "--max-length", "64", "--no-progress", *extra]
+
+
+def test_generate_writes_sft_data_in_its_prompts_format(tiny_model, tmp_path):
+    """Message-list prompts get an assistant message list (TRL's conversational prompt-completion), string
+    prompts a string; the other columns stay, fields about other completions go; sft trains on the file."""
+    chat = [{"prompt": [{"role": "user", "content": f"Tell me about item {i}."}], "id": i} for i in range(3)]
+    chat.append({"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "a"}],
+                 "rejected": [{"role": "assistant", "content": "b"}], "id": 3})
+    plain = [{"prompt": f"Item {i} is", "answer": str(i), "completion": "old"} for i in range(2)]
+    for name, records in (("chat", chat), ("plain", plain)):
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+        out = tmp_path / f"{name}-gen.jsonl"
+        # sampled from the random model, so that no completion is empty (they would be left out)
+        r = check(run_cli("generate", "--model", str(tiny_model), "--data", str(data), "--output", str(out),
+                          "--max-new-tokens", "6", "--temperature", "1"))
+        assert "had fields about other completions" in r.stderr and "were empty" not in r.stderr
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [row["prompt"] for row in rows] == [rec["prompt"] for rec in records]
+        for row, rec in zip(rows, records):
+            if name == "chat":
+                assert row.keys() == {"prompt", "completion", "id"} and row["id"] == rec["id"]
+                (turn,) = row["completion"]
+                assert turn["role"] == "assistant" and isinstance(turn["content"], str)
+            else:
+                assert row.keys() == {"prompt", "completion", "answer"} and isinstance(row["completion"], str)
+                assert row["completion"] != "old" or rec["completion"] != "old"
+        check(run_cli(*sft_args(tiny_model, out, tmp_path / f"{name}-sft")))
+        final = read_metrics(tmp_path / f"{name}-sft")[-1]
+        assert final["final"] and final["dropped"] == 0
+
+
+def test_generate_saves_a_chat_wrapped_prompt_as_the_conversation_it_generated(tiny_model, tmp_path):
+    """--prompt strings go through the chat template as a user turn: the record says so."""
+    out = tmp_path / "gen.jsonl"
+    check(run_cli("generate", "--model", str(tiny_model), "--prompt", "Where does Ada live?", "--max-new-tokens", "6",
+                  "--temperature", "1", "--output", str(out)))
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["prompt"] == [{"role": "user", "content": "Where does Ada live?"}]
+    assert row["completion"][0]["role"] == "assistant"
+    check(run_cli(*sft_args(tiny_model, out, tmp_path / "sft")))
+    out_plain = tmp_path / "plain.jsonl"
+    check(run_cli("generate", "--model", str(tiny_model), "--prompt", "Ada lives in", "--no-chat",
+                  "--max-new-tokens", "6", "--temperature", "1", "--output", str(out_plain)))
+    (row,) = [json.loads(line) for line in out_plain.read_text().splitlines()]
+    assert row["prompt"] == "Ada lives in" and isinstance(row["completion"], str)
+
+
+def test_chat_ends_its_prompt_line_at_end_of_input(tiny_model):
+    r = check(run_cli("chat", "--model", str(tiny_model), "--max-new-tokens", "4", input="Hello there\n"))
+    assert r.stdout.endswith("you> \n")  # Ctrl-D: the shell's prompt starts on a line of its own
+    assert r.stdout.startswith("you> model> ") and r.stdout.count("you> ") == 2
+
+
+def test_chat_with_an_adapter_dir(runs):
+    r = check(run_cli("chat", "--model", str(runs["sft"]), "--max-new-tokens", "4", input="Hello there\n"))
+    assert r.stdout.startswith("you> model> ")
+
+
+def test_generate_leaves_out_empty_completions_and_says_so(tiny_model, tmp_path, monkeypatch, capsys):
+    """An empty completion is no sft record (sft refuses it); the file holds the others and stderr the count."""
+    import alignkit.commands
+
+    tok = load_tokenizer(tiny_model)
+    words = tok.encode(" Marlow")
+    monkeypatch.setattr(alignkit.commands, "generate", lambda model, tok_, ids, *a: [[], words, [tok.eos_token_id]])
+    out = tmp_path / "gen.jsonl"
+    cli(["generate", "--model", str(tiny_model), "--prompt", "a", "--prompt", "b", "--prompt", "c",
+         "--output", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["prompt"][0]["content"] for row in rows] == ["b"]
+    assert rows[0]["completion"] == [{"role": "assistant", "content": tok.decode(words)}]
+    assert "2 of 3 completions were empty" in capsys.readouterr().err
