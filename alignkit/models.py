@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -40,14 +41,15 @@ def _local_dir(path: str | os.PathLike) -> Path:
         raise ModelDirError("no model directory given (an empty path)")
     p = Path(path)
     if p.is_file():
-        raise ModelDirError(f"{p} is a file, not a model directory (a Hugging Face model directory holds config.json, "
-                        "*.safetensors and the tokenizer files)")
+        raise ModelDirError(f"{p} is a file, not a model directory (a Hugging Face model directory holds "
+                            "config.json, *.safetensors and the tokenizer files)")
     if not p.is_dir():
         raise ModelDirError(f"model directory {p} does not exist (expected a local Hugging Face model directory)")
     return p
 
 
 def is_adapter_dir(p: Path) -> bool:
+    """A PEFT adapter directory (what a LoRA run without --merge-lora writes), not a full model."""
     return (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file()
 
 
@@ -56,7 +58,8 @@ def _not_a_model(p: Path) -> str:
     entries = sorted(p.iterdir())
     if not entries:
         return f"{p} is an empty directory, not a model directory"
-    runs = [e.name + "/" for e in entries if e.is_dir() and ((e / "config.json").is_file() or (e / ADAPTER_CONFIG).is_file())]
+    runs = [e.name + "/" for e in entries
+            if e.is_dir() and ((e / "config.json").is_file() or (e / ADAPTER_CONFIG).is_file())]
     if runs:
         more = f", ... ({len(runs)} in all)" if len(runs) > 8 else ""
         return f"{p} is not a model directory; it holds runs: {', '.join(runs[:8])}{more}"
@@ -78,7 +81,8 @@ def _adapter_config(p: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelDirError(f"{p / ADAPTER_CONFIG}: not valid JSON ({e})") from None
     if not isinstance(config, dict) or not config.get("base_model_name_or_path"):
-        raise ModelDirError(f"{p / ADAPTER_CONFIG}: no base_model_name_or_path; the adapter does not say which model it adapts")
+        raise ModelDirError(f"{p / ADAPTER_CONFIG}: no base_model_name_or_path; the adapter does not say which "
+                            "model it adapts")
     return config
 
 
@@ -92,8 +96,9 @@ def adapter_base(p: Path) -> Path:
         if base.is_dir():
             return base
     where = " or ".join(str(t) for t in dict.fromkeys(tried))
-    raise ModelDirError(f"{p} is a LoRA adapter of {name}, which is not a local directory (looked for {where}); alignkit "
-                    f"loads local models only: point base_model_name_or_path in {p / ADAPTER_CONFIG} to the base model's directory")
+    raise ModelDirError(f"{p} is a LoRA adapter of {name}, which is not a local directory (looked for {where}); "
+                        f"alignkit loads local models only: point base_model_name_or_path in {p / ADAPTER_CONFIG} "
+                        "to the base model's directory")
 
 
 def _check_model_dir(path: str | os.PathLike) -> Path:
@@ -106,7 +111,8 @@ def _check_model_dir(path: str | os.PathLike) -> Path:
     weights = ["adapter_model.safetensors"] if adapter else ["*.safetensors", "*.safetensors.index.json"]
     if not any(any(p.glob(w)) for w in weights):
         pickled = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
-        hint = f" (found {', '.join(pickled)}: pickled weights are not loaded, convert them to safetensors)" if pickled else ""
+        hint = f" (found {', '.join(pickled)}: pickled weights are not loaded, convert them to safetensors)" \
+            if pickled else ""
         raise SystemExit(f"error: {p} has no {'adapter_model' if adapter else ''}.safetensors weights{hint}")
     return p
 
@@ -119,7 +125,8 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
         if (p / ADAPTER_CONFIG).is_file():
             return load_tokenizer(adapter_base(p), trust_remote_code)
         if (p / "config.json").is_file():
-            raise ModelDirError(f"{p} is a model directory without a tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+            raise ModelDirError(f"{p} is a model directory without a tokenizer (none of "
+                                f"{', '.join(TOKENIZER_FILES)})")
         raise ModelDirError(_not_a_model(p))
     tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
@@ -136,6 +143,16 @@ def _peft():
     return peft
 
 
+@contextmanager
+def _quiet_transformers():
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def _load(path, auto_class, dtype: str, trust_remote_code: bool, **kwargs):
     """`auto_class.from_pretrained` on a model directory; on an adapter directory, its base loaded the
     same way (recursively: an adapter may adapt another run's adapter) with the adapters merged in."""
@@ -147,24 +164,18 @@ def _load(path, auto_class, dtype: str, trust_remote_code: bool, **kwargs):
     config = peft.PeftConfig.from_pretrained(str(p))
     scorer = config.task_type == "SEQ_CLS"
     if scorer and auto_class is AutoModelForCausalLM:
-        raise ModelDirError(f"{p} is a LoRA adapter of a reward model (peft task_type SEQ_CLS): it scores text, it does "
-                        "not generate; give it as --reward-model")
+        raise ModelDirError(f"{p} is a LoRA adapter of a reward model (peft task_type SEQ_CLS): it scores text, it "
+                            "does not generate; give it as --reward-model")
     if scorer:
-        # the head is not new: the adapter carries it (modules_to_save), so the base's report of a
-        # missing `score.weight` would mislead
         with safe_open(str(p / "adapter_model.safetensors"), "pt") as f:
             if not any(k.endswith("score.weight") for k in f.keys()):
                 raise ModelDirError(f"{p} is a reward-model adapter without its score head (not in modules_to_save)")
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
     base = adapter_base(p)
     if base.resolve() == p.resolve():
         raise ModelDirError(f"{p / ADAPTER_CONFIG}: base_model_name_or_path names the adapter directory itself")
-    try:
+    # a scorer's head is not new (the adapter carries it), so the base's report of a missing score.weight would mislead
+    with _quiet_transformers() if scorer else nullcontext():
         model = _load(base, auto_class, dtype, trust_remote_code, **kwargs)
-    finally:
-        if scorer:
-            hf_logging.set_verbosity(verbosity)
     # task_type None: the adapters go onto whichever head `auto_class` has (an SFT adapter under a new reward head)
     config.task_type = None
     model = peft.PeftModel.from_pretrained(model, str(p), config=config).merge_and_unload()
