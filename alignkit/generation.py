@@ -4,8 +4,8 @@ token (EOS or end-of-turn).
 Two paths with the same greedy results. Llama-family decoders (Llama, Qwen2, Mistral without sliding
 window) go through `KVDecoder`, a plain KV-cached loop over the model's own weights: on a CPU, rollouts
 of small models are bound by per-op dispatch overhead more than by FLOPs, and this loop issues far
-fewer ops per token than `transformers`' `generate` (1.45x faster on the benchmark fixture's 16 x 64-token
-rollouts, docs/performance.md). Everything else (other architectures, PEFT-wrapped models) uses `generate`.
+fewer ops per token than `transformers`' `generate` (measurements in docs/performance.md). Everything else
+(other architectures, PEFT-wrapped models) uses `generate`.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class KVDecoder:
         self.embed = model.model.embed_tokens.weight
         self.norm = model.model.norm.weight
         # Weights are stored transposed, (in, out) contiguous: for the few rows of a decode step, x @ W^T
-        # runs ~2x faster than F.linear(x, W) on the same data on CPU (docs/performance.md).
+        # runs faster than F.linear(x, W) on the same data on CPU (docs/performance.md).
         self.lm_head, self.lm_head_bias = model.lm_head.weight.t().contiguous(), model.lm_head.bias
         self.scale = self.head_dim ** -0.5
         self.layers = []

@@ -27,7 +27,16 @@ def is_peft(model) -> bool:
 def load_trainable(cfg, checkpoint: Path | None, device, loader=load_causal_lm, **loader_kwargs):
     """The model a recipe trains: from the checkpoint when resuming, else from --model; wrapped with
     fresh LoRA adapters when --lora-r > 0 (or with the checkpoint's adapters when resuming);
-    with --autocast and --compile applied (models.prepare)."""
+    with --autocast and --compile applied (models.prepare).
+
+    --model may be a LoRA run's adapter directory: the loader merges its adapters into their base, so
+    training starts from the model that run produced, as from any other model directory. Without
+    --lora-r all of its weights train; with --lora-r fresh adapters go on top of the merged model, which
+    is then their frozen base and so the reference of the preference and RL recipes: the SFT model, not
+    the model before SFT. This is the route TRL's docs recommend for DPO after LoRA SFT (merge the SFT
+    adapter, train a new one); continuing the same adapters would make the pre-SFT base the reference.
+    The new adapters record --model as their base (peft's base_model_name_or_path), so the output
+    loads, and chains on, the same way."""
     adapter_ckpt = checkpoint is not None and (checkpoint / "adapter_config.json").is_file()
     path = checkpoint if checkpoint is not None and not adapter_ckpt else cfg.model
     model = loader(path, cfg.dtype, cfg.trust_remote_code, device, **loader_kwargs)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           GenerationConfig)
+from transformers.utils import logging as hf_logging
+
+from alignkit.errors import UserError
 
 # Architectures `alignkit init-model` can create, at two sizes. `tiny` is the 1.9M-parameter shape
-# calibrated on a 2-core CPU (issue 5 notes: ~5,400 tokens/s pretraining).
+# sized for pretraining on a 2-core CPU.
 SIZES = {
     "tiny": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=1024),
@@ -21,35 +27,172 @@ SIZES = {
 ARCHS = {"llama": "LlamaConfig", "qwen2": "Qwen2Config"}
 
 
-def _check_model_dir(path: str | os.PathLike) -> Path:
+class ModelDirError(UserError, OSError):
+    """A path given as a model directory that cannot be loaded as one (an OSError, like transformers' own)."""
+
+
+ADAPTER_CONFIG = "adapter_config.json"  # what a LoRA run without --merge-lora writes (peft's save_pretrained)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _local_dir(path: str | os.PathLike) -> Path:
+    """`path` as an existing directory, or a one-line error saying what it is instead."""
+    if not str(path):  # Path("") is ".", the working directory: never what an empty flag meant
+        raise ModelDirError("no model directory given (an empty path)")
     p = Path(path)
+    if p.is_file():
+        raise ModelDirError(f"{p} is a file, not a model directory (a Hugging Face model directory holds "
+                            "config.json, *.safetensors and the tokenizer files)")
     if not p.is_dir():
-        raise SystemExit(f"error: model directory {p} does not exist (expected a local Hugging Face model dir)")
-    if not (p / "config.json").is_file():
-        raise SystemExit(f"error: {p} has no config.json; is it a Hugging Face model directory?")
-    if not any(p.glob("*.safetensors")) and not any(p.glob("*.safetensors.index.json")):
+        raise ModelDirError(f"model directory {p} does not exist (expected a local Hugging Face model directory)")
+    return p
+
+
+def is_adapter_dir(p: Path) -> bool:
+    """A PEFT adapter directory (what a LoRA run without --merge-lora writes), not a full model."""
+    return (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file()
+
+
+def _not_a_model(p: Path) -> str:
+    """What a directory without config.json or adapter_config.json holds, for the error that refuses it."""
+    entries = sorted(p.iterdir())
+    if not entries:
+        return f"{p} is an empty directory, not a model directory"
+    runs = [e.name + "/" for e in entries
+            if e.is_dir() and ((e / "config.json").is_file() or (e / ADAPTER_CONFIG).is_file())]
+    if runs:
+        more = f", ... ({len(runs)} in all)" if len(runs) > 8 else ""
+        return f"{p} is not a model directory; it holds runs: {', '.join(runs[:8])}{more}"
+    steps = sorted((p / "checkpoints").glob("step-*")) if (p / "checkpoints").is_dir() else []
+    if steps:
+        return (f"{p} is a run without its final model (it stopped before the end); continue it with --resume, "
+                f"or load its last checkpoint {steps[-1]}")
+    if any((p / f).is_file() for f in TOKENIZER_FILES):
+        return (f"{p} holds a tokenizer but no model (no config.json); create a model for it with "
+                f"`alignkit init-model --tokenizer {p}`")
+    names = [e.name + ("/" if e.is_dir() else "") for e in entries]
+    return (f"{p} is not a model directory (no config.json or {ADAPTER_CONFIG}); it holds "
+            f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}")
+
+
+def _adapter_config(p: Path) -> dict:
+    try:
+        config = json.loads((p / ADAPTER_CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelDirError(f"{p / ADAPTER_CONFIG}: not valid JSON ({e})") from None
+    if not isinstance(config, dict) or not config.get("base_model_name_or_path"):
+        raise ModelDirError(f"{p / ADAPTER_CONFIG}: no base_model_name_or_path; the adapter does not say which "
+                            "model it adapts")
+    return config
+
+
+def adapter_base(p: Path) -> Path:
+    """The base model directory of the PEFT adapter directory `p`: adapter_config.json's
+    base_model_name_or_path, absolute, relative to the working directory (where peft itself looks; a
+    run records --model as it was given) or relative to the adapter directory."""
+    name = _adapter_config(p)["base_model_name_or_path"]
+    tried = [Path(name)] if Path(name).is_absolute() else [Path(name), p / name]
+    for base in tried:
+        if base.is_dir():
+            return base
+    where = " or ".join(str(t) for t in dict.fromkeys(tried))
+    raise ModelDirError(f"{p} is a LoRA adapter of {name}, which is not a local directory (looked for {where}); "
+                        f"alignkit loads local models only: point base_model_name_or_path in {p / ADAPTER_CONFIG} "
+                        "to the base model's directory")
+
+
+def _check_model_dir(path: str | os.PathLike) -> Path:
+    """`path` as a loadable model directory: a Hugging Face model (config.json + safetensors) or a PEFT
+    adapter (adapter_config.json + adapter_model.safetensors)."""
+    p = _local_dir(path)
+    adapter = is_adapter_dir(p)
+    if not adapter and not (p / "config.json").is_file():
+        raise ModelDirError(_not_a_model(p))
+    weights = ["adapter_model.safetensors"] if adapter else ["*.safetensors", "*.safetensors.index.json"]
+    if not any(any(p.glob(w)) for w in weights):
         pickled = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
-        hint = f" (found {', '.join(pickled)}: pickled weights are not loaded, convert them to safetensors)" if pickled else ""
-        raise SystemExit(f"error: {p} has no .safetensors weights{hint}")
+        hint = f" (found {', '.join(pickled)}: pickled weights are not loaded, convert them to safetensors)" \
+            if pickled else ""
+        raise SystemExit(f"error: {p} has no {'adapter_model' if adapter else ''}.safetensors weights{hint}")
     return p
 
 
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
-    if not Path(path).is_dir():
-        raise SystemExit(f"error: model/tokenizer directory {path} does not exist (expected a local Hugging Face directory)")
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    """The tokenizer of a model directory, a tokenizer directory, or a PEFT adapter directory (its own
+    tokenizer when the run saved one, else its base model's)."""
+    p = _local_dir(path)
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        if (p / ADAPTER_CONFIG).is_file():
+            return load_tokenizer(adapter_base(p), trust_remote_code)
+        if (p / "config.json").is_file():
+            raise ModelDirError(f"{p} is a model directory without a tokenizer (none of "
+                                f"{', '.join(TOKENIZER_FILES)})")
+        raise ModelDirError(_not_a_model(p))
+    tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         # Padding positions are masked out of every loss, so any id works; EOS is the usual choice.
         tok.pad_token = tok.eos_token
     return tok
 
 
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise UserError("loading a LoRA adapter directory needs peft: pip install 'alignkit[peft]'") from None
+    return peft
+
+
+@contextmanager
+def _quiet_transformers():
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _load(path, auto_class, dtype: str, trust_remote_code: bool, **kwargs):
+    """`auto_class.from_pretrained` on a model directory; on an adapter directory, its base loaded the
+    same way (recursively: an adapter may adapt another run's adapter) with the adapters merged in."""
+    p = _check_model_dir(path)
+    if not is_adapter_dir(p):
+        return auto_class.from_pretrained(
+            str(p), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs)
+    peft = _peft()
+    config = peft.PeftConfig.from_pretrained(str(p))
+    scorer = config.task_type == "SEQ_CLS"
+    if scorer and auto_class is AutoModelForCausalLM:
+        raise ModelDirError(f"{p} is a LoRA adapter of a reward model (peft task_type SEQ_CLS): it scores text, it "
+                            "does not generate; give it as --reward-model")
+    if scorer:
+        with safe_open(str(p / "adapter_model.safetensors"), "pt") as f:
+            if not any(k.endswith("score.weight") for k in f.keys()):
+                raise ModelDirError(f"{p} is a reward-model adapter without its score head (not in modules_to_save)")
+    base = adapter_base(p)
+    if base.resolve() == p.resolve():
+        raise ModelDirError(f"{p / ADAPTER_CONFIG}: base_model_name_or_path names the adapter directory itself")
+    # a scorer's head is not new (the adapter carries it), so the base's report of a missing score.weight would mislead
+    with _quiet_transformers() if scorer else nullcontext():
+        model = _load(base, auto_class, dtype, trust_remote_code, **kwargs)
+    # task_type None: the adapters go onto whichever head `auto_class` has (an SFT adapter under a new reward head)
+    config.task_type = None
+    model = peft.PeftModel.from_pretrained(model, str(p), config=config).merge_and_unload()
+    model.requires_grad_(True)  # peft loads for inference (frozen); as from_pretrained, every weight can train
+    if scorer:
+        model.config.architectures = [type(model).__name__]  # a trained scorer, as a saved reward model says
+    # peft records a model's name_or_path as the base of adapters trained on it: this adapter directory,
+    # which loads as this merged model
+    model.name_or_path = model.config.name_or_path = str(path)
+    return model
+
+
 def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False,
                    device: str | torch.device = "cpu"):
-    p = _check_model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(p), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True
-    )
+    """A causal LM from a model directory, or from a PEFT adapter directory as its base with the adapters
+    merged in. Safetensors only; no remote code unless asked."""
+    model = _load(path, AutoModelForCausalLM, dtype, trust_remote_code)
     return model.to(device)
 
 
@@ -57,21 +200,20 @@ def load_reward_model(path, dtype: str = "float32", trust_remote_code: bool = Fa
                       pad_token_id: int | None = None, task_type: str | None = None):
     """A causal LM directory (or a saved reward model) as a sequence classifier with one output.
 
-    Same contract as `models.load_causal_lm`: safetensors only, no remote code unless asked. The
-    head (`score`) is newly initialised when `path` holds a causal LM. `config.pad_token_id` must
-    be set: HF scores a row at its rightmost token that is not padding. `task_type` is accepted
-    (and ignored) because `lora.load_trainable` passes its keyword arguments on to the loader."""
-    p = _check_model_dir(path)
+    Same contract as `models.load_causal_lm`, adapter directories included: a reward model saved as a
+    LoRA adapter (peft task_type SEQ_CLS, its head in modules_to_save) loads as that trained scorer. The
+    head (`score`) is newly initialised when `path` holds a causal LM (or a causal LM's adapter).
+    `config.pad_token_id` must be set: HF scores a row at its rightmost token that is not padding.
+    `task_type` is accepted (and ignored) because `lora.load_trainable` passes its keyword arguments on
+    to the loader."""
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(p), num_labels=1, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
-            use_safetensors=True)
+        model = _load(path, AutoModelForSequenceClassification, dtype, trust_remote_code, num_labels=1)
     except ValueError as e:  # an architecture without a ...ForSequenceClassification class
-        raise SystemExit(f"error: {p} cannot be loaded as a reward model (sequence classifier): {e}") from None
+        raise UserError(f"{path} cannot be loaded as a reward model (sequence classifier): {e}") from None
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if model.config.pad_token_id is None:
-        raise SystemExit(f"error: {p}: no pad_token_id; a reward model needs one to find each row's last token")
+        raise UserError(f"{path}: no pad_token_id; a reward model needs one to find each row's last token")
     return model.to(device)
 
 
@@ -184,7 +326,10 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     model = unwrap(model)
-    model.save_pretrained(tmp, safe_serialization=True)
+    # peft's "auto" would look the base up (on the Hub when it is an adapter directory, which has no
+    # config.json) to see whether the vocabulary grew; alignkit never resizes it
+    kwargs = dict(save_embedding_layers=False) if hasattr(model, "peft_config") else {}
+    model.save_pretrained(tmp, safe_serialization=True, **kwargs)
     tokenizer.save_pretrained(tmp)
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
@@ -192,4 +337,6 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike) -> None:
 
 
 def config_of(path: str | os.PathLike):
-    return AutoConfig.from_pretrained(str(path))
+    """The transformers config of a model directory, or of an adapter directory's base."""
+    p = _check_model_dir(path)
+    return config_of(adapter_base(p)) if is_adapter_dir(p) else AutoConfig.from_pretrained(str(p))
