@@ -1,5 +1,4 @@
 """The loaders the recipes call: every format, every bad-input case, truncation and stats."""
-import time
 
 import pytest
 
@@ -330,17 +329,16 @@ def test_load_prompts_max_length_and_errors(tok, write_jsonl):
         assert str(e).startswith(f"{p}:2: ") and problem in str(e), str(e)
 
 
-# ---------------------------------------------------------------- speed
+# ---------------------------------------------------------------- many records
 
 @pytest.mark.parametrize("fixture", ["tok", "tok_plain"])
-def test_load_sft_1000_conversations_is_fast(fixture, request, write_jsonl):
+def test_load_sft_1000_conversations(fixture, request, write_jsonl):
+    """A thousand multi-turn conversations load with every turn masked (no timing assertion: CI machines'
+    speed varies)."""
     t = request.getfixturevalue(fixture)
     text = "The moon rocket is a good story about water and the river and people who learn."
     rows = [{"messages": [s("Be helpful."), u(f"{i}: {text}"), a(text * 3), u("Why?"), a(f"Because {i}.")]}
             for i in range(1000)]
     p = write_jsonl(rows)
-    t0 = time.perf_counter()
     exs, stats = load_sft([str(p)], t, max_length=4096)
-    dt = time.perf_counter() - t0
     assert stats.kept == 1000 and spans(t, exs[999]) == [text * 3 + "<|im_end|>", "Because 999.<|im_end|>"]
-    assert dt < 3.0, f"{dt:.2f}s"
