@@ -19,7 +19,7 @@ import yaml
 
 from alignkit.errors import UserError
 
-# `--data a.jsonl --data b.jsonl` (repeatable), as in the CLI contract.
+# `--data a.jsonl --data b.jsonl` (repeatable).
 Repeatable = tyro.conf.UseAppendAction
 
 
