@@ -75,15 +75,20 @@ def test_signal_to_one_ddp_process_stops_both_at_the_same_step(tiny_model, asset
                                  "-m", "alignkit.cli", *sft_args(tiny_model, assets, out, "--max-steps", "100000")],
                                 env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
+    workers = []
     try:
         wait_for_rows(out, launcher, rows=2)
-        rank1 = worker_pid(launcher.pid, 1)
-        assert rank1 is not None
-        os.kill(rank1, signal.SIGTERM)  # only the second process sees the signal
+        workers = [worker_pid(launcher.pid, rank) for rank in (0, 1)]
+        assert None not in workers
+        os.kill(workers[1], signal.SIGTERM)  # only the second process sees the signal
         _, err = launcher.communicate(timeout=240)
     finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
+        if launcher.poll() is None:  # hung: the workers run in their own process groups
+            for pid in [*workers, launcher.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, TypeError):
+                    pass
     assert launcher.returncode == 0, err[-3000:]
     logged = steps(out)
     stops = re.findall(r"stopped at step (\d+); continue with --resume", err)
