@@ -102,8 +102,11 @@ def fingerprint(cfg, world_size: int) -> dict:
     files = {}
     for key, value in values.items():
         for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, str) and item and Path(item).exists():
-                files[f"{key}={item}"] = _digest(Path(item))
+            if not isinstance(item, str) or not item:
+                continue
+            path = Path(item.rsplit(":", 1)[0] if ".py:" in item else item)
+            if path.exists():  # a data file, a model directory, or FILE.py of a FILE.py:function reward
+                files[f"{key}={item}"] = _digest(path)
     return {"config": values, "files": files}
 
 
