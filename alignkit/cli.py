@@ -30,10 +30,27 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: alignkit <command> [--help] [options]", "", "commands:"]
+    lines = ["usage: alignkit <command> [--help] [options]", "       alignkit --version", "", "commands:"]
     lines += [f"  {name:<16} {spec[3]}" for name, spec in COMMANDS.items()]
     lines += ["", "Training commands take --config FILE.yaml; flags override it."]
     return "\n".join(lines)
+
+
+def world_usage() -> str:
+    lines = ["usage: alignkit world <command> [--help] [options]", "", "commands:"]
+    lines += [f"  {name[6:]:<10} {spec[3]}" for name, spec in COMMANDS.items() if name.startswith("world ")]
+    return "\n".join(lines)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as package_version
+
+    try:
+        return package_version("alignkit")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from alignkit import __version__
+
+        return __version__
 
 
 def run(argv: list[str] | None = None):
@@ -42,21 +59,36 @@ def run(argv: list[str] | None = None):
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return None
+    if argv[0] == "--version":
+        print(f"alignkit {version()}")
+        return None
     name, rest = argv[0], argv[1:]
     if name == "world" and rest and not rest[0].startswith("-"):  # two-word commands: `alignkit world build`
         name, rest = f"world {rest[0]}", rest[1:]
+    elif name == "world":
+        if rest[:1] in (["-h"], ["--help"]):
+            print(world_usage())
+            return None
+        print(world_usage(), file=sys.stderr)
+        raise SystemExit(2)
     if name not in COMMANDS:
         print(f"alignkit: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
     module_name, cfg_name, fn_name, _ = COMMANDS[name]
     from transformers.utils import logging as hf_logging
 
-    from alignkit.config import parse
+    from alignkit.config import parse, require
 
     hf_logging.disable_progress_bar()  # per-file load/save bars drown our own progress bar
     module = importlib.import_module(module_name)
     cfg = parse(getattr(module, cfg_name), rest, prog=f"alignkit {name}")
-    return getattr(module, fn_name)(cfg)
+    require(cfg)
+    try:
+        return getattr(module, fn_name)(cfg)
+    finally:
+        # A command that stopped with an error still frees its --output for the next command of this process.
+        if "alignkit.train.run" in sys.modules:
+            sys.modules["alignkit.train.run"].release_outputs()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ be reproduced with `--config OUTPUT/config.yaml`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from pathlib import Path
@@ -16,7 +17,9 @@ from typing import Annotated, Any, Literal
 import tyro
 import yaml
 
-# `--data a.jsonl --data b.jsonl` (repeatable), as in the issue's CLI contract.
+from alignkit.errors import UserError
+
+# `--data a.jsonl --data b.jsonl` (repeatable).
 Repeatable = tyro.conf.UseAppendAction
 
 
@@ -65,7 +68,9 @@ class TrainConfig:
     save_total_limit: int = 2
     """Checkpoints kept in OUTPUT/checkpoints (oldest deleted first)."""
     resume: bool = False
-    """Continue from the last complete checkpoint in OUTPUT/checkpoints."""
+    """Continue from the last complete checkpoint in OUTPUT/checkpoints (refused if the checkpoint was trained with other settings or data)."""
+    overwrite: bool = False
+    """Replace the run already in OUTPUT (its checkpoints, metrics and model files are deleted first)."""
     trust_remote_code: bool = False
     """Allow model code shipped inside the model directory to run. Off by default: it executes arbitrary code."""
     device: str = "auto"
@@ -90,6 +95,78 @@ class TrainConfig:
     """Save merged full weights instead of the adapter."""
 
 
+# Fields that do not change what a run computes: a run may be resumed with other values of these.
+# Every other field (and the number of processes) must match the checkpoint's.
+RUN_ONLY_FIELDS = {"output", "config", "resume", "overwrite", "progress", "log_every", "save_every",
+                   "save_total_limit", "device", "trust_remote_code", "compile"}
+
+_AT_LEAST_ONE = (lambda v: v >= 1, "must be >= 1")
+_POSITIVE = (lambda v: v > 0, "must be > 0")
+_NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+_FRACTION = (lambda v: 0 <= v <= 1, "must be between 0 and 1")
+
+# Allowed values of numeric fields, by field name, for every command that has the field.
+LIMITS = {
+    "max_steps": (lambda v: v == -1 or v >= 1, "must be >= 1, or -1 to run --epochs passes"),
+    "epochs": _POSITIVE,
+    "batch_size": _AT_LEAST_ONE,
+    "grad_accum": _AT_LEAST_ONE,
+    "max_length": (lambda v: v >= 2, "must be >= 2"),
+    "lr": _POSITIVE,
+    "min_lr_ratio": _FRACTION,
+    "warmup_steps": _NON_NEGATIVE,
+    "weight_decay": _NON_NEGATIVE,
+    "adam_betas": (lambda v: all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"),
+    "max_grad_norm": _NON_NEGATIVE,
+    "log_every": _AT_LEAST_ONE,
+    "save_every": _NON_NEGATIVE,
+    "save_total_limit": _NON_NEGATIVE,
+    "lora_r": _NON_NEGATIVE,
+    "lora_alpha": _POSITIVE,
+    "max_new_tokens": _AT_LEAST_ONE,
+    "temperature": _NON_NEGATIVE,
+    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "generation_batch_size": _AT_LEAST_ONE,
+    "mini_batch_size": _NON_NEGATIVE,
+    "group_size": _AT_LEAST_ONE,
+    "ppo_epochs": _AT_LEAST_ONE,
+    "num_iterations": _AT_LEAST_ONE,
+    "beta": _NON_NEGATIVE,
+    "kl_coef": _NON_NEGATIVE,
+    "clip_eps": _POSITIVE,
+    "gamma": _FRACTION,
+    "lam": _FRACTION,
+    "vocab_size": _AT_LEAST_ONE,
+}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def validate(cfg) -> None:
+    """Every numeric field is finite and within its LIMITS; the message names the flag."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        numbers = value if isinstance(value, tuple) else (value,)
+        if not numbers or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+            continue
+        if not all(math.isfinite(v) for v in numbers):
+            raise UserError(f"{flag(f.name)} must be a finite number (got {value})")
+        check, rule = LIMITS.get(f.name, (None, ""))
+        if check is not None and not check(value):
+            raise UserError(f"{flag(f.name)} {rule} (got {value})")
+
+
+def require(cfg) -> None:
+    """Flags without a usable default: a command's --model, and a training command's --data."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    if "model" in names and not cfg.model:
+        raise UserError("--model is required (a local model directory)")
+    if isinstance(cfg, TrainConfig) and not cfg.data:
+        raise UserError("--data is required (a training data file; repeat the flag for several)")
+
+
 def _list_fields(cls) -> set[str]:
     hints = typing.get_type_hints(cls, include_extras=True)
     out = set()
@@ -101,8 +178,7 @@ def _list_fields(cls) -> set[str]:
 
 
 def _flag_given(args: list[str], name: str) -> bool:
-    flag = "--" + name.replace("_", "-")
-    return any(a == flag or a.startswith(flag + "=") for a in args)
+    return any(a == flag(name) or a.startswith(flag(name) + "=") for a in args)
 
 
 def load_yaml_overrides(cls, path: str) -> dict[str, Any]:
@@ -131,7 +207,8 @@ def load_yaml_overrides(cls, path: str) -> dict[str, Any]:
 
 
 def parse(cls, args: list[str] | None = None, prog: str | None = None):
-    """Parse a command's config: dataclass defaults < `--config` YAML < flags."""
+    """Parse a command's config: dataclass defaults < `--config` YAML < flags; numeric values are
+    checked against LIMITS."""
     args = list(sys.argv[1:] if args is None else args)
     default = cls()
     config_path = None
@@ -152,7 +229,9 @@ def parse(cls, args: list[str] | None = None, prog: str | None = None):
     replace = {n: () for n in _list_fields(cls) if _flag_given(args, n)}
     if replace:
         default = dataclasses.replace(default, **replace)
-    return tyro.cli(cls, default=default, args=args, prog=prog)
+    cfg = tyro.cli(cls, default=default, args=args, prog=prog)
+    validate(cfg)
+    return cfg
 
 
 def to_dict(cfg) -> dict[str, Any]:
@@ -167,6 +246,7 @@ def save_config(cfg, out_dir: str | Path) -> None:
     d = to_dict(cfg)
     d.pop("config", None)
     d.pop("resume", None)
+    d.pop("overwrite", None)
     tmp = out / "config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(d, sort_keys=False))
     tmp.replace(out / "config.yaml")

@@ -47,3 +47,39 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path)
     again = parse(SFTConfig, ["--config", str(tmp_path / "config.yaml")])
     assert again.lr == 0.02 and again.data == ("a", "b")
+
+
+def _command_configs():
+    import importlib
+
+    from alignkit.cli import COMMANDS
+
+    for name, (module, cls_name, _, _) in COMMANDS.items():
+        yield name, getattr(importlib.import_module(module), cls_name)
+
+
+def test_every_numeric_training_flag_has_a_range():
+    import dataclasses
+
+    from alignkit.config import LIMITS, RUN_ONLY_FIELDS, TrainConfig
+
+    numeric = {f.name for f in dataclasses.fields(TrainConfig) if f.type in ("int", "float", "tuple[float, float]")}
+    assert numeric - set(LIMITS) == {"seed"}  # any integer is a seed
+    assert RUN_ONLY_FIELDS <= {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+@pytest.mark.parametrize("field, value", [("batch_size", "0"), ("max_new_tokens", "0"), ("lr", "-1"),
+                                          ("temperature", "-0.5"), ("top_p", "0")])
+def test_every_command_validates_its_numeric_flags(field, value):
+    import dataclasses
+
+    from alignkit.errors import UserError
+
+    checked = 0
+    for name, cls in _command_configs():
+        if field in {f.name for f in dataclasses.fields(cls)}:
+            flag = "--" + field.replace("_", "-")
+            with pytest.raises(UserError, match=f"^{flag} must be"):
+                parse(cls, [flag, value])
+            checked += 1
+    assert checked >= 2

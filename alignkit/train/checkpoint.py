@@ -11,6 +11,7 @@ of a directory is atomic on POSIX, so a SIGKILL at any moment leaves every `step
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -21,7 +22,107 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from alignkit.config import RUN_ONLY_FIELDS, to_dict
+from alignkit.errors import UserError, writing
 from alignkit.models import unwrap
+
+# Files and directories a run writes into OUTPUT: what --overwrite deletes. The first group marks a
+# directory as holding a run (or a model), which a new run must not silently replace.
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "config.json", "adapter_config.json",
+               "model.safetensors")
+RUN_FILES = RUN_MARKERS + ("eval.json", "value_model", "value_head.safetensors", "generation_config.json",
+                           "chat_template.jinja", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                           "merges.txt", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                           "adapter_model.safetensors", "model.safetensors.index.json", ".tmp-save")
+
+
+def probe_writable(out: str | Path) -> None:
+    """Fail now, before any model is loaded, if OUTPUT cannot be created or written to."""
+    out = Path(out)
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--output {out}: {existing} is a file, not a directory")
+    probe = existing / f".alignkit-probe-{os.getpid()}"
+    with writing(out, "--output"):
+        with open(probe, "w") as f:
+            f.write("x")
+        probe.unlink()
+
+
+def run_files(out: str | Path) -> list[str]:
+    """The names in OUTPUT that show it holds a run or a model."""
+    return [name for name in RUN_MARKERS if (Path(out) / name).exists()]
+
+
+def clear_run(out: str | Path) -> None:
+    """Delete a previous run's checkpoints, metrics, config and model files (--overwrite); other files stay."""
+    out = Path(out)
+    names = list(RUN_FILES) + (["README.md"] if (out / "adapter_config.json").exists() else [])  # peft's model card
+    for name in names:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    for path in out.glob("model-*-of-*.safetensors"):
+        path.unlink()
+
+
+def remove_stale_temps(out: str | Path) -> list[Path]:
+    """Delete half-written checkpoints left by a run that died while saving (they hold disk space and
+    are never resumed from)."""
+    stale = sorted((Path(out) / "checkpoints").glob(".tmp-step-*")) + sorted(Path(out).glob(".tmp-save"))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _digest(path: Path) -> str:
+    """Content hash of a file, or of a directory's top-level files (files over 64 MB by size only)."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()) if path.is_dir() else [path]:
+        if not f.is_file() or f.name.startswith("."):  # e.g. the .lock file a run keeps in its output
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}\n".encode())
+        if size <= 64 << 20:
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(cfg, world_size: int) -> dict:
+    """What determines a run's trajectory: every config field but RUN_ONLY_FIELDS, the number of
+    processes, and the content of every file or directory the config names (data, models)."""
+    values = {k: v for k, v in to_dict(cfg).items() if k not in RUN_ONLY_FIELDS}
+    values["processes"] = world_size
+    files = {}
+    for key, value in values.items():
+        for item in value if isinstance(value, list) else [value]:
+            if not isinstance(item, str) or not item:
+                continue
+            path = Path(item.rsplit(":", 1)[0] if ".py:" in item else item)
+            if path.exists():  # a data file, a model directory, or FILE.py of a FILE.py:function reward
+                files[f"{key}={item}"] = _digest(path)
+    return {"config": values, "files": files}
+
+
+def fingerprint_differences(saved: dict, current: dict) -> list[str]:
+    """Human-readable differences between two fingerprints, e.g. `lr 0.001 -> 0.002`."""
+    out = []
+    a, b = saved.get("config", {}), current.get("config", {})
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            out.append(f"{key} {a.get(key, '(unset)')} -> {b.get(key, '(unset)')}")
+    a, b = saved.get("files", {}), current.get("files", {})
+    for key in sorted(set(a) & set(b)):
+        if a[key] != b[key]:
+            field, path = key.split("=", 1)
+            out.append(f"{field} {path} changed since the checkpoint (content hash)")
+    return out
 
 
 def _fsync_dir(path: Path) -> None:
@@ -77,25 +178,32 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], param_groups: list[di
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, optimizer, extra: dict | None = None,
-                    keep: int = 2, save_extra=None) -> Path:
+                    keep: int = 2, save_extra=None, run: dict | None = None) -> Path:
     """Write OUTPUT/checkpoints/step-N atomically and prune old ones (keeping `keep`). `save_extra(dir)`
     writes a recipe's other trained state (e.g. PPO's value function) into the same directory before
-    the rename, so it is part of the same atomic checkpoint."""
+    the rename, so it is part of the same atomic checkpoint. `run` is the run's `fingerprint`, checked
+    by --resume. A failed write removes the partial checkpoint and is reported as a UserError."""
     root = Path(out_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    unwrap(model).save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    tensors, groups = _flatten_optimizer(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    state = {"step": step, "param_groups": groups, "rng": rng_state(), "extra": extra or {}}
-    (tmp / "trainer_state.json").write_text(json.dumps(state))
-    if save_extra is not None:
-        save_extra(tmp)
-    _fsync_dir(tmp)
+    try:
+        with writing(final, "checkpoint"):
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            unwrap(model).save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            tensors, groups = _flatten_optimizer(optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            state = {"step": step, "param_groups": groups, "rng": rng_state(), "extra": extra or {}, "run": run}
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            if save_extra is not None:
+                save_extra(tmp)
+            _fsync_dir(tmp)
+    except UserError as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint only keeps the disk full
+        raise UserError(f"{e}; the partial checkpoint was removed, the last complete one is kept "
+                        "(free space or fix permissions, then continue with --resume)") from e.__cause__
     if final.exists():  # same step saved twice (e.g. SIGTERM right after a periodic save)
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -108,6 +216,11 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     root = Path(out_dir) / "checkpoints"
     done = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()) if root.is_dir() else []
     return done[-1] if done else None
+
+
+def load_fingerprint(path: Path) -> dict | None:
+    """The `run` fingerprint a checkpoint was saved with (None for checkpoints written before it existed)."""
+    return json.loads((path / "trainer_state.json").read_text()).get("run")
 
 
 def load_state(path: Path) -> dict:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
+from alignkit.errors import UserError
+
 
 @dataclass
 class Dist:
@@ -35,9 +37,31 @@ class Dist:
                                                  for n in names]))
         return dict(zip(names, total.tolist()))
 
+    def any(self, flag: bool) -> bool:
+        """True on every process if `flag` is true on any of them (so all ranks take the same branch)."""
+        return bool(flag) if self.world_size == 1 else self.all_reduce_sum(float(flag)).item() > 0
+
     def barrier(self) -> None:
         if self.world_size > 1:
             torch_dist.barrier()
+
+
+def pick_device(device: str, local_rank: int = 0) -> torch.device:
+    """--device auto | cpu | cuda | cuda:N as a torch device; a CUDA device this machine lacks is a user error.
+    Under torchrun `cuda` means cuda:LOCAL_RANK."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if device != "auto" and device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise UserError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine "
+                        f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
+    index = int(device[5:]) if device.startswith("cuda:") else local_rank
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise UserError(f"--device {device}: no CUDA device {index} (this machine has {count}: "
+                        f"{', '.join(f'cuda:{i}' for i in range(count))})")
+    return torch.device(f"cuda:{index}")
 
 
 def setup(device: str = "auto") -> Dist:
@@ -45,8 +69,8 @@ def setup(device: str = "auto") -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    dev = pick_device(device, local_rank)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(dev)
     if world_size > 1 and not torch_dist.is_initialized():

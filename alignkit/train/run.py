@@ -1,33 +1,128 @@
 """The plumbing every recipe shares, so that a recipe file holds only its algorithm and its loop:
-processes and device, resolved config, metrics.jsonl, progress bar, checkpoints + resume, graceful
-stop on SIGTERM/SIGINT, non-finite loss policy, final save. No control flow is hidden here: the
-recipe calls `begin`, then per step `check`, `log`, `end_step`, then `finish`.
+processes and device, the output directory (locked, never mixed with another run), resolved config,
+metrics.jsonl, progress bar, checkpoints + resume, graceful stop on SIGTERM/SIGINT, non-finite loss
+policy, final save. No control flow is hidden here: the recipe calls `begin`, then per step `check`,
+`log`, `end_step`, then `finish`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import math
+import os
+import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from alignkit import lora
-from alignkit.config import save_config
+from alignkit.config import RUN_ONLY_FIELDS, save_config, to_dict
+from alignkit.errors import UserError, writing
 from alignkit.models import save_model
 from alignkit.train import checkpoint, dist as distributed
 from alignkit.train.tracking import GracefulStop, MetricsWriter, Throughput, progress
 
+# Lock files of the outputs this process holds, freed when its command ends however it ends.
+_held: list = []
+
+
+def release_outputs() -> None:
+    while _held:
+        _held.pop().close()
+
+
+def lock_output(out: Path):
+    """An exclusive lock on OUTPUT/.lock (an open file, freed when closed or when the process dies),
+    or None if another process holds it."""
+    with writing(out, "--output"):
+        f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _held.append(f)
+    return f
+
 
 class Run:
     def __init__(self, cfg, name: str):
+        """Set up processes and device, and check --output before any model is loaded: writable, not
+        in use, and holding no other run unless --resume (same settings and data) or --overwrite."""
         self.cfg, self.name = cfg, name
+        if cfg.resume and cfg.overwrite:
+            raise UserError("--resume and --overwrite exclude each other: continue the run in --output, or replace it")
         self.dist = distributed.setup(cfg.device)
         self.device = self.dist.device
         torch.manual_seed(cfg.seed)
+        self.out = Path(cfg.output)
+        self.fingerprint = checkpoint.fingerprint(cfg, self.world_size)
+        self._lock = None
+        if self.is_main:
+            checkpoint.probe_writable(self.out)
+        if self.dist.any(self.is_main and self.out.is_dir()):
+            self._claim()
         self.checkpoint: Path | None = checkpoint.latest_checkpoint(cfg.output) if cfg.resume else None
+        if self.checkpoint:
+            self._check_resumable(self.checkpoint)
+        elif cfg.resume and (self.out / "config.yaml").is_file():
+            self._check_config_yaml(self.out / "config.yaml")
         self.skipped_steps = 0
         self.speed = Throughput()
         self._stop = GracefulStop()
+
+    def _claim(self, fresh: bool = False) -> None:
+        """Lock OUTPUT, then refuse another run's files in it, or delete them with --overwrite, and
+        remove checkpoints half-written by a run that died while saving. `fresh`: OUTPUT was created
+        by this run a moment ago, so any run in it started meanwhile."""
+        if self.is_main:
+            self._lock = lock_output(self.out)
+        if self.dist.any(self.is_main and self._lock is None):
+            release_outputs()
+            raise UserError(f"--output {self.out} is in use by another alignkit run; wait for it to finish "
+                            "or choose another --output")
+        found = checkpoint.run_files(self.out)
+        if found and not self.cfg.overwrite and (fresh or not self.cfg.resume):
+            release_outputs()
+            raise UserError(f"--output {self.out} already holds a run or model ({', '.join(found)}); "
+                            "continue it with --resume, replace it with --overwrite, or choose another --output")
+        if self.is_main:
+            with writing(self.out, "--output"):
+                if found and self.cfg.overwrite:
+                    checkpoint.clear_run(self.out)
+                    print(f"--overwrite: deleted the previous run in {self.out}")
+                for stale in checkpoint.remove_stale_temps(self.out):
+                    print(f"removed {stale}: a checkpoint left half-written by an earlier run")
+        self.dist.barrier()
+
+    def _check_resumable(self, path: Path) -> None:
+        """--resume continues the same run only: the checkpoint's settings and data must be these."""
+        saved = checkpoint.load_fingerprint(path)
+        if saved is None:
+            if self.is_main:
+                print(f"warning: {path} does not record the settings it was trained with; cannot check that "
+                      "--resume continues the same run", file=sys.stderr)
+            return
+        differences = checkpoint.fingerprint_differences(saved, self.fingerprint)
+        if differences:
+            release_outputs()
+            raise UserError(f"--resume: {path} was trained with other settings or data: {'; '.join(differences)}. "
+                            "Resume with the same ones, or start over with --overwrite or another --output")
+
+    def _check_config_yaml(self, path: Path) -> None:
+        """--resume of a run that died before its first checkpoint restarts it, with its own settings only."""
+        saved = yaml.safe_load(path.read_text()) or {}
+        current = {k: v for k, v in to_dict(self.cfg).items() if k not in RUN_ONLY_FIELDS}
+        differences = [f"{k} {saved[k]} -> {v}" for k, v in current.items() if k in saved and saved[k] != v]
+        if differences:
+            release_outputs()
+            raise UserError(f"--resume: {path} has other settings: {'; '.join(differences)}. Resume with the same "
+                            "ones, or start over with --overwrite or another --output")
 
     @property
     def is_main(self) -> bool:
@@ -42,10 +137,17 @@ class Run:
         progress bar. Returns the first step to run. `model` is what gets checkpointed and saved
         (the unwrapped model, PEFT-wrapped when training LoRA adapters)."""
         self.model, self.tokenizer, self.optimizer, self.total_steps = model, tokenizer, optimizer, total_steps
+        if not self.dist.any(self._lock is not None):  # OUTPUT did not exist when the run started
+            if self.is_main:
+                with writing(self.out, "--output"):
+                    self.out.mkdir(parents=True, exist_ok=True)
+            self.dist.barrier()
+            self._claim(fresh=True)
         start = checkpoint.load_checkpoint(self.checkpoint, optimizer)["step"] if self.checkpoint else 0
         self.state = checkpoint.load_state(self.checkpoint) if self.checkpoint else {}
         if self.is_main:
-            save_config(self.cfg, self.cfg.output)
+            with writing(self.out / "config.yaml", "config"):
+                save_config(self.cfg, self.cfg.output)
             if self.checkpoint:
                 print(f"resuming from {self.checkpoint} (step {start})")
         self.metrics = MetricsWriter(self.cfg.output, self.is_main, resume_step=start if self.checkpoint else None)
@@ -82,14 +184,21 @@ class Run:
         after a signal. `state` is JSON the recipe needs to resume (e.g. an adaptive KL coefficient);
         `save_extra(dir)` writes other trained modules into the checkpoint directory (e.g. a value model)."""
         done = step == self.total_steps
-        if self._stop.requested or (self.cfg.save_every and step % self.cfg.save_every == 0) or done:
+        # Every process stops at the same step, whichever of them got the signal.
+        stop = self.dist.any(self._stop.requested)
+        if stop or (self.cfg.save_every and step % self.cfg.save_every == 0) or done:
             if self.is_main:
                 checkpoint.save_checkpoint(self.cfg.output, step, self.model, self.tokenizer, self.optimizer,
-                                           extra=state, keep=self.cfg.save_total_limit, save_extra=save_extra)
+                                           extra=state, keep=self.cfg.save_total_limit, save_extra=save_extra,
+                                           run=self.fingerprint)
             self.dist.barrier()
-        if self._stop.requested and not done:
+        if stop and not done:
+            self._stop.__exit__(None, None, None)
             self.bar.close()
-            raise SystemExit(f"stopped at step {step}; continue with --resume")
+            print(f"stopped at step {step}; continue with --resume", file=sys.stderr)
+            release_outputs()
+            distributed.teardown()
+            raise SystemExit(0)  # a requested stop that saved its checkpoint is not a failure
 
     def finish(self, final: dict) -> dict:
         """Write the final metrics row and the model (merged LoRA weights with --merge-lora)."""
@@ -100,6 +209,9 @@ class Run:
         self.metrics.log(final)
         if self.is_main:
             model = lora.merged(self.model) if getattr(self.cfg, "merge_lora", False) else self.model
-            save_model(model, self.tokenizer, self.cfg.output)
+            with writing(self.out, "the model to"):
+                save_model(model, self.tokenizer, self.cfg.output)
+        self.dist.barrier()
+        release_outputs()
         distributed.teardown()
         return final

@@ -10,31 +10,48 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from alignkit.errors import UserError, writing
+
 
 class MetricsWriter:
     """Appends one JSON object per logging step to OUTPUT/metrics.jsonl (main process only).
 
     On resume, rows logged after the checkpoint being resumed are dropped first, so the file reads as
-    one uninterrupted run."""
+    one uninterrupted run; a last row cut short by a kill mid-write is dropped with a warning."""
 
     def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and not json.loads(line).get("final") and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(k + "\n" for k in keep))
+        with writing(self.path, "metrics"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is None:
+                self.path.write_text("")
+            elif self.path.exists():
+                keep = [row for row in self.read() if not row.get("final") and row["step"] <= resume_step]
+                self.path.write_text("".join(json.dumps(row) + "\n" for row in keep))
+
+    def read(self) -> list[dict]:
+        lines = self.path.read_text().splitlines()
+        rows = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines):
+                    raise UserError(f"{self.path}:{i}: not a JSON row; the metrics file is damaged") from None
+                print(f"warning: {self.path}:{i}: dropped a partial last row (the run was killed while writing it)",
+                      file=sys.stderr)
+        return rows
 
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
         clean = {k: (float(v) if hasattr(v, "item") else v) for k, v in row.items()}
-        with self.path.open("a") as f:
+        with writing(self.path, "metrics"), self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
 
 

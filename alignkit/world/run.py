@@ -190,7 +190,7 @@ def main(cfg: WorldRunConfig) -> dict:
                "--vocab-size", "1024", "--output", str(models / "tokenizer"), trains=False)
     st.command("init", "init-model", "--arch", "llama", "--size", "small" if cfg.preset == "small" else "tiny",
                "--tokenizer", str(models / "tokenizer"), "--output", str(models / "init"), "--seed", seed, trains=False)
-    common = ["--seed", seed]
+    common = ["--seed", seed, "--overwrite"]  # a rerun rebuilds every stage
     st.command("pretrain", "pretrain", "--model", str(models / "init"), "--data", str(world / "corpus.jsonl"),
                "--output", str(models / "base"), "--max-steps", str(budget["pretrain_steps"]), "--batch-size", "16",
                "--max-length", "128", "--lr", "2e-3", "--warmup-steps", "40", *common)

@@ -96,7 +96,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tiny_model, assets, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "continue with --resume" in err
+    assert proc.returncode == 0 and "continue with --resume" in err
     ckpts = sorted((out / "checkpoints").glob("step-*"))
     assert len(ckpts) == 1
     last_logged = traj(out)
