@@ -59,15 +59,14 @@ def reference(model):
     return model.disable_adapter() if is_peft(model) else nullcontext()
 
 
-def reference_model(cfg, model, resuming: bool, device):
-    """The frozen reference of the DPO family's and KTO's log-ratios: the policy itself before its first
-    update (no extra copy: its log-probs are precomputed before training), the base model with adapters
-    disabled under LoRA (`reference`), else - --ref-model, resuming full fine-tuning, or a per-batch
-    reference (--no-precompute-ref) - a frozen model loaded from disk."""
-    separate = not is_peft(model) and (resuming or not cfg.precompute_ref)
-    if not (cfg.ref_model or separate):
+def reference_model(cfg, model, device, path: str | None = None, frozen_copy: bool = False):
+    """The frozen reference of a log-ratio (the DPO family, KTO): the base model with adapters disabled
+    under LoRA (`reference`), or `model` itself when its log-probs are all taken before its first update;
+    a frozen model loaded from `path` when one is given, or from --model when `frozen_copy` is asked (a
+    reference used during training, or a policy resumed from a checkpoint, no longer the reference)."""
+    if path is None and (is_peft(model) or not frozen_copy):
         return model
-    ref = load_causal_lm(cfg.ref_model or cfg.model, cfg.dtype, cfg.trust_remote_code, device).eval()
+    ref = load_causal_lm(path or cfg.model, cfg.dtype, cfg.trust_remote_code, device).eval()
     prepare(ref, cfg)
     return ref.requires_grad_(False)
 

@@ -204,20 +204,23 @@ def token_logps(logits: Tensor, labels: Tensor, *, chunk_size: int | None = None
 
 
 def sequence_logps(
-    logits: Tensor, labels: Tensor, loss_mask: Tensor, *, chunk_size: int | None = None
-) -> Tensor:
+    logits: Tensor, labels: Tensor, loss_mask: Tensor, *, chunk_size: int | None = None,
+    per_token: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Sum of label log-probs over masked tokens: ``sum_t mask[b, t] * log p(y_t | y_<t, x)``.
 
-    This is ``log pi(y | x)`` of a response, the quantity the DPO family compares
-    (Rafailov et al. 2023, eq. 7). Positions with ``loss_mask == 0`` are excluded with
-    ``where`` (not multiplied), so arbitrary labels there (e.g. -100) cannot leak in.
+    This is ``log pi(y | x)`` of a response, the quantity the DPO family and KTO compare
+    (Rafailov et al. 2023, eq. 7); the recipes take it through ``alignkit.logprobs.completion_logps``.
+    Positions with ``loss_mask == 0`` are excluded with ``where`` (not multiplied), so arbitrary
+    labels there (e.g. -100) cannot leak in.
 
     Args:
         logits: (B, T, V); labels: (B, T); loss_mask: (B, T), nonzero = counts.
         chunk_size: see :func:`token_logps`.
+        per_token: also return the masked per-token log-probs (B, T), 0 where the mask is 0.
 
     Returns:
-        (B,) summed log-probabilities.
+        (B,) summed log-probabilities (and the (B, T) per-token ones with ``per_token``).
     """
     if loss_mask.shape != labels.shape:
         raise ValueError(
@@ -225,7 +228,8 @@ def sequence_logps(
             f"{tuple(labels.shape)}"
         )
     logps = token_logps(logits, labels, chunk_size=chunk_size)  # (B, T)
-    return torch.where(loss_mask.bool(), logps, 0.0).sum(-1)  # (B,)
+    token = torch.where(loss_mask.bool(), logps, 0.0)  # (B, T)
+    return (token.sum(-1), token) if per_token else token.sum(-1)  # (B,)
 
 
 def token_entropy(logits: Tensor, *, chunk_size: int | None = None) -> Tensor:
@@ -546,7 +550,7 @@ def simpo_loss(
     Formula (Meng et al. 2024, eq. 6):
     ``-log sigmoid(beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma)``.
     No reference model: the average token log-prob itself is the implicit reward, which
-    saves the reference forward pass (seed notes 002, §13.6.3).
+    saves the reference forward pass (the notes, §13.6.3).
 
     Args:
         policy_chosen_logps, policy_rejected_logps: (B,) summed log-probs;

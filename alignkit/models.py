@@ -217,15 +217,21 @@ def load_reward_model(path, dtype: str = "float32", trust_remote_code: bool = Fa
     return model.to(device)
 
 
+def _classifier(model):
+    """The HF sequence classifier inside DDP/compile and peft wrappers, or None for other models."""
+    m = unwrap(model)
+    m = m.get_base_model() if hasattr(m, "get_base_model") else m  # peft: the model its adapters are in
+    return m if hasattr(m, "score") else None
+
+
 def backbone_and_head(model):
     """(backbone, score head) of a sequence classifier, through DDP/compile and peft wrappers: HF's
     ...ForSequenceClassification forward returns one pooled score, so callers that need the head
-    elsewhere call the two parts themselves."""
-    m = unwrap(model)
-    m = m.get_base_model() if hasattr(m, "get_base_model") else m  # peft: the model its adapters are in
-    if not hasattr(m, "score"):
-        raise SystemExit(f"error: {type(m).__name__} has no `score` head; alignkit reads reward and value models "
-                         "as transformers' ...ForSequenceClassification decoders (Llama, Qwen2, Mistral, GPT-2, ...)")
+    elsewhere call the two parts themselves (the backbone is what `prepare` speeds up)."""
+    m = _classifier(model)
+    if m is None:
+        raise SystemExit(f"error: {type(unwrap(model)).__name__} has no `score` head; alignkit reads reward and value "
+                         "models as transformers' ...ForSequenceClassification decoders (Llama, Qwen2, Mistral, GPT-2, ...)")
     return getattr(m, m.base_model_prefix), m.score
 
 
@@ -293,20 +299,28 @@ def prepare(model, cfg):
     """Apply the config's speed options to a loaded model, in place: --autocast bf16 runs the forward
     under `torch.autocast` (bfloat16 matmuls, float32 weights, optimizer state and logits: TRL's and
     accelerate's `bf16=True`); --compile `torch.compile`s it (dynamic shapes, so batches of varying length
-    reuse one graph). Weights, state_dict keys and saving are unchanged."""
+    reuse one graph). Weights, state_dict keys and saving are unchanged.
+
+    For a sequence classifier (reward and value models) the backbone is prepared: `LastTokenReward` and
+    PPO's per-token values call the backbone and the score head themselves, and the head's scores stay
+    float32."""
+    classifier = _classifier(model)
+    target = getattr(classifier, classifier.base_model_prefix) if classifier is not None else model
     if getattr(cfg, "autocast", "none") == "bf16":
         device_type = next(model.parameters()).device.type
-        forward = model.forward
+        forward = target.forward
 
         def autocast_forward(*args, **kwargs):
             with torch.autocast(device_type, dtype=torch.bfloat16):
                 out = forward(*args, **kwargs)
-            out.logits = out.logits.float()  # losses and log-probs stay float32 (losses.token_logps)
+            for name in ("logits", "last_hidden_state"):  # losses, log-probs and scores stay float32
+                if getattr(out, name, None) is not None:
+                    setattr(out, name, getattr(out, name).float())
             return out
 
-        model.forward = autocast_forward
+        target.forward = autocast_forward
     if getattr(cfg, "compile", False):
-        model.compile(dynamic=True)
+        target.compile(dynamic=True)
     return model
 
 

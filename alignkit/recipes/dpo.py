@@ -1,6 +1,6 @@
 """alignkit dpo: offline preference optimisation (DPO and its family) on {prompt, chosen, rejected} pairs.
 
-DPO (Rafailov et al. 2023, eq. 7; seed notes 002 §13.6.2) needs no reward model and no RL loop:
+DPO (Rafailov et al. 2023, eq. 7; the notes, §13.6.2) needs no reward model and no RL loop:
 the policy's log-ratio to a frozen reference, beta * log(pi(y|x) / ref(y|x)), is an implicit
 reward, and a logistic loss on the chosen-minus-rejected difference of that reward raises chosen
 answers relative to rejected ones. `--loss` picks the pairwise objective (all in `alignkit.losses`):
@@ -9,7 +9,7 @@ answers relative to rejected ones. `--loss` picks the pairwise objective (all in
     robust   unbiased under label-flip rate eps (Chowdhury et al. 2024)            beta 0.1
     hinge    SLiC hinge on reference-normalised log-ratios (Zhao et al. 2023)      beta 0.1
     ipo      IPO, squared loss on length-averaged log-ratios (Azar et al. 2023)    beta (= tau) 0.1
-    ln_dpo   length-normalised DPO (Tulu 3, Lambert et al. 2024; seed §13.6.3)     beta 5.0
+    ln_dpo   length-normalised DPO (Tulu 3, Lambert et al. 2024; the notes, §13.6.3)     beta 5.0
     simpo    SimPO, reference-free, with target margin --gamma (Meng et al. 2024)  beta 2.0
 
 (the right column is the default when --beta is not given: per-token log-ratios are ~|y| times
@@ -18,8 +18,9 @@ smaller than sequence ones, so the length-normalised losses need a much larger b
 Reference log-probs never change, so by default (`--precompute-ref`) they are computed once, before
 training, for the pairs the run will use, and the reference model is freed: training then holds
 one model. With LoRA the reference is the base model with adapters disabled (no second copy).
-SimPO has no reference at all. On `--resume` they are recomputed (deterministic, and cheaper to
-redo than to keep a cache consistent with the data, the model and --max-length).
+SimPO has no reference at all. On `--resume` they are recomputed in the same fixed batches
+(`alignkit.train.reference`), so the resumed run is bit-identical to the uninterrupted one (and
+recomputing is cheaper than keeping a cache consistent with the data, the model and --max-length).
 
 Chosen and rejected rows of a micro-batch go through the policy in ONE forward pass (2B rows).
 Dropout is off, as in TRL (disable_dropout): the implicit reward compares policy and reference
@@ -29,9 +30,7 @@ log-probs, which must be computed the same way.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,9 +43,11 @@ from alignkit.data import load_preference
 from alignkit.logprobs import completion_logps, pack_completions
 from alignkit.losses import chosen_nll, dpo_loss, length_normalized_dpo_loss, simpo_loss
 from alignkit.models import load_tokenizer
-from alignkit.train.batching import StepPlan, length_grouped_batches, shuffled_batches
-from alignkit.train.optim import adamw, lr_factor, set_lr
+from alignkit.train.batching import StepPlan, epoch_batches
+from alignkit.train.optim import adamw
+from alignkit.train.reference import fixed_batches, needed_batches, precompute
 from alignkit.train.run import Run
+from alignkit.train.step import micro_steps, optimizer_step, schedule_lr
 
 DEFAULT_BETA = {"sigmoid": 0.1, "robust": 0.1, "hinge": 0.1, "ipo": 0.1, "ln_dpo": 5.0, "simpo": 2.0}
 
@@ -87,24 +88,37 @@ def pair_logps(model, pairs, pad_id: int, device) -> tuple[torch.Tensor, torch.T
     return logps[:B], logps[B:], lengths[:B], lengths[B:]
 
 
-@torch.no_grad()
+def pair_length(ex) -> int:
+    """The padded width a pair sets: its prompt and the longer of its two answers."""
+    return len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids))
+
+
 def reference_logps(ref_model, examples, indices, pad_id: int, batch_size: int, device, dist=None) -> torch.Tensor:
-    """(N, 2) float64 table of reference log-probs [chosen, rejected] for the pairs in `indices`
-    (0 elsewhere). Pairs are sorted by length so batches carry little padding; under DDP each
-    process computes every world_size-th batch and the table is summed across processes."""
-    table = torch.zeros(len(examples), 2, dtype=torch.float64)
-    order = sorted(indices, key=lambda i: -(len(examples[i].prompt_ids) + max(len(examples[i].chosen_ids),
-                                                                            len(examples[i].rejected_ids))))
-    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    was_training = ref_model.training
-    ref_model.eval()
-    with lora.reference(ref_model):  # adapters off: the base model is the reference
-        for idx in batches[rank::world]:
-            chosen, rejected, _, _ = pair_logps(ref_model, [examples[i] for i in idx], pad_id, device)
-            table[idx, 0], table[idx, 1] = chosen.double().cpu(), rejected.double().cpu()
-    ref_model.train(was_training)
-    return dist.all_reduce_sum(table).cpu() if dist is not None else table
+    """(N, 2) float64 table of reference log-probs [chosen, rejected] for the pairs in `indices` (0 for
+    pairs of batches that hold none of them), from fixed batches over all pairs (`train.reference`)."""
+    batches = needed_batches(fixed_batches([pair_length(ex) for ex in examples], batch_size), indices)
+    def logps_of(model, idx):  # (B, 2)
+        return torch.stack(pair_logps(model, [examples[i] for i in idx], pad_id, device)[:2], 1)
+    return precompute(ref_model, batches, logps_of, len(examples), 2, dist)
+
+
+def reference_for(cfg, model, examples, needed, pad_id: int, run):
+    """`ref(indices, like) -> (ref chosen logps, ref rejected logps)`, (B,) each: from the table computed
+    here for the `needed` pairs, from a frozen reference's forward per micro-batch (--no-precompute-ref),
+    or zeros (SimPO has no reference)."""
+    if cfg.loss == "simpo":
+        return lambda idx, like: (torch.zeros_like(like), torch.zeros_like(like))
+    ref = lora.reference_model(cfg, model, run.device, cfg.ref_model,
+                               frozen_copy=run.checkpoint is not None or not cfg.precompute_ref)
+    if not cfg.precompute_ref:
+        def per_batch(idx, like):
+            with torch.no_grad(), lora.reference(ref):
+                return pair_logps(ref, [examples[i] for i in idx], pad_id, run.device)[:2]
+        return per_batch
+    if run.is_main:
+        print(f"computing reference log-probs for {len(needed)} pairs")
+    table = reference_logps(ref, examples, needed, pad_id, cfg.batch_size, run.device, run.dist)
+    return lambda idx, like: (table[idx, 0].to(like), table[idx, 1].to(like))
 
 
 def preference_loss(cfg, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -126,7 +140,8 @@ def preference_loss(cfg, chosen_logps, rejected_logps, ref_chosen_logps, ref_rej
                     cfg.label_smoothing)
 
 
-def main(cfg: DPOConfig) -> dict:
+def resolved(cfg: DPOConfig) -> DPOConfig:
+    """The config with its flags checked and --beta resolved (saved so)."""
     if not cfg.data:
         raise SystemExit("error: alignkit dpo needs --data FILE")
     if cfg.label_smoothing and cfg.loss not in ("sigmoid", "robust"):
@@ -135,43 +150,54 @@ def main(cfg: DPOConfig) -> dict:
         raise SystemExit(f"error: --rpo-alpha must be >= 0, got {cfg.rpo_alpha}")
     if not 0 <= cfg.label_smoothing < 0.5:
         raise SystemExit(f"error: --label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
-    cfg = dataclasses.replace(cfg, beta=DEFAULT_BETA[cfg.loss] if cfg.beta is None else cfg.beta)  # saved resolved
+    cfg = dataclasses.replace(cfg, beta=DEFAULT_BETA[cfg.loss] if cfg.beta is None else cfg.beta)
     if cfg.beta <= 0:
         raise SystemExit(f"error: --beta must be > 0, got {cfg.beta}")
+    return cfg
+
+
+def train_micro_batch(cfg, model, examples, idx, reference, n_pairs: int, world_size: int, pad_id: int,
+                      device) -> dict:
+    """Forward and backward of the pairs `idx`: their share of the mean over the global batch's `n_pairs`
+    pairs (x world_size: DDP averages gradients over processes). Returns the metrics summed over them."""
+    chosen_logps, rejected_logps, chosen_lengths, rejected_lengths = pair_logps(
+        model, [examples[i] for i in idx], pad_id, device)
+    ref_chosen_logps, ref_rejected_logps = reference(idx, chosen_logps)
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        cfg, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths)
+    if cfg.rpo_alpha:
+        losses = losses + cfg.rpo_alpha * chosen_nll(chosen_logps, chosen_lengths)  # (B,)
+    (losses.sum() / n_pairs * world_size).backward()
+    # a tie counts half (alignkit.eval.pairwise_accuracy): policy == reference gives 0.5
+    correct = (chosen_rewards > rejected_rewards) + 0.5 * (chosen_rewards == rejected_rewards)
+    named = {"loss": losses, "reward_accuracy": correct, "reward_margin": chosen_rewards - rejected_rewards,
+             "chosen_logps": chosen_logps, "rejected_logps": rejected_logps, "chosen_length": chosen_lengths,
+             "rejected_length": rejected_lengths, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}
+    return {name: t.detach().double().sum().item() for name, t in named.items()}
+
+
+def main(cfg: DPOConfig) -> dict:
+    cfg = resolved(cfg)
     run = Run(cfg, "dpo")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     pad_id = tokenizer.pad_token_id
     examples, stats = load_preference(list(cfg.data), tokenizer, cfg.max_length, strict=cfg.strict)
     if run.is_main:
         stats.warn()
-    lengths = [len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids)) for ex in examples]
     row_tokens = [2 * len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids) for ex in examples]
 
     model = lora.load_trainable(cfg, run.checkpoint, run.device)
     model.eval()  # dropout off (see the module docstring); gradients still flow
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
-
-    def make_epoch(epoch: int) -> list[list[int]]:
-        if cfg.group_by_length:  # keyed on the longer of the two rows: it sets the padded width
-            return length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)
-        return shuffled_batches(len(examples), cfg.batch_size, seed=cfg.seed + epoch)
-
-    plan = StepPlan(make_epoch, cfg.grad_accum, run.world_size)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * plan.steps_per_epoch)
+    lengths = [pair_length(ex) for ex in examples]  # the longer row sets a pair's padded width
+    plan = StepPlan(epoch_batches(lengths, cfg.batch_size, cfg.seed, cfg.group_by_length), cfg.grad_accum,
+                    run.world_size)
+    total_steps = plan.total_steps(cfg.max_steps, cfg.epochs)
     start_step = run.begin(model, tokenizer, optimizer, total_steps)
 
     t_start = time.perf_counter()
-    ref, ref_table = None, None
-    if cfg.loss != "simpo":  # SimPO has no reference
-        ref = lora.reference_model(cfg, model, run.checkpoint is not None, run.device)
-        if cfg.precompute_ref:
-            needed = sorted({i for s in range(start_step, total_steps) for b in plan.all_micro_batches(s) for i in b})
-            if run.is_main:
-                print(f"computing reference log-probs for {len(needed)} pairs")
-            # eager: one forward pass over the data does not repay a compile of the no-grad graph
-            with torch.compiler.set_stance("force_eager"):
-                ref_table = reference_logps(ref, examples, needed, pad_id, cfg.batch_size, run.device, run.dist)
-            ref = None  # freed (or, when it is the policy, no longer used as the reference)
+    needed = sorted({i for s in range(start_step, total_steps) for b in plan.all_micro_batches(s) for i in b})
+    reference = reference_for(cfg, model, examples, needed, pad_id, run)
     ref_seconds = time.perf_counter() - t_start
     run.speed.rate()  # restart the tokens/s interval after the reference pass
     ddp_model = DDP(model) if run.world_size > 1 else model
@@ -181,54 +207,21 @@ def main(cfg: DPOConfig) -> dict:
 
     for step in range(start_step, total_steps):
         t_step = time.perf_counter()
-        lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup_steps, "cosine", cfg.min_lr_ratio)
-        set_lr(optimizer, lr)
+        lr = schedule_lr(run, optimizer, step)
         global_batches = plan.all_micro_batches(step)
-        # Mean over the pairs of the whole global batch: each micro-batch divides its summed loss by
-        # the global pair count; DDP averages gradients over processes, hence the factor world_size.
         n_pairs = sum(len(b) for b in global_batches)
         step_tokens = sum(row_tokens[i] for b in global_batches for i in b)
-        micro = plan.micro_batches(step, run.dist.rank)
-        # loss, correct, margin, chosen/rejected logps, lengths, rewards: summed over pairs
-        sums = torch.zeros(9, dtype=torch.float64)
-        for k, idx in enumerate(micro):
-            pairs = [examples[i] for i in idx]
-            sync = k == len(micro) - 1 or run.world_size == 1
-            with nullcontext() if sync else ddp_model.no_sync():
-                chosen_logps, rejected_logps, chosen_lengths, rejected_lengths = pair_logps(
-                    ddp_model, pairs, pad_id, run.device)
-                if ref_table is not None:
-                    ref_chosen_logps = ref_table[idx, 0].to(chosen_logps)
-                    ref_rejected_logps = ref_table[idx, 1].to(chosen_logps)
-                elif ref is not None:  # --no-precompute-ref: a reference forward per micro-batch
-                    with torch.no_grad(), lora.reference(ref):
-                        ref_chosen_logps, ref_rejected_logps, _, _ = pair_logps(ref, pairs, pad_id, run.device)
-                else:  # simpo
-                    ref_chosen_logps = ref_rejected_logps = torch.zeros_like(chosen_logps)
-                losses, chosen_rewards, rejected_rewards = preference_loss(
-                    cfg, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                    chosen_lengths, rejected_lengths)  # (B,) each
-                if cfg.rpo_alpha:
-                    losses = losses + cfg.rpo_alpha * chosen_nll(chosen_logps, chosen_lengths)  # (B,)
-                loss = losses.sum() / n_pairs * run.world_size
-                loss.backward()
-            # a tie counts half (alignkit.eval.pairwise_accuracy): policy == reference gives 0.5
-            correct = (chosen_rewards > rejected_rewards) + 0.5 * (chosen_rewards == rejected_rewards)
-            sums += torch.stack([t.detach().double().sum().cpu() for t in (
-                losses, correct, chosen_rewards - rejected_rewards, chosen_logps,
-                rejected_logps, chosen_lengths, rejected_lengths, chosen_rewards, rejected_rewards)])
-        means = (run.dist.all_reduce_sum(sums) / n_pairs).tolist()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-        if run.check(means[0], step + 1, f" (pairs {global_batches})"):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for idx in micro_steps(ddp_model, plan.micro_batches(step, run.dist.rank)):
+            part = train_micro_batch(cfg, ddp_model, examples, idx, reference, n_pairs, run.world_size, pad_id,
+                                     run.device)
+            sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
+        means = {k: v / n_pairs for k, v in run.dist.reduce_sums(sums).items()}
+        grad_norm = optimizer_step(run, model, optimizer, means["loss"], step + 1, f" (pairs {global_batches})")
         total_pairs += n_pairs
         total_tokens += step_tokens
-        names = ("loss", "reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps", "chosen_length",
-                 "rejected_length", "chosen_rewards", "rejected_rewards")
-        run.log(step + 1, {"epoch": (step + 1) / plan.steps_per_epoch, **dict(zip(names, means)), "lr": lr,
-                           "grad_norm": grad_norm.item(), "pairs_per_s": n_pairs / (time.perf_counter() - t_step)},
-                tokens=step_tokens)
+        run.log(step + 1, {"epoch": (step + 1) / plan.steps_per_epoch, **means, "lr": lr, "grad_norm": grad_norm,
+                           "pairs_per_s": n_pairs / (time.perf_counter() - t_step)}, tokens=step_tokens)
         run.end_step(step + 1, {"pairs": total_pairs, "tokens": total_tokens})
 
     seconds = time.perf_counter() - t_start  # reference pass + training, as a peer trainer would time it

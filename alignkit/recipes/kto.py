@@ -3,7 +3,7 @@
 KTO (Ethayarajh et al. 2024) needs no pairs: each example is one completion labelled desirable
 or undesirable ({prompt, completion, label}; paired {prompt, chosen, rejected} data is unpaired
 automatically by `load_unpaired`). With the implicit reward r = log pi(y|x) - log ref(y|x) (as in
-DPO, seed notes 002 §13.6.2) and a reference point z0, the value of a desirable completion is
+DPO, the notes, §13.6.2) and a reference point z0, the value of a desirable completion is
 sigmoid(beta (r - z0)) and of an undesirable one sigmoid(beta (z0 - r)); the loss is
 weight * (1 - value) (`losses.kto_loss`).
 
@@ -12,14 +12,13 @@ estimator): within each global batch, example k's completion is scored after exa
 (shifted), under the policy and the reference. It is detached, averaged over the whole global
 batch (all-reduced across DDP processes, so 1 process with accumulation and N processes agree)
 and clamped at 0. The mismatched pairs of a step follow from the deterministic StepPlan, so
-their reference log-probs are precomputed with the others (`--precompute-ref`, default on).
+their reference log-probs are precomputed with the others (`--precompute-ref`, default on), in
+batches fixed by the data and the step (`alignkit.train.reference`): a resumed run is bit-identical.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +30,11 @@ from alignkit.data import load_unpaired
 from alignkit.logprobs import completion_logps, pack_completions
 from alignkit.losses import kto_loss
 from alignkit.models import load_tokenizer
-from alignkit.train.batching import StepPlan, length_grouped_batches, shuffled_batches
-from alignkit.train.optim import adamw, lr_factor, set_lr
+from alignkit.train.batching import StepPlan, epoch_batches
+from alignkit.train.optim import adamw
+from alignkit.train.reference import fixed_batches, needed_batches, precompute
 from alignkit.train.run import Run
+from alignkit.train.step import micro_steps, optimizer_step, schedule_lr
 
 
 @dataclass
@@ -81,78 +82,120 @@ def rows_logps(model, examples, rows: list[tuple[int, int]], pad_id: int, device
     return completion_logps(model, batch)[0]  # (R,)
 
 
-@torch.no_grad()
-def reference_logps(ref_model, examples, rows: list[tuple[int, int]], pad_id: int, batch_size: int, device,
-                    dist=None) -> dict[tuple[int, int], float]:
-    """Reference log-probs of the (prompt, completion) rows, sorted by length for little padding;
-    under DDP each process computes every world_size-th batch and the results are summed."""
-    order = sorted(rows, key=lambda r: -(len(examples[r[0]].prompt_ids) + len(examples[r[1]].completion_ids)))
-    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    values = torch.zeros(len(order), dtype=torch.float64)
-    was_training = ref_model.training
-    ref_model.eval()
-    with lora.reference(ref_model):  # adapters off: the base model is the reference
-        for b in range(rank, len(batches), world):
-            values[b * batch_size:b * batch_size + len(batches[b])] = rows_logps(
-                ref_model, examples, batches[b], pad_id, device).double().cpu()
-    ref_model.train(was_training)
-    values = dist.all_reduce_sum(values).cpu() if dist is not None else values
-    return dict(zip(order, values.tolist()))
+def row_length(examples, row: tuple[int, int]) -> int:
+    return len(examples[row[0]].prompt_ids) + len(examples[row[1]].completion_ids)
 
 
-def main(cfg: KTOConfig) -> dict:
+def reference_table(ref_model, examples, plan, steps, pad_id: int, batch_size: int, device, dist=None) -> dict:
+    """Reference log-probs of every row `steps` use: each example's own completion, keyed (i, i), in fixed
+    batches over all examples; each step's mismatched KL rows, keyed (step, p, c), in fixed batches of
+    that step's rows (`train.reference`: a value never depends on which steps are still to run)."""
+    rows = [(i, i) for i in range(len(examples))]
+    used = {i for s in steps for b in plan.all_micro_batches(s) for i in b}
+    batches = needed_batches(fixed_batches([row_length(examples, r) for r in rows], batch_size), used)
+    keys: list = list(rows)
+    for s in steps:
+        kl_rows = [r for mb in mismatched_pairs(plan.all_micro_batches(s), examples) for r in mb]
+        batches += [[len(rows) + j for j in b] for b in fixed_batches([row_length(examples, r) for r in kl_rows],
+                                                                       batch_size)]
+        rows += kl_rows
+        keys += [(s, *r) for r in kl_rows]
+    logps_of = lambda model, idx: rows_logps(model, examples, [rows[j] for j in idx], pad_id, device)  # noqa: E731
+    return dict(zip(keys, precompute(ref_model, batches, logps_of, len(rows), 1, dist)[:, 0].tolist()))
+
+
+def reference_for(cfg, model, examples, plan, steps, pad_id: int, run):
+    """`ref(rows, like, step=None) -> reference log-probs (R,)` of (prompt, completion) rows (`step` for a
+    step's KL rows): from the table computed here, or a frozen reference's forward (--no-precompute-ref)."""
+    ref = lora.reference_model(cfg, model, run.device, cfg.ref_model,
+                               frozen_copy=run.checkpoint is not None or not cfg.precompute_ref)
+    if not cfg.precompute_ref:
+        def per_batch(rows, like, step=None):
+            with torch.no_grad(), lora.reference(ref):
+                return rows_logps(ref, examples, rows, pad_id, run.device)
+        return per_batch
+    table = reference_table(ref, examples, plan, steps, pad_id, cfg.batch_size, run.device, run.dist)
+    if run.is_main:
+        print(f"computed reference log-probs for {len(table)} prompt/completion rows (incl. mismatched KL pairs)")
+    return lambda rows, like, step=None: torch.tensor([table[r if step is None else (step, *r)] for r in rows],
+                                                      dtype=like.dtype, device=like.device)
+
+
+def check(cfg: KTOConfig) -> None:
     if not cfg.data:
         raise SystemExit("error: alignkit kto needs --data FILE")
     if cfg.beta <= 0:
         raise SystemExit(f"error: --beta must be > 0, got {cfg.beta}")
+
+
+def warn_label_balance(cfg: KTOConfig, examples) -> None:
+    n_d = sum(ex.label for ex in examples)
+    ratio = cfg.desirable_weight * n_d / max(1e-9, cfg.undesirable_weight * (len(examples) - n_d))
+    if not 1 <= ratio <= 4 / 3:  # Ethayarajh et al. 2024, §4.2 (eq. 9)
+        print(f"note: {n_d} desirable / {len(examples) - n_d} undesirable examples; lambda_D n_D / (lambda_U n_U) "
+              f"= {ratio:.2f}, the paper advises [1, 4/3] (adjust --desirable-weight / --undesirable-weight)")
+
+
+@torch.no_grad()
+def kl_estimate(model, examples, kl_rows, reference, step: int, n: int, pad_id: int, run) -> float:
+    """z0: mean of log pi - log ref over the mismatched rows of the whole global batch (`n` rows), under
+    the current policy, before any of the step's backward passes (kto_loss clamps it at 0)."""
+    kl_sum = 0.0
+    for rows in kl_rows:
+        logps = rows_logps(model, examples, rows, pad_id, run.device)  # (B,)
+        kl_sum += (logps - reference(rows, logps, step)).sum().item()
+    return run.dist.reduce_sums({"kl": kl_sum})["kl"] / n
+
+
+def train_micro_batch(cfg, model, examples, idx, reference, kl: float, n: int, world_size: int, pad_id: int,
+                      device) -> dict:
+    """Forward and backward of the examples `idx`: their share of the mean over the global batch's `n`
+    examples (x world_size: DDP averages gradients over processes). Returns the sums of the logged metrics."""
+    rows = [(i, i) for i in idx]
+    labels = torch.tensor([examples[i].label for i in idx], device=device)
+    logps = rows_logps(model, examples, rows, pad_id, device)  # (B,)
+    ref_logps = reference(rows, logps)  # (B,)
+    losses = kto_loss(logps, ref_logps, labels, kl, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
+    (losses.sum() / n * world_size).backward()
+    rewards = (cfg.beta * (logps - ref_logps)).detach().double().cpu()  # (B,) implicit rewards
+    desirable = labels.cpu()
+    return {"loss": losses.detach().sum().item(), "desirable": desirable.sum().item(),
+            "rewards_desirable": rewards[desirable].sum().item(), "undesirable": (~desirable).sum().item(),
+            "rewards_undesirable": rewards[~desirable].sum().item()}
+
+
+def step_row(sums: dict, kl: float, n: int) -> dict:
+    """The logged metrics of a step from its summed ones (a global batch may hold only one label)."""
+    n_d, n_u = sums["desirable"], sums["undesirable"]
+    rewards_d = sums["rewards_desirable"] / n_d if n_d else None
+    rewards_u = sums["rewards_undesirable"] / n_u if n_u else None
+    return {"loss": sums["loss"] / n, "kl": kl, "rewards_desirable": rewards_d, "rewards_undesirable": rewards_u,
+            "reward_gap": rewards_d - rewards_u if n_d and n_u else None, "desirable_fraction": n_d / n}
+
+
+def main(cfg: KTOConfig) -> dict:
+    check(cfg)
     run = Run(cfg, "kto")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     pad_id = tokenizer.pad_token_id
     examples, stats = load_unpaired(list(cfg.data), tokenizer, cfg.max_length, strict=cfg.strict)
     if run.is_main:
         stats.warn()
-        n_d = sum(ex.label for ex in examples)
-        ratio = cfg.desirable_weight * n_d / max(1e-9, cfg.undesirable_weight * (len(examples) - n_d))
-        if not 1 <= ratio <= 4 / 3:  # Ethayarajh et al. 2024, §4.2 (eq. 9)
-            print(f"note: {n_d} desirable / {len(examples) - n_d} undesirable examples; lambda_D n_D / (lambda_U n_U) "
-                  f"= {ratio:.2f}, the paper advises [1, 4/3] (adjust --desirable-weight / --undesirable-weight)")
-    lengths = [len(ex.prompt_ids) + len(ex.completion_ids) for ex in examples]
+        warn_label_balance(cfg, examples)
 
     model = lora.load_trainable(cfg, run.checkpoint, run.device)
     model.eval()  # dropout off, as in TRL: policy and reference log-probs must be computed alike
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
-
-    def make_epoch(epoch: int) -> list[list[int]]:
-        if cfg.group_by_length:
-            return length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)
-        return shuffled_batches(len(examples), cfg.batch_size, seed=cfg.seed + epoch)
-
-    plan = StepPlan(make_epoch, cfg.grad_accum, run.world_size)
+    lengths = [len(ex.prompt_ids) + len(ex.completion_ids) for ex in examples]
+    plan = StepPlan(epoch_batches(lengths, cfg.batch_size, cfg.seed, cfg.group_by_length), cfg.grad_accum,
+                    run.world_size)
     if plan.per_step * cfg.batch_size < 2:
         raise SystemExit("error: KTO's KL estimate needs at least 2 examples per optimizer step")
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * plan.steps_per_epoch)
+    total_steps = plan.total_steps(cfg.max_steps, cfg.epochs)
     start_step = run.begin(model, tokenizer, optimizer, total_steps)
 
     t_start = time.perf_counter()
-    ref = lora.reference_model(cfg, model, run.checkpoint is not None, run.device)
-    ref_table = None
-    if cfg.precompute_ref:
-        rows = set()
-        for s in range(start_step, total_steps):
-            batches = plan.all_micro_batches(s)
-            rows |= {(i, i) for b in batches for i in b} | {r for mb in mismatched_pairs(batches, examples) for r in mb}
-        if run.is_main:
-            print(f"computing reference log-probs for {len(rows)} prompt/completion rows (incl. mismatched KL pairs)")
-        ref_table = reference_logps(ref, examples, sorted(rows), pad_id, cfg.batch_size, run.device, run.dist)
-        ref = None
-
-    def ref_logps(rows: list[tuple[int, int]], like: torch.Tensor) -> torch.Tensor:
-        if ref_table is not None:
-            return torch.tensor([ref_table[r] for r in rows], dtype=like.dtype, device=like.device)
-        with torch.no_grad(), lora.reference(ref):
-            return rows_logps(ref, examples, rows, pad_id, run.device)
-
+    reference = reference_for(cfg, model, examples, plan, range(start_step, total_steps), pad_id, run)
     ref_seconds = time.perf_counter() - t_start
     run.speed.rate()  # restart the tokens/s interval after the reference pass
     ddp_model = DDP(model) if run.world_size > 1 else model
@@ -162,56 +205,24 @@ def main(cfg: KTOConfig) -> dict:
 
     for step in range(start_step, total_steps):
         t_step = time.perf_counter()
-        lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup_steps, "cosine", cfg.min_lr_ratio)
-        set_lr(optimizer, lr)
+        lr = schedule_lr(run, optimizer, step)
         global_batches = plan.all_micro_batches(step)
         n = sum(len(b) for b in global_batches)
-        micro = plan.micro_batches(step, run.dist.rank)
         all_kl_rows = mismatched_pairs(global_batches, examples)
+        step_tokens = sum(lengths[i] for b in global_batches for i in b) + sum(
+            row_length(examples, r) for mb in all_kl_rows for r in mb)  # the KL rows go through the model too
         kl_rows = all_kl_rows[run.dist.rank::run.world_size]  # this process's share, like its micro-batches
-        step_tokens = sum(lengths[i] for b in global_batches for i in b)  # + the KL rows' tokens:
-        step_tokens += sum(len(examples[p].prompt_ids) + len(examples[c].completion_ids) for mb in all_kl_rows
-                           for p, c in mb)
-
-        # 1. Reference point z0: mean of log pi - log ref on the mismatched pairs of the whole global
-        #    batch, under the current policy, before any of this step's backward passes.
-        kl_sum = 0.0
-        with torch.no_grad():
-            for rows in kl_rows:
-                logps = rows_logps(model, examples, rows, pad_id, run.device)  # (B,)
-                kl_sum += (logps - ref_logps(rows, logps)).sum().item()
-        kl = run.dist.all_reduce_sum(kl_sum).item() / n  # kto_loss clamps it at 0 and detaches it
-
-        # 2. The loss: mean over the examples of the global batch (summed / global count, x world_size
-        #    because DDP averages gradients over processes).
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, desirable count, reward sum, undesirable count, sum
-        for k, idx in enumerate(micro):
-            sync = k == len(micro) - 1 or run.world_size == 1
-            rows = [(i, i) for i in idx]
-            labels = torch.tensor([examples[i].label for i in idx], device=run.device)
-            with nullcontext() if sync else ddp_model.no_sync():
-                logps = rows_logps(ddp_model, examples, rows, pad_id, run.device)  # (B,)
-                ref_lp = ref_logps(rows, logps)  # (B,)
-                losses = kto_loss(logps, ref_lp, labels, kl, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
-                loss = losses.sum() / n * run.world_size
-                loss.backward()
-            rewards = (cfg.beta * (logps - ref_lp)).detach().double().cpu()  # (B,) implicit rewards
-            desirable = labels.cpu()
-            sums += torch.tensor([losses.detach().sum().item(), desirable.sum().item(), rewards[desirable].sum().item(),
-                                  (~desirable).sum().item(), rewards[~desirable].sum().item()], dtype=torch.float64)
-        loss_sum, n_d, r_d, n_u, r_u = run.dist.all_reduce_sum(sums).tolist()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-        if run.check(loss_sum / n, step + 1, f" (examples {global_batches})"):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        kl = kl_estimate(model, examples, kl_rows, reference, step, n, pad_id, run)
+        sums: dict[str, float] = {}
+        for idx in micro_steps(ddp_model, plan.micro_batches(step, run.dist.rank)):
+            part = train_micro_batch(cfg, ddp_model, examples, idx, reference, kl, n, run.world_size, pad_id,
+                                     run.device)
+            sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
+        row = step_row(run.dist.reduce_sums(sums), kl, n)
+        grad_norm = optimizer_step(run, model, optimizer, row["loss"], step + 1, f" (examples {global_batches})")
         total_examples += n
         total_tokens += step_tokens
-        rewards_d = r_d / n_d if n_d else None  # a global batch may hold only one label
-        rewards_u = r_u / n_u if n_u else None
-        run.log(step + 1, {"epoch": (step + 1) / plan.steps_per_epoch, "loss": loss_sum / n, "kl": kl,
-                           "rewards_desirable": rewards_d, "rewards_undesirable": rewards_u,
-                           "reward_gap": rewards_d - rewards_u if n_d and n_u else None,
-                           "desirable_fraction": n_d / n, "lr": lr, "grad_norm": grad_norm.item(),
+        run.log(step + 1, {"epoch": (step + 1) / plan.steps_per_epoch, **row, "lr": lr, "grad_norm": grad_norm,
                            "pairs_per_s": n / (time.perf_counter() - t_step)}, tokens=step_tokens)
         run.end_step(step + 1, {"pairs": total_examples, "tokens": total_tokens})
 

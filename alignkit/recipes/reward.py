@@ -1,7 +1,7 @@
 """alignkit reward: a Bradley-Terry reward model, InstructGPT step 2.
 
 The SFT model's backbone with the language-modelling head replaced by a scalar head (a linear
-"reward head", seed notes 002 §13.4.1: the backbone is reused so the scorer inherits the model's
+"reward head", the notes, §13.4.1: the backbone is reused so the scorer inherits the model's
 understanding of language). Trained on preference pairs with ``-log sigmoid(r_c - r_r - m)``
 (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1; the optional per-pair margin m is Llama 2's,
 Touvron et al. 2023, eq. 2). The score of a sequence is the head's output at its last real
@@ -20,8 +20,6 @@ The saved model loads with `AutoModelForSequenceClassification.from_pretrained`.
 from __future__ import annotations
 
 import json
-import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -38,9 +36,10 @@ from alignkit.eval import pairwise_accuracy, preference_calibration_error, relia
 from alignkit.logprobs import pack_completions
 from alignkit.losses import bradley_terry_loss
 from alignkit.models import LastTokenReward, load_reward_model, load_tokenizer, unwrap
-from alignkit.train.batching import StepPlan, grouped_batches, length_grouped_batches, shuffled_batches
-from alignkit.train.optim import adamw, lr_factor, set_lr
+from alignkit.train.batching import StepPlan, epoch_batches
+from alignkit.train.optim import adamw
 from alignkit.train.run import Run
+from alignkit.train.step import micro_steps, optimizer_step, schedule_lr
 
 
 @dataclass
@@ -130,11 +129,30 @@ def evaluate(model, examples, margins, pad_id: int, batch_size: int, device="cpu
             "bins": reliability_bins(torch.cat([p, 1 - p]), torch.cat([torch.ones_like(p), torch.zeros_like(p)]))}
 
 
+def train_micro_batch(model, examples, idx, margins, n_pairs: int, world_size: int, pad_id: int, device) -> dict:
+    """Forward and backward of the pairs `idx`: their share of the mean over the global batch's `n_pairs`
+    pairs (x world_size: DDP averages gradients over processes). Returns the metrics summed over them."""
+    r_c, r_r, _ = pair_rewards(model, [examples[i] for i in idx], pad_id, device)
+    m = torch.tensor([margins[i] for i in idx], dtype=r_c.dtype, device=r_c.device) if margins else None
+    losses = bradley_terry_loss(r_c, r_r, m)  # (B,)
+    (losses.sum() / n_pairs * world_size).backward()
+    r_c, r_r = r_c.detach().double().cpu(), r_r.detach().double().cpu()
+    return {"loss": losses.detach().sum().item(), "accuracy": pairwise_accuracy(r_c, r_r) * len(idx),
+            "margin": (r_c - r_r).sum().item()}
+
+
+def write_eval(cfg: RewardConfig, step: int, result: dict, eval_stats) -> None:
+    Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.output) / "eval.json").write_text(json.dumps(
+        {"step": step, **result, "truncated": eval_stats.truncated, "dropped": eval_stats.dropped}, indent=1))
+
+
 def main(cfg: RewardConfig) -> dict:
     if not cfg.data:
         raise SystemExit("error: alignkit reward needs --data FILE")
     run = Run(cfg, "reward")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    pad_id = tokenizer.pad_token_id
     examples, stats = load_preference(list(cfg.data), tokenizer, cfg.max_length, strict=cfg.strict)
     if run.is_main:
         stats.warn()
@@ -143,66 +161,45 @@ def main(cfg: RewardConfig) -> dict:
     if cfg.eval_data:
         eval_examples, eval_stats = load_preference(list(cfg.eval_data), tokenizer, cfg.max_length, strict=cfg.strict)
         eval_margins = read_margins(list(cfg.eval_data), len(eval_examples)) if cfg.margin else None
-    lengths = [len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids)) for ex in examples]
 
     # The LM head is replaced by a fresh scalar head; with LoRA, peft's SEQ_CLS task keeps that head
     # fully trainable (and saved with the adapter) through modules_to_save.
-    model = lora.load_trainable(cfg, run.checkpoint, run.device, loader=load_reward_model,
-                                pad_token_id=tokenizer.pad_token_id, task_type="SEQ_CLS")
+    model = lora.load_trainable(cfg, run.checkpoint, run.device, loader=load_reward_model, pad_token_id=pad_id,
+                                task_type="SEQ_CLS")
     model.train()
     reward = LastTokenReward(model)
     ddp_model = DDP(reward) if run.world_size > 1 else reward
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
-
-    def make_epoch(epoch: int) -> list[list[int]]:
-        if cfg.group_by_prompt:
-            return grouped_batches([tuple(ex.prompt_ids) for ex in examples], cfg.batch_size, seed=cfg.seed + epoch)
-        if cfg.group_by_length:
-            return length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)
-        return shuffled_batches(len(examples), cfg.batch_size, seed=cfg.seed + epoch)
-
-    plan = StepPlan(make_epoch, cfg.grad_accum, run.world_size)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * plan.steps_per_epoch)
+    lengths = [len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids)) for ex in examples]
+    prompts = [tuple(ex.prompt_ids) for ex in examples] if cfg.group_by_prompt else None
+    plan = StepPlan(epoch_batches(lengths, cfg.batch_size, cfg.seed, cfg.group_by_length, group_keys=prompts),
+                    cfg.grad_accum, run.world_size)
+    total_steps = plan.total_steps(cfg.max_steps, cfg.epochs)
     start_step = run.begin(model, tokenizer, optimizer, total_steps)
     # Totals over the whole run, carried across --resume in the checkpoint's state.
     total_pairs, total_tokens = run.state.get("pairs", 0), run.state.get("tokens", 0)
 
     def run_eval(step: int) -> dict:
-        result = evaluate(model, eval_examples, eval_margins, tokenizer.pad_token_id, cfg.batch_size, run.device,
-                          run.dist.rank, run.world_size)
+        result = evaluate(model, eval_examples, eval_margins, pad_id, cfg.batch_size, run.device, run.dist.rank,
+                          run.world_size)
         run.metrics.log({"step": step, "eval": True, **{f"eval_{k}": v for k, v in result.items() if k != "bins"}})
         return result
 
     for step in range(start_step, total_steps):
-        lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup_steps, "cosine", cfg.min_lr_ratio)
-        set_lr(optimizer, lr)
+        lr = schedule_lr(run, optimizer, step)
         global_batches = plan.all_micro_batches(step)
-        # Mean over the pairs of the whole global batch: each micro-batch divides its summed loss by
-        # the global pair count; DDP averages gradients over processes, hence the factor world_size.
         n_pairs = sum(len(b) for b in global_batches)
         step_tokens = sum(forward_tokens([examples[i] for i in b]) for b in global_batches)
-        micro = plan.micro_batches(step, run.dist.rank)
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, correct pairs, margin r_c - r_r
-        for k, idx in enumerate(micro):
-            sync = k == len(micro) - 1 or run.world_size == 1
-            with nullcontext() if sync else ddp_model.no_sync():
-                r_c, r_r, _ = pair_rewards(ddp_model, [examples[i] for i in idx], tokenizer.pad_token_id, run.device)
-                m = torch.tensor([margins[i] for i in idx], dtype=r_c.dtype, device=r_c.device) if margins else None
-                losses = bradley_terry_loss(r_c, r_r, m)  # (B,)
-                loss = losses.sum() / n_pairs * run.world_size
-                loss.backward()
-            r_c, r_r = r_c.detach().double().cpu(), r_r.detach().double().cpu()
-            sums += torch.tensor([losses.detach().sum().item(), pairwise_accuracy(r_c, r_r) * len(idx),
-                                  (r_c - r_r).sum().item()], dtype=torch.float64)
-        loss_sum, correct, margin_sum = (run.dist.all_reduce_sum(sums) / n_pairs).tolist()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-        if run.check(loss_sum, step + 1, f" (pairs {global_batches})"):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for idx in micro_steps(ddp_model, plan.micro_batches(step, run.dist.rank)):
+            part = train_micro_batch(ddp_model, examples, idx, margins, n_pairs, run.world_size, pad_id, run.device)
+            sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
+        means = {k: v / n_pairs for k, v in run.dist.reduce_sums(sums).items()}
+        grad_norm = optimizer_step(run, model, optimizer, means["loss"], step + 1, f" (pairs {global_batches})")
         total_pairs += n_pairs
         total_tokens += step_tokens
-        run.log(step + 1, {"epoch": (step + 1) / plan.steps_per_epoch, "loss": loss_sum, "accuracy": correct,
-                           "margin": margin_sum, "lr": lr, "grad_norm": grad_norm.item()}, tokens=step_tokens)
+        run.log(step + 1, {"epoch": (step + 1) / plan.steps_per_epoch, **means, "lr": lr, "grad_norm": grad_norm},
+                tokens=step_tokens)
         if eval_examples and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
             run_eval(step + 1)
         run.end_step(step + 1, {"pairs": total_pairs, "tokens": total_tokens})
@@ -212,9 +209,6 @@ def main(cfg: RewardConfig) -> dict:
     if eval_examples:
         result = run_eval(total_steps)
         if run.is_main:
-            Path(cfg.output).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.output) / "eval.json").write_text(json.dumps(
-                {"step": total_steps, **result, "truncated": eval_stats.truncated, "dropped": eval_stats.dropped},
-                indent=1))
+            write_eval(cfg, total_steps, result, eval_stats)
         final.update({f"eval_{k}": v for k, v in result.items() if k != "bins"})
     return run.finish(final)

@@ -3,18 +3,15 @@
 Cross-entropy on assistant/output tokens only (the loss_mask of the data layer), length-grouped
 batches so little compute goes to padding, token-mean loss over the whole global batch, AdamW with
 warmup + cosine, gradient clipping, atomic checkpoints, resume, torchrun DDP.
-Seeds: SFT teaches the format of answering and extracts knowledge the base model already holds; it
-does not inject new knowledge (seed 003; seed 001 slides on SFT data).
+SFT teaches the format of answering and extracts knowledge the base model already holds; it does not
+inject new knowledge (the notes on SFT and on SFT data).
 """
 
 from __future__ import annotations
 
-import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from alignkit import lora
@@ -23,9 +20,10 @@ from alignkit.data import load_sft
 from alignkit.logprobs import next_token_logps
 from alignkit.losses import aggregate
 from alignkit.models import load_tokenizer
-from alignkit.train.batching import StepPlan, collate, length_grouped_batches, shuffled_batches
-from alignkit.train.optim import adamw, lr_factor, set_lr
+from alignkit.train.batching import StepPlan, collate, epoch_batches
+from alignkit.train.optim import adamw
 from alignkit.train.run import Run
+from alignkit.train.step import micro_steps, optimizer_step, schedule_lr
 
 
 @dataclass
@@ -38,6 +36,18 @@ class SFTConfig(TrainConfig):
     """Learning-rate schedule after warmup."""
     group_by_length: bool = True
     """Batch sequences of similar length together (less padding, same expected gradient)."""
+
+
+def train_micro_batch(model, examples, idx, n_tokens: int, world_size: int, pad_id: int, device) -> float:
+    """Forward and backward of the examples `idx`. Token-mean over the whole global batch: every
+    micro-batch on every process divides by the same global label count `n_tokens` (losses.aggregate,
+    "global-denominator trap"); DDP averages gradients over processes, hence the factor world_size.
+    Returns the micro-batch's share of the step loss."""
+    batch = collate([examples[i].input_ids for i in idx], [examples[i].loss_mask for i in idx], pad_id, device)
+    logps, mask = next_token_logps(model, **batch)  # (B, T-1)
+    loss = aggregate(-logps, mask, "token_mean", denominator=n_tokens) * world_size
+    loss.backward()
+    return loss.item()
 
 
 def main(cfg: SFTConfig) -> dict:
@@ -55,45 +65,25 @@ def main(cfg: SFTConfig) -> dict:
     model.train()
     ddp_model = DDP(model) if run.world_size > 1 else model
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
-
-    def make_epoch(epoch: int) -> list[list[int]]:
-        if cfg.group_by_length:
-            return length_grouped_batches(lengths, cfg.batch_size, seed=cfg.seed + epoch)
-        return shuffled_batches(len(examples), cfg.batch_size, seed=cfg.seed + epoch)
-
-    plan = StepPlan(make_epoch, cfg.grad_accum, run.world_size)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * plan.steps_per_epoch)
+    plan = StepPlan(epoch_batches(lengths, cfg.batch_size, cfg.seed, cfg.group_by_length), cfg.grad_accum,
+                    run.world_size)
+    total_steps = plan.total_steps(cfg.max_steps, cfg.epochs)
     start_step = run.begin(model, tokenizer, optimizer, total_steps)
     total_tokens = run.state.get("tokens", 0)  # over the whole run, carried across --resume
 
     for step in range(start_step, total_steps):
-        lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
-        set_lr(optimizer, lr)
+        lr = schedule_lr(run, optimizer, step, cfg.schedule)
         global_batches = plan.all_micro_batches(step)
-        # Token-mean over the whole global batch: every micro-batch on every process divides by the
-        # same global label count (losses.aggregate, "global-denominator trap"); DDP averages
-        # gradients over processes, hence the factor world_size.
         n_tokens = sum(n_labels[i] for b in global_batches for i in b)
         step_tokens = sum(lengths[i] for b in global_batches for i in b)
-        micro = plan.micro_batches(step, run.dist.rank)
-        loss_sum = 0.0
-        for k, idx in enumerate(micro):
-            batch = collate([examples[i].input_ids for i in idx], [examples[i].loss_mask for i in idx],
-                            tokenizer.pad_token_id, run.device)
-            sync = k == len(micro) - 1 or run.world_size == 1
-            with nullcontext() if sync else ddp_model.no_sync():
-                logps, mask = next_token_logps(ddp_model, **batch)  # (B, T-1)
-                loss = aggregate(-logps, mask, "token_mean", denominator=n_tokens) * run.world_size
-                loss.backward()
-            loss_sum += loss.item()
-        step_loss = run.dist.all_reduce_sum(loss_sum).item() / run.world_size
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-        if run.check(step_loss, step + 1, f" (examples {global_batches})"):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum = sum(train_micro_batch(ddp_model, examples, idx, n_tokens, run.world_size, tokenizer.pad_token_id,
+                                         run.device)
+                       for idx in micro_steps(ddp_model, plan.micro_batches(step, run.dist.rank)))
+        step_loss = run.dist.reduce_sums({"loss": loss_sum})["loss"] / run.world_size
+        grad_norm = optimizer_step(run, model, optimizer, step_loss, step + 1, f" (examples {global_batches})")
         total_tokens += step_tokens
         run.log(step + 1, {"epoch": (step + 1) / plan.steps_per_epoch, "loss": step_loss, "lr": lr,
-                           "grad_norm": grad_norm.item(), "label_tokens": n_tokens}, tokens=step_tokens)
+                           "grad_norm": grad_norm, "label_tokens": n_tokens}, tokens=step_tokens)
         run.end_step(step + 1, {"tokens": total_tokens})
     return run.finish({"tokens": total_tokens, "examples": len(examples), "truncated": stats.truncated,
                        "dropped": stats.dropped, "skipped_batches_per_epoch": plan.skipped_per_epoch})

@@ -3,6 +3,7 @@ so that resume and multi-process runs see exactly the same micro-batches as a pl
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 
@@ -43,6 +44,20 @@ def shuffled_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return [order[k:k + batch_size] for k in range(0, n, batch_size)]
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, by_length: bool = True,
+                  group_keys: Sequence | None = None):
+    """`make_epoch` for a StepPlan: epoch e's batches, seeded by seed + e. Whole groups of equal
+    `group_keys` when given (`grouped_batches`), else length-grouped (`--group-by-length`, keyed on
+    `lengths`, the padded width each example sets) or plainly shuffled."""
+    def make_epoch(epoch: int) -> list[list[int]]:
+        if group_keys is not None:
+            return grouped_batches(group_keys, batch_size, seed=seed + epoch)
+        if by_length:
+            return length_grouped_batches(lengths, batch_size, seed=seed + epoch)
+        return shuffled_batches(len(lengths), batch_size, seed=seed + epoch)
+    return make_epoch
 
 
 def collate(seqs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int,
@@ -89,6 +104,10 @@ class StepPlan:
                 f"error: the data makes {len(first)} batches per epoch, fewer than one optimizer step needs "
                 f"({self.per_step} = grad_accum x processes); lower --batch-size or --grad-accum or add data"
             )
+
+    def total_steps(self, max_steps: int, epochs: float) -> int:
+        """--max-steps when given (> 0), else the steps of --epochs epochs."""
+        return max_steps if max_steps > 0 else math.ceil(epochs * self.steps_per_epoch)
 
     def _epoch(self, e: int) -> list[list[int]]:
         if e not in self._cache:

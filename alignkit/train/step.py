@@ -1,5 +1,5 @@
-"""One optimizer step's plumbing, shared by every recipe: micro-batches under DDP's no_sync, then
-clip, check, step and zero the gradients."""
+"""One optimizer step's plumbing, shared by every recipe: the scheduled learning rate, micro-batches
+under DDP's no_sync, then clip, check, step and zero the gradients."""
 
 from __future__ import annotations
 
@@ -7,6 +7,17 @@ from contextlib import nullcontext
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from alignkit.train.optim import lr_factor, set_lr
+
+
+def schedule_lr(run, optimizer, step: int, schedule: str = "cosine") -> float:
+    """Set the learning rate of `step` (0-based): --lr times the warmup + `schedule` factor over the run's
+    steps (`Run.begin` sets them). Returns it, for the metrics."""
+    cfg = run.cfg
+    lr = cfg.lr * lr_factor(step, run.total_steps, cfg.warmup_steps, schedule, cfg.min_lr_ratio)
+    set_lr(optimizer, lr)
+    return lr
 
 
 def micro_steps(ddp_model, micro_batches):

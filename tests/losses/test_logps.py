@@ -205,3 +205,50 @@ def test_sequence_logps_allocates_no_second_BTV_tensor():
     assert ours < full // 8, f"largest allocation {ours} bytes vs logits {full} bytes"
     entropy = _largest_allocation(lambda: token_entropy(logits))
     assert entropy < full // 8
+
+
+def test_sequence_logps_per_token_is_the_masked_token_logps():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    mask = torch.tensor([[0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    total, token = sequence_logps(logits, labels, mask, per_token=True)
+    assert torch.equal(total, sequence_logps(logits, labels, mask))
+    assert torch.equal(token, torch.where(mask.bool(), token_logps(logits, labels), 0.0))
+
+
+def test_recipes_take_log_pi_y_given_x_from_sequence_logps(monkeypatch):
+    """One path for log pi(y|x): DPO's and KTO's completion log-probs are `losses.sequence_logps` of the
+    shifted logits (logits at t score token t+1), bit for bit."""
+    from types import SimpleNamespace
+
+    import alignkit.logprobs as logprobs
+    from alignkit.recipes.dpo import pair_logps
+    from alignkit.recipes.kto import rows_logps
+
+    class Model(torch.nn.Module):  # logits that depend on the tokens, so a wrong shift shows
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(11, 11)
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return SimpleNamespace(logits=self.emb(input_ids).cumsum(1))
+
+    torch.manual_seed(0)
+    model = Model()
+    calls = []
+    real = logprobs.sequence_logps
+    monkeypatch.setattr(logprobs, "sequence_logps", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    pairs = [SimpleNamespace(prompt_ids=[1, 2, 3], chosen_ids=[4, 5], rejected_ids=[6]),
+             SimpleNamespace(prompt_ids=[7], chosen_ids=[8, 9, 10], rejected_ids=[2, 3])]
+    chosen, rejected, chosen_lengths, _ = pair_logps(model, pairs, 0, "cpu")
+    assert calls and chosen_lengths.tolist() == [2, 3]
+    ids = torch.tensor([[1, 2, 3, 4, 5], [7, 8, 9, 10, 0]])
+    mask = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 1, 0]])
+    with torch.no_grad():
+        expected = real(model(ids).logits[:, :-1], ids[:, 1:], mask[:, 1:])
+    torch.testing.assert_close(chosen.detach(), expected, rtol=0, atol=0)
+    examples = [SimpleNamespace(prompt_ids=ex.prompt_ids, completion_ids=ex.chosen_ids) for ex in pairs]
+    calls.clear()
+    torch.testing.assert_close(rows_logps(model, examples, [(0, 0), (1, 1)], 0, "cpu").detach(), expected,
+                               rtol=0, atol=0)
+    assert calls

@@ -1,4 +1,4 @@
-"""The public names and argument order of alignkit.losses are a contract (issue 3)."""
+"""The public names and argument order of alignkit.losses are a contract."""
 
 import inspect
 

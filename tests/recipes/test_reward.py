@@ -176,3 +176,30 @@ def test_two_process_ddp_matches_one_process(tiny_model, data, assets, tmp_path,
     a, b = ([row["loss"] for row in read_metrics(tmp_path / run) if "loss" in row] for run in ("one", "two"))
     assert len(a) == 4 and a == pytest.approx(b, abs=1e-5)
     assert a[0] - min(a) > 0.05
+
+
+def test_autocast_reaches_the_reward_models_forward(tiny_model, data, tmp_path):
+    """--autocast applies to the forward `LastTokenReward` runs (the backbone), not only to the
+    classifier's own forward, which training never calls."""
+    train, _ = data
+    losses = {}
+    for flag in ("bf16", "none"):
+        cli(rm_args(tiny_model, train, tmp_path / flag, "--max-steps", "4", "--autocast", flag))
+        losses[flag] = [r["loss"] for r in read_metrics(tmp_path / flag) if not r.get("final")]
+    assert losses["bf16"] == pytest.approx(losses["none"], rel=5e-2)
+    assert losses["bf16"] != losses["none"]  # bfloat16 matmuls ran
+
+
+def test_compile_reaches_the_reward_models_forward(tiny_model, data, tmp_path, monkeypatch):
+    train, _ = data
+    calls = []
+
+    def counting_compile(module, *args, **kwargs):  # eager, but counts the calls that would run compiled
+        def compiled_call(*a, **k):
+            calls.append(type(module).__name__)
+            return module._call_impl(*a, **k)
+        module._compiled_call_impl = compiled_call
+
+    monkeypatch.setattr(torch.nn.Module, "compile", counting_compile)
+    cli(rm_args(tiny_model, train, tmp_path / "compiled", "--max-steps", "2", "--compile"))
+    assert len(calls) >= 2, calls  # at least one compiled forward per step
