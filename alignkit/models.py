@@ -206,15 +206,28 @@ def load_reward_model(path, dtype: str = "float32", trust_remote_code: bool = Fa
     `config.pad_token_id` must be set: HF scores a row at its rightmost token that is not padding.
     `task_type` is accepted (and ignored) because `lora.load_trainable` passes its keyword arguments on
     to the loader."""
+    new_head = _holds_a_causal_lm(_check_model_dir(path))
     try:
-        model = _load(path, AutoModelForSequenceClassification, dtype, trust_remote_code, num_labels=1)
+        # transformers' load report would list the expected new head as MISSING: say it once, plainly
+        with _quiet_transformers() if new_head else nullcontext():
+            model = _load(path, AutoModelForSequenceClassification, dtype, trust_remote_code, num_labels=1)
     except ValueError as e:  # an architecture without a ...ForSequenceClassification class
         raise UserError(f"{path} cannot be loaded as a reward model (sequence classifier): {e}") from None
+    if new_head and int(os.environ.get("RANK", "0")) == 0:
+        print(f"{path} is a causal LM: its score head (one output) is new, initialised here")
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if model.config.pad_token_id is None:
         raise UserError(f"{path}: no pad_token_id; a reward model needs one to find each row's last token")
     return model.to(device)
+
+
+def _holds_a_causal_lm(p: Path) -> bool:
+    """Whether a model (or adapter) directory holds a causal LM rather than a trained sequence classifier."""
+    if is_adapter_dir(p):
+        return json.loads((p / ADAPTER_CONFIG).read_text()).get("task_type") != "SEQ_CLS"
+    architectures = json.loads((p / "config.json").read_text()).get("architectures") or []
+    return not any("SequenceClassification" in a for a in architectures)
 
 
 def _classifier(model):
@@ -331,6 +344,12 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
+def save_kwargs(model) -> dict:
+    """Extra save_pretrained arguments: peft's default "auto" would look the base up (on the Hub when it is
+    an adapter directory, which has no config.json) to see whether the vocabulary grew; alignkit never resizes it."""
+    return dict(save_embedding_layers=False) if hasattr(unwrap(model), "peft_config") else {}
+
+
 def save_model(model, tokenizer, out_dir: str | os.PathLike) -> None:
     """save_pretrained (safetensors) + tokenizer into `out_dir`, atomically per file: a kill during the
     save leaves either the previous files or the new ones, never a half-written weight file."""
@@ -340,10 +359,7 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     model = unwrap(model)
-    # peft's "auto" would look the base up (on the Hub when it is an adapter directory, which has no
-    # config.json) to see whether the vocabulary grew; alignkit never resizes it
-    kwargs = dict(save_embedding_layers=False) if hasattr(model, "peft_config") else {}
-    model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+    model.save_pretrained(tmp, safe_serialization=True, **save_kwargs(model))
     tokenizer.save_pretrained(tmp)
     for f in tmp.iterdir():
         os.replace(f, out / f.name)

@@ -30,18 +30,15 @@ import inspect
 import json
 import math
 import numbers
-import os
 import re
 import signal
 import sys
 import threading
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
-from transformers.utils import logging as hf_logging
 
 # ----------------------------------------------------------------------------------------------
 # Loading user functions
@@ -168,18 +165,6 @@ def _not_a_reward_model(flag: str, path: Path, architectures) -> SystemExit:
                       "would be random. Train one with `alignkit reward`.")
 
 
-@contextmanager
-def _quiet_load_report():
-    """transformers' warnings off while loading a causal LM whose score head is expected to be new: its
-    LOAD REPORT would list that head as MISSING, as if something had gone wrong."""
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 def load_scorer(path, tokenizer, device="cpu", dtype: str = "float32", trust_remote_code: bool = False, *,
                 cfg=None, flag: str = "--reward-model", trained: bool = True, same_tokenizer: bool = False):
     """The one loader of reward models (ppo, grpo, best-of-n) and of PPO's value model: a sequence
@@ -197,10 +182,7 @@ def load_scorer(path, tokenizer, device="cpu", dtype: str = "float32", trust_rem
     new_head = declared is not None and not is_sequence_classifier(declared)
     if new_head and trained:
         raise _not_a_reward_model(flag, p, declared)
-    if new_head and int(os.environ.get("RANK", "0")) == 0:
-        print(f"{flag} {p} is a causal LM ({', '.join(declared)}): its score head is new, initialised here")
-    with _quiet_load_report() if new_head else nullcontext():
-        model = load_reward_model(p, dtype, trust_remote_code, device, pad_token_id=tokenizer.pad_token_id)
+    model = load_reward_model(p, dtype, trust_remote_code, device, pad_token_id=tokenizer.pad_token_id)  # says a new head once
     if trained and not is_sequence_classifier(model.config.architectures):  # e.g. a directory without config.json
         raise _not_a_reward_model(flag, p, model.config.architectures)
     if model.config.num_labels != 1:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from alignkit.config import RUN_ONLY_FIELDS, to_dict
 from alignkit.errors import UserError, writing
-from alignkit.models import unwrap
+from alignkit.models import save_kwargs, unwrap
 
 # Files and directories a run writes into OUTPUT: what --overwrite deletes. The first group marks a
 # directory as holding a run (or a model), which a new run must not silently replace.
@@ -191,7 +191,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, optimizer,
             root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
-            unwrap(model).save_pretrained(tmp, safe_serialization=True)
+            unwrap(model).save_pretrained(tmp, safe_serialization=True, **save_kwargs(model))
             tokenizer.save_pretrained(tmp)
             tensors, groups = _flatten_optimizer(optimizer)
             save_file(tensors, str(tmp / "optimizer.safetensors"))
