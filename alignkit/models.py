@@ -214,7 +214,7 @@ def load_reward_model(path, dtype: str = "float32", trust_remote_code: bool = Fa
     except ValueError as e:  # an architecture without a ...ForSequenceClassification class
         raise UserError(f"{path} cannot be loaded as a reward model (sequence classifier): {e}") from None
     if new_head and int(os.environ.get("RANK", "0")) == 0:
-        print(f"{path} is a causal LM: its score head (one output) is new, initialised here")
+        print(f"{path} is a causal LM: its score head is new (one output), initialised here")
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if model.config.pad_token_id is None:

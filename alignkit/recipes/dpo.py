@@ -47,7 +47,7 @@ from alignkit.train.batching import StepPlan, epoch_batches
 from alignkit.train.optim import adamw
 from alignkit.train.reference import fixed_batches, needed_batches, precompute
 from alignkit.train.run import Run
-from alignkit.train.step import micro_steps, optimizer_step, schedule_lr
+from alignkit.train.step import accumulate, optimizer_step, schedule_lr
 
 DEFAULT_BETA = {"sigmoid": 0.1, "robust": 0.1, "hinge": 0.1, "ipo": 0.1, "ln_dpo": 5.0, "simpo": 2.0}
 
@@ -211,11 +211,8 @@ def main(cfg: DPOConfig) -> dict:
         global_batches = plan.all_micro_batches(step)
         n_pairs = sum(len(b) for b in global_batches)
         step_tokens = sum(row_tokens[i] for b in global_batches for i in b)
-        sums: dict[str, float] = {}
-        for idx in micro_steps(ddp_model, plan.micro_batches(step, run.dist.rank)):
-            part = train_micro_batch(cfg, ddp_model, examples, idx, reference, n_pairs, run.world_size, pad_id,
-                                     run.device)
-            sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
+        sums = accumulate(ddp_model, plan.micro_batches(step, run.dist.rank), lambda idx: train_micro_batch(
+            cfg, ddp_model, examples, idx, reference, n_pairs, run.world_size, pad_id, run.device))
         means = {k: v / n_pairs for k, v in run.dist.reduce_sums(sums).items()}
         grad_norm = optimizer_step(run, model, optimizer, means["loss"], step + 1, f" (pairs {global_batches})")
         total_pairs += n_pairs

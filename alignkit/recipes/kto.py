@@ -34,7 +34,7 @@ from alignkit.train.batching import StepPlan, epoch_batches
 from alignkit.train.optim import adamw
 from alignkit.train.reference import fixed_batches, needed_batches, precompute
 from alignkit.train.run import Run
-from alignkit.train.step import micro_steps, optimizer_step, schedule_lr
+from alignkit.train.step import accumulate, optimizer_step, schedule_lr
 
 
 @dataclass
@@ -213,11 +213,8 @@ def main(cfg: KTOConfig) -> dict:
             row_length(examples, r) for mb in all_kl_rows for r in mb)  # the KL rows go through the model too
         kl_rows = all_kl_rows[run.dist.rank::run.world_size]  # this process's share, like its micro-batches
         kl = kl_estimate(model, examples, kl_rows, reference, step, n, pad_id, run)
-        sums: dict[str, float] = {}
-        for idx in micro_steps(ddp_model, plan.micro_batches(step, run.dist.rank)):
-            part = train_micro_batch(cfg, ddp_model, examples, idx, reference, kl, n, run.world_size, pad_id,
-                                     run.device)
-            sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
+        sums = accumulate(ddp_model, plan.micro_batches(step, run.dist.rank), lambda idx: train_micro_batch(
+            cfg, ddp_model, examples, idx, reference, kl, n, run.world_size, pad_id, run.device))
         row = step_row(run.dist.reduce_sums(sums), kl, n)
         grad_norm = optimizer_step(run, model, optimizer, row["loss"], step + 1, f" (examples {global_batches})")
         total_examples += n

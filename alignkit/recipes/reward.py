@@ -39,7 +39,7 @@ from alignkit.models import LastTokenReward, load_reward_model, load_tokenizer, 
 from alignkit.train.batching import StepPlan, epoch_batches
 from alignkit.train.optim import adamw
 from alignkit.train.run import Run
-from alignkit.train.step import micro_steps, optimizer_step, schedule_lr
+from alignkit.train.step import accumulate, optimizer_step, schedule_lr
 
 
 @dataclass
@@ -190,10 +190,8 @@ def main(cfg: RewardConfig) -> dict:
         global_batches = plan.all_micro_batches(step)
         n_pairs = sum(len(b) for b in global_batches)
         step_tokens = sum(forward_tokens([examples[i] for i in b]) for b in global_batches)
-        sums: dict[str, float] = {}
-        for idx in micro_steps(ddp_model, plan.micro_batches(step, run.dist.rank)):
-            part = train_micro_batch(ddp_model, examples, idx, margins, n_pairs, run.world_size, pad_id, run.device)
-            sums = {k: sums.get(k, 0.0) + v for k, v in part.items()}
+        sums = accumulate(ddp_model, plan.micro_batches(step, run.dist.rank), lambda idx: train_micro_batch(
+            ddp_model, examples, idx, margins, n_pairs, run.world_size, pad_id, run.device))
         means = {k: v / n_pairs for k, v in run.dist.reduce_sums(sums).items()}
         grad_norm = optimizer_step(run, model, optimizer, means["loss"], step + 1, f" (pairs {global_batches})")
         total_pairs += n_pairs

@@ -29,6 +29,16 @@ def micro_steps(ddp_model, micro_batches):
             yield idx
 
 
+def accumulate(ddp_model, micro_batches, train_micro_batch) -> dict[str, float]:
+    """Run `train_micro_batch(indices) -> {name: sum}` (forward and backward) on each micro-batch of this
+    process, under `micro_steps`, and add up its named sums."""
+    sums: dict[str, float] = {}
+    for idx in micro_steps(ddp_model, micro_batches):
+        for name, value in train_micro_batch(idx).items():
+            sums[name] = sums.get(name, 0.0) + value
+    return sums
+
+
 def optimizer_step(run, model, optimizer, loss: float, step: int, detail: str = "") -> float:
     """Clip gradients by --max-grad-norm, step unless the loss is non-finite (`Run.check`), zero the
     gradients. Returns the gradient norm before clipping."""
