@@ -203,3 +203,13 @@ def test_compile_reaches_the_reward_models_forward(tiny_model, data, tmp_path, m
     monkeypatch.setattr(torch.nn.Module, "compile", counting_compile)
     cli(rm_args(tiny_model, train, tmp_path / "compiled", "--max-steps", "2", "--compile"))
     assert len(calls) >= 2, calls  # at least one compiled forward per step
+
+
+def test_a_new_head_is_said_once_without_transformers_load_report(tiny_model, data, tmp_path):
+    """Starting from a causal LM, the reward model's score head is new, as expected: one plain line says so,
+    and transformers' LOAD REPORT listing score.weight as MISSING does not appear (in a fresh process,
+    as a user runs it)."""
+    r = run_cli(*rm_args(tiny_model, data[0], tmp_path / "rm", "--max-steps", "1"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("score head is new") == 1
+    assert "LOAD REPORT" not in r.stdout + r.stderr and "MISSING" not in r.stdout + r.stderr
