@@ -193,7 +193,7 @@ def main(cfg: DPOConfig) -> dict:
     plan = StepPlan(epoch_batches(lengths, cfg.batch_size, cfg.seed, cfg.group_by_length), cfg.grad_accum,
                     run.world_size)
     total_steps = plan.total_steps(cfg.max_steps, cfg.epochs)
-    start_step = run.begin(model, tokenizer, optimizer, total_steps)
+    start_step = run.begin(model, tokenizer, optimizer, total_steps, totals=("pairs", "tokens"))
 
     t_start = time.perf_counter()
     needed = sorted({i for s in range(start_step, total_steps) for b in plan.all_micro_batches(s) for i in b})
@@ -201,9 +201,6 @@ def main(cfg: DPOConfig) -> dict:
     ref_seconds = time.perf_counter() - t_start
     run.speed.rate()  # restart the tokens/s interval after the reference pass
     ddp_model = DDP(model) if run.world_size > 1 else model
-    # Totals over the whole run, carried across --resume in the checkpoint's state.
-    total_pairs, total_tokens = run.state.get("pairs", 0), run.state.get("tokens", 0)
-    done_before = total_pairs
 
     for step in range(start_step, total_steps):
         t_step = time.perf_counter()
@@ -215,14 +212,12 @@ def main(cfg: DPOConfig) -> dict:
             cfg, ddp_model, examples, idx, reference, n_pairs, run.world_size, pad_id, run.device))
         means = {k: v / n_pairs for k, v in run.dist.reduce_sums(sums).items()}
         grad_norm = optimizer_step(run, model, optimizer, means["loss"], step + 1, f" (pairs {global_batches})")
-        total_pairs += n_pairs
-        total_tokens += step_tokens
+        run.count(pairs=n_pairs, tokens=step_tokens)
         run.log(step + 1, {"epoch": (step + 1) / plan.steps_per_epoch, **means, "lr": lr, "grad_norm": grad_norm,
                            "pairs_per_s": n_pairs / (time.perf_counter() - t_step)}, tokens=step_tokens)
-        run.end_step(step + 1, {"pairs": total_pairs, "tokens": total_tokens})
+        run.end_step(step + 1)
 
     seconds = time.perf_counter() - t_start  # reference pass + training, as a peer trainer would time it
-    return run.finish({"pairs": total_pairs, "tokens": total_tokens,
-                       "pairs_per_s": (total_pairs - done_before) / seconds,  # pairs trained in this launch
+    return run.finish({"pairs_per_s": run.counted_this_launch("pairs") / seconds,
                        "ref_seconds": ref_seconds, "examples": len(examples), "truncated": stats.truncated,
                        "dropped": stats.dropped, "skipped_batches_per_epoch": plan.skipped_per_epoch})

@@ -35,9 +35,9 @@ from alignkit.losses import aggregate, group_advantages, kl_penalty, masked_sum,
 from alignkit.models import load_causal_lm, load_tokenizer, prepare
 from alignkit.rewards import load_rewards, score_samples
 from alignkit.train.batching import StepPlan, collate, shuffled_batches
-from alignkit.train.optim import adamw, lr_factor, set_lr
+from alignkit.train.optim import adamw
 from alignkit.train.run import Run
-from alignkit.train.step import micro_steps, optimizer_step
+from alignkit.train.step import micro_steps, optimizer_step, schedule_lr
 
 
 @dataclass
@@ -234,15 +234,12 @@ def main(cfg: GRPOConfig) -> dict:
     plan = StepPlan(lambda e: shuffled_batches(len(prompts), cfg.batch_size, cfg.seed + e), cfg.grad_accum,
                     run.world_size)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * plan.steps_per_epoch)
-    start_step = run.begin(model, tokenizer, optimizer, total_steps)
-    # Totals over the whole run, carried across --resume in the checkpoint's state.
-    totals = {"completions": run.state.get("completions", 0), "tokens": run.state.get("tokens", 0)}
-    done_before, t_run = totals["completions"], time.perf_counter()
+    start_step = run.begin(model, tokenizer, optimizer, total_steps, totals=("completions", "tokens"))
+    t_run = time.perf_counter()
 
     for step in range(start_step, total_steps):
         t_step = time.perf_counter()
-        lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
-        set_lr(optimizer, lr)
+        lr = schedule_lr(run, optimizer, step, cfg.schedule)
         ro = rollout(cfg, run, model, tokenizer, prompts, plan, step)
         rewards, per_function, _ = score_samples(  # (N,)
             reward_fns, ro.examples, ro.completion_ids, tokenizer, cfg.reward_weights,
@@ -255,9 +252,9 @@ def main(cfg: GRPOConfig) -> dict:
                                                                  if nonfinite else "")
         upd = update(cfg, run, model, ddp_model, ref_model, optimizer, tokenizer, ro, advantages, step, detail)
         row, n, tokens = step_metrics(cfg, run, ro, rewards, per_function, upd)
-        totals["completions"], totals["tokens"] = totals["completions"] + n, totals["tokens"] + tokens
+        run.count(completions=n, tokens=tokens)
         run.log(step + 1, {**row, "lr": lr, "completions_per_s": n / (time.perf_counter() - t_step)}, tokens=tokens)
-        run.end_step(step + 1, totals)
+        run.end_step(step + 1)
     seconds = time.perf_counter() - t_run
-    return run.finish({**totals, "prompts": len(prompts), "dropped_prompts": stats.dropped,
-                       "completions_per_s": (totals["completions"] - done_before) / max(seconds, 1e-9)})
+    return run.finish({"prompts": len(prompts), "dropped_prompts": stats.dropped,
+                       "completions_per_s": run.counted_this_launch("completions") / max(seconds, 1e-9)})

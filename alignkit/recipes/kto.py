@@ -192,16 +192,13 @@ def main(cfg: KTOConfig) -> dict:
     if plan.per_step * cfg.batch_size < 2:
         raise SystemExit("error: KTO's KL estimate needs at least 2 examples per optimizer step")
     total_steps = plan.total_steps(cfg.max_steps, cfg.epochs)
-    start_step = run.begin(model, tokenizer, optimizer, total_steps)
+    start_step = run.begin(model, tokenizer, optimizer, total_steps, totals=("pairs", "tokens"))
 
     t_start = time.perf_counter()
     reference = reference_for(cfg, model, examples, plan, range(start_step, total_steps), pad_id, run)
     ref_seconds = time.perf_counter() - t_start
     run.speed.rate()  # restart the tokens/s interval after the reference pass
     ddp_model = DDP(model) if run.world_size > 1 else model
-    # Totals over the whole run, carried across --resume in the checkpoint's state.
-    total_examples, total_tokens = run.state.get("pairs", 0), run.state.get("tokens", 0)
-    done_before = total_examples
 
     for step in range(start_step, total_steps):
         t_step = time.perf_counter()
@@ -217,14 +214,12 @@ def main(cfg: KTOConfig) -> dict:
             cfg, ddp_model, examples, idx, reference, kl, n, run.world_size, pad_id, run.device))
         row = step_row(run.dist.reduce_sums(sums), kl, n)
         grad_norm = optimizer_step(run, model, optimizer, row["loss"], step + 1, f" (examples {global_batches})")
-        total_examples += n
-        total_tokens += step_tokens
+        run.count(pairs=n, tokens=step_tokens)
         run.log(step + 1, {"epoch": (step + 1) / plan.steps_per_epoch, **row, "lr": lr, "grad_norm": grad_norm,
                            "pairs_per_s": n / (time.perf_counter() - t_step)}, tokens=step_tokens)
-        run.end_step(step + 1, {"pairs": total_examples, "tokens": total_tokens})
+        run.end_step(step + 1)
 
     seconds = time.perf_counter() - t_start
-    return run.finish({"pairs": total_examples, "tokens": total_tokens,
-                       "pairs_per_s": (total_examples - done_before) / seconds,  # examples trained in this launch
+    return run.finish({"pairs_per_s": run.counted_this_launch("pairs") / seconds,  # examples trained in this launch
                        "ref_seconds": ref_seconds, "examples": len(examples), "truncated": stats.truncated,
                        "dropped": stats.dropped, "skipped_batches_per_epoch": plan.skipped_per_epoch})

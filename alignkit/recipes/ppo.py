@@ -48,9 +48,9 @@ from alignkit.losses import (aggregate, gae, kl_penalty, masked_sum, ppo_policy_
 from alignkit.models import LastTokenReward, backbone_and_head, load_causal_lm, load_tokenizer, prepare, save_model
 from alignkit.rewards import load_scorer
 from alignkit.train.batching import StepPlan, shuffled_batches
-from alignkit.train.optim import adamw, lr_factor, set_lr
+from alignkit.train.optim import adamw
 from alignkit.train.run import Run
-from alignkit.train.step import micro_steps, optimizer_step
+from alignkit.train.step import micro_steps, optimizer_step, schedule_lr
 
 
 @dataclass
@@ -378,18 +378,15 @@ def main(cfg: PPOConfig) -> dict:
     plan = StepPlan(lambda e: [b for b in shuffled_batches(len(prompts), cfg.batch_size, cfg.seed + e)
                                if len(b) == cfg.batch_size], 1, run.world_size)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * plan.steps_per_epoch)
-    start_step = run.begin(policy, tokenizer, optimizer, total_steps)
-    # State carried across --resume in the checkpoint: the adaptive kl_coef and the whole run's totals.
-    state = {"kl_coef": run.state.get("kl_coef", cfg.kl_coef), "completions": run.state.get("completions", 0),
-             "tokens": run.state.get("tokens", 0)}
+    start_step = run.begin(policy, tokenizer, optimizer, total_steps, totals=("completions", "tokens"))
+    state = {"kl_coef": run.state.get("kl_coef", cfg.kl_coef)}  # adaptive, so carried across --resume
 
     def save_value_state(checkpoint_dir: Path) -> None:  # into each checkpoint, atomically with the policy
         save_value(value_model, value_head, tokenizer, checkpoint_dir / "value")
 
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
-        lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
-        set_lr(optimizer, lr)
+        lr = schedule_lr(run, optimizer, step, cfg.schedule)
         ro = rollout(cfg, run, policy, tokenizer, [prompts[i].prompt_ids
                                                    for i in plan.micro_batches(step, run.dist.rank)[0]], step)
         epochs = update_plan(cfg, step, len(ro.completions))
@@ -408,12 +405,12 @@ def main(cfg: PPOConfig) -> dict:
         row.update(completions_per_s=n / (time.perf_counter() - t0), lr=lr)
         if cfg.target_kl is not None:
             state["kl_coef"] = adaptive_kl_coef(state["kl_coef"], row["kl"], cfg.target_kl, cfg.kl_horizon, n)
-        state["completions"], state["tokens"] = state["completions"] + n, state["tokens"] + tokens
+        run.count(completions=n, tokens=tokens)
         run.log(step + 1, row, tokens=tokens)
         run.end_step(step + 1, state, save_extra=save_value_state)
 
     if run.is_main:
         save_value(value_model, value_head, tokenizer,
                    Path(cfg.output) / "value_model" if value_head is None else Path(cfg.output))
-    return run.finish({**{k: state[k] for k in ("completions", "tokens", "kl_coef")}, "prompts": len(prompts),
+    return run.finish({"kl_coef": state["kl_coef"], "prompts": len(prompts),
                        "dropped_prompts": stats.dropped})

@@ -25,9 +25,9 @@ from alignkit.logprobs import next_token_logps
 from alignkit.losses import aggregate
 from alignkit.models import load_tokenizer
 from alignkit.train.batching import collate
-from alignkit.train.optim import adamw, lr_factor, set_lr, wsd_decay_start
+from alignkit.train.optim import adamw, wsd_decay_start
 from alignkit.train.run import Run
-from alignkit.train.step import micro_steps, optimizer_step
+from alignkit.train.step import micro_steps, optimizer_step, schedule_lr
 
 
 @dataclass
@@ -181,12 +181,9 @@ def main(cfg: PretrainConfig) -> dict:
     ddp_model = DDP(model) if run.world_size > 1 else model
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
     start_step = run.begin(model, tokenizer, optimizer, total_steps)
-    total_tokens = run.state.get("tokens", 0)  # over the whole run, carried across --resume
 
     for step in range(start_step, total_steps):
-        lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
-                                cfg.decay_fraction)
-        set_lr(optimizer, lr)
+        lr = schedule_lr(run, optimizer, step, cfg.schedule, cfg.decay_fraction)
         global_batches = plan.all_micro_batches(step)
         # Token-mean over the whole global batch: every micro-batch on every process divides by the
         # same global label count, and DDP averages gradients over processes (hence * world_size).
@@ -206,9 +203,9 @@ def main(cfg: PretrainConfig) -> dict:
         sums = run.dist.reduce_sums(sums)
         step_loss = sums["loss"] / run.world_size
         grad_norm = optimizer_step(run, model, optimizer, step_loss, step + 1, f" (blocks {global_batches})")
-        total_tokens += int(sums["tokens"])
+        run.count(tokens=int(sums["tokens"]))
         run.log(step + 1, {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "label_tokens": n_labels,
                            "mid_rows": int(sums["mid_rows"]), "mid_fraction": sums["mid_rows"] / per_step,
                            "mid_label_tokens": int(sums["mid_label_tokens"])}, tokens=int(sums["tokens"]))
-        run.end_step(step + 1, {"tokens": total_tokens})
-    return run.finish({"tokens": total_tokens, **counts})
+        run.end_step(step + 1)
+    return run.finish(counts)

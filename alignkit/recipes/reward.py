@@ -175,9 +175,7 @@ def main(cfg: RewardConfig) -> dict:
     plan = StepPlan(epoch_batches(lengths, cfg.batch_size, cfg.seed, cfg.group_by_length, group_keys=prompts),
                     cfg.grad_accum, run.world_size)
     total_steps = plan.total_steps(cfg.max_steps, cfg.epochs)
-    start_step = run.begin(model, tokenizer, optimizer, total_steps)
-    # Totals over the whole run, carried across --resume in the checkpoint's state.
-    total_pairs, total_tokens = run.state.get("pairs", 0), run.state.get("tokens", 0)
+    start_step = run.begin(model, tokenizer, optimizer, total_steps, totals=("pairs", "tokens"))
 
     def run_eval(step: int) -> dict:
         result = evaluate(model, eval_examples, eval_margins, pad_id, cfg.batch_size, run.device, run.dist.rank,
@@ -194,15 +192,14 @@ def main(cfg: RewardConfig) -> dict:
             ddp_model, examples, idx, margins, n_pairs, run.world_size, pad_id, run.device))
         means = {k: v / n_pairs for k, v in run.dist.reduce_sums(sums).items()}
         grad_norm = optimizer_step(run, model, optimizer, means["loss"], step + 1, f" (pairs {global_batches})")
-        total_pairs += n_pairs
-        total_tokens += step_tokens
+        run.count(pairs=n_pairs, tokens=step_tokens)
         run.log(step + 1, {"epoch": (step + 1) / plan.steps_per_epoch, **means, "lr": lr, "grad_norm": grad_norm},
                 tokens=step_tokens)
         if eval_examples and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
             run_eval(step + 1)
-        run.end_step(step + 1, {"pairs": total_pairs, "tokens": total_tokens})
+        run.end_step(step + 1)
 
-    final = {"pairs": total_pairs, "tokens": total_tokens, "examples": len(examples), "truncated": stats.truncated,
+    final = {"examples": len(examples), "truncated": stats.truncated,
              "dropped": stats.dropped, "skipped_batches_per_epoch": plan.skipped_per_epoch}
     if eval_examples:
         result = run_eval(total_steps)

@@ -69,7 +69,6 @@ def main(cfg: SFTConfig) -> dict:
                     run.world_size)
     total_steps = plan.total_steps(cfg.max_steps, cfg.epochs)
     start_step = run.begin(model, tokenizer, optimizer, total_steps)
-    total_tokens = run.state.get("tokens", 0)  # over the whole run, carried across --resume
 
     for step in range(start_step, total_steps):
         lr = schedule_lr(run, optimizer, step, cfg.schedule)
@@ -81,9 +80,9 @@ def main(cfg: SFTConfig) -> dict:
                        for idx in micro_steps(ddp_model, plan.micro_batches(step, run.dist.rank)))
         step_loss = run.dist.reduce_sums({"loss": loss_sum})["loss"] / run.world_size
         grad_norm = optimizer_step(run, model, optimizer, step_loss, step + 1, f" (examples {global_batches})")
-        total_tokens += step_tokens
+        run.count(tokens=step_tokens)
         run.log(step + 1, {"epoch": (step + 1) / plan.steps_per_epoch, "loss": step_loss, "lr": lr,
                            "grad_norm": grad_norm, "label_tokens": n_tokens}, tokens=step_tokens)
-        run.end_step(step + 1, {"tokens": total_tokens})
-    return run.finish({"tokens": total_tokens, "examples": len(examples), "truncated": stats.truncated,
+        run.end_step(step + 1)
+    return run.finish({"examples": len(examples), "truncated": stats.truncated,
                        "dropped": stats.dropped, "skipped_batches_per_epoch": plan.skipped_per_epoch})

@@ -132,10 +132,11 @@ class Run:
     def world_size(self) -> int:
         return self.dist.world_size
 
-    def begin(self, model, tokenizer, optimizer, total_steps: int) -> int:
+    def begin(self, model, tokenizer, optimizer, total_steps: int, totals: tuple[str, ...] = ("tokens",)) -> int:
         """Restore optimizer and RNG state when resuming, write config.yaml, open metrics.jsonl and the
         progress bar. Returns the first step to run. `model` is what gets checkpointed and saved
-        (the unwrapped model, PEFT-wrapped when training LoRA adapters)."""
+        (the unwrapped model, PEFT-wrapped when training LoRA adapters). `totals` names the whole run's
+        counts (`count`), which checkpoints carry across --resume and the final row reports."""
         self.model, self.tokenizer, self.optimizer, self.total_steps = model, tokenizer, optimizer, total_steps
         if not self.dist.any(self._lock is not None):  # OUTPUT did not exist when the run started
             if self.is_main:
@@ -145,6 +146,8 @@ class Run:
             self._claim(fresh=True)
         start = checkpoint.load_checkpoint(self.checkpoint, optimizer)["step"] if self.checkpoint else 0
         self.state = checkpoint.load_state(self.checkpoint) if self.checkpoint else {}
+        self.totals = {name: self.state.get(name, 0) for name in totals}
+        self._totals_at_start = dict(self.totals)
         if self.is_main:
             with writing(self.out / "config.yaml", "config"):
                 save_config(self.cfg, self.cfg.output)
@@ -179,6 +182,15 @@ class Run:
             self.metrics.log({"step": step, **row, "tokens": self.speed.tokens, "tokens_per_s": self.speed.rate(),
                               "elapsed": self.speed.elapsed()})
 
+    def count(self, **amounts) -> None:
+        """Add this step's amounts (e.g. pairs=8, tokens=512) to the run's totals."""
+        for name, amount in amounts.items():
+            self.totals[name] += amount
+
+    def counted_this_launch(self, name: str):
+        """How much of total `name` this launch counted (the whole run's total less what a resumed checkpoint held)."""
+        return self.totals[name] - self._totals_at_start[name]
+
     def end_step(self, step: int, state: dict | None = None, save_extra=None) -> None:
         """Checkpoint when due (every --save-every steps, at the end, or on SIGTERM/SIGINT) and exit
         after a signal. `state` is JSON the recipe needs to resume (e.g. an adaptive KL coefficient);
@@ -189,7 +201,8 @@ class Run:
         if stop or (self.cfg.save_every and step % self.cfg.save_every == 0) or done:
             if self.is_main:
                 checkpoint.save_checkpoint(self.cfg.output, step, self.model, self.tokenizer, self.optimizer,
-                                           extra=state, keep=self.cfg.save_total_limit, save_extra=save_extra,
+                                           extra={**self.totals, **(state or {})}, keep=self.cfg.save_total_limit,
+                                           save_extra=save_extra,
                                            run=self.fingerprint)
             self.dist.barrier()
         if stop and not done:
@@ -204,7 +217,7 @@ class Run:
         """Write the final metrics row and the model (merged LoRA weights with --merge-lora)."""
         self._stop.__exit__(None, None, None)
         self.bar.close()
-        final = {"step": self.total_steps, "final": True, **final, "seconds": self.speed.elapsed(),
+        final = {"step": self.total_steps, "final": True, **self.totals, **final, "seconds": self.speed.elapsed(),
                  "skipped_nonfinite_steps": self.skipped_steps}
         self.metrics.log(final)
         if self.is_main:

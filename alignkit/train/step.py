@@ -11,11 +11,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from alignkit.train.optim import lr_factor, set_lr
 
 
-def schedule_lr(run, optimizer, step: int, schedule: str = "cosine") -> float:
+def schedule_lr(run, optimizer, step: int, schedule: str = "cosine", decay_fraction: float = 0.2) -> float:
     """Set the learning rate of `step` (0-based): --lr times the warmup + `schedule` factor over the run's
-    steps (`Run.begin` sets them). Returns it, for the metrics."""
+    steps (`Run.begin` sets them; `decay_fraction` is WSD's). Returns it, for the metrics."""
     cfg = run.cfg
-    lr = cfg.lr * lr_factor(step, run.total_steps, cfg.warmup_steps, schedule, cfg.min_lr_ratio)
+    lr = cfg.lr * lr_factor(step, run.total_steps, cfg.warmup_steps, schedule, cfg.min_lr_ratio, decay_fraction)
     set_lr(optimizer, lr)
     return lr
 
