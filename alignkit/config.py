@@ -82,7 +82,7 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model's forward (dynamic shapes). Faster steps after a one-off compile of tens of seconds; see docs/performance.md."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show progress: a bar on a terminal, else a plain line every few steps or 30 s."""
     skip_nonfinite: bool = False
     """Skip (and count) an optimizer step whose loss is NaN/inf instead of stopping the run."""
     lora_r: int = 0

@@ -22,7 +22,6 @@ from typing import Annotated, Literal
 
 import torch
 import tyro
-from tqdm.auto import tqdm
 
 from alignkit.config import Repeatable, save_config
 from alignkit.data import load_prompts
@@ -30,7 +29,7 @@ from alignkit.generation import sample_groups
 from alignkit.models import load_causal_lm, load_tokenizer
 from alignkit.rewards import load_rewards, score_samples
 from alignkit.train import dist as distributed
-from alignkit.train.tracking import MetricsWriter
+from alignkit.train.tracking import MetricsWriter, progress_iter
 
 
 @dataclass
@@ -85,7 +84,7 @@ class BestOfNConfig:
     trust_remote_code: bool = False
     """Allow model code shipped inside the model directory to run."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show progress: a bar on a terminal, else a plain line every few steps or 30 s."""
 
 
 def completion_record(prompt, text: str) -> dict:
@@ -134,7 +133,7 @@ def main(cfg: BestOfNConfig) -> dict:
     t0 = time.perf_counter()
     shard = out / f".best-of-n-shard-{d.rank}.jsonl"
     with shard.open("w") as f, torch.no_grad():
-        for b in tqdm(mine, disable=not (cfg.progress and d.is_main), desc="best-of-n"):
+        for b in progress_iter(mine, cfg.progress and d.is_main, "best-of-n"):
             idx = batches[b]
             torch.manual_seed(cfg.seed * 100003 + b)
             comp_ids, ended = sample_groups(model, tokenizer, [prompts[i].prompt_ids for i in idx], cfg.group_size,

@@ -1,4 +1,4 @@
-"""metrics.jsonl, the progress bar, and graceful stop on SIGTERM/SIGINT."""
+"""metrics.jsonl, progress (a bar on a terminal, plain lines otherwise), and graceful stop on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -79,9 +79,78 @@ class GracefulStop:
         return False
 
 
+class PlainProgress:
+    """A progress bar's interface printing one plain line every `every` steps or `seconds`, whichever
+    comes first, and at the end: logs of CI, `| tee` and nohup get a few readable lines, not thousands
+    of carriage returns."""
+
+    def __init__(self, total: int, initial: int, desc: str, every: int | None = None, seconds: float = 30.0,
+                 file=None):
+        self.total, self.n, self.initial, self.desc = total, initial, initial, desc
+        self.every = every or max(10, total // 10)
+        self.seconds, self.file = seconds, file or sys.stderr
+        self.postfix: dict = {}
+        self.start = self.last = time.perf_counter()
+        self.printed_at = initial
+        self.closed = False
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = values
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if self.n - self.printed_at >= self.every or now - self.last >= self.seconds or self.n >= self.total:
+            self._print(now)
+
+    def _print(self, now: float) -> None:
+        elapsed = now - self.start
+        done = self.n - self.initial
+        line = f"{self.desc}: step {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%), {elapsed:.1f} s"
+        if 0 < done and self.n < self.total:
+            line += f", eta {elapsed / done * (self.total - self.n):.0f} s"
+        line += "".join(f", {k} {v}" for k, v in self.postfix.items())
+        print(line, file=self.file, flush=True)
+        self.last, self.printed_at = now, self.n
+
+    def close(self) -> None:
+        if not self.closed and self.n > self.printed_at:
+            self._print(time.perf_counter())
+        self.closed = True
+
+
+class NoProgress:
+    """--no-progress: the same interface, printing nothing."""
+
+    def set_postfix(self, **values) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def progress(total: int, initial: int, enabled: bool, desc: str):
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True,
-                file=sys.stderr)
+    """A tqdm bar when stderr is a terminal, else plain lines (PlainProgress); nothing when not enabled."""
+    if not enabled:
+        return NoProgress()
+    if sys.stderr.isatty():
+        return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr)
+    return PlainProgress(total, initial, desc)
+
+
+def progress_iter(items, enabled: bool, desc: str):
+    """Iterate over `items` showing progress as `progress` does."""
+    items = list(items)
+    bar = progress(len(items), 0, enabled, desc)
+    try:
+        for item in items:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
 
 
 class Throughput:
