@@ -26,6 +26,7 @@ COMMANDS = {
     "generate": ("alignkit.commands", "GenerateConfig", "generate_main", "Generate completions for prompts"),
     "chat": ("alignkit.commands", "ChatConfig", "chat_main", "Interactive chat with a model"),
     "bench": ("alignkit.bench.cli", "BenchConfig", "main", "Throughput of SFT/DPO/GRPO on a fixed fixture, optionally vs TRL"),
+    "report": ("alignkit.report", "ReportConfig", "main", "report.html + PNG curves of one or more runs' metrics.jsonl"),
 }
 
 

@@ -239,8 +239,9 @@ def to_dict(cfg) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def save_config(cfg, out_dir: str | Path) -> None:
-    """Write the fully resolved config as OUTPUT/config.yaml (reusable with --config)."""
+def save_config(cfg, out_dir: str | Path, command: str | None = None) -> None:
+    """Write the fully resolved config as OUTPUT/config.yaml (reusable with --config); `command` is
+    recorded in a first comment line (`# alignkit sft`) for `alignkit report`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     d = to_dict(cfg)
@@ -248,5 +249,5 @@ def save_config(cfg, out_dir: str | Path) -> None:
     d.pop("resume", None)
     d.pop("overwrite", None)
     tmp = out / "config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(d, sort_keys=False))
+    tmp.write_text((f"# alignkit {command}\n" if command else "") + yaml.safe_dump(d, sort_keys=False))
     tmp.replace(out / "config.yaml")

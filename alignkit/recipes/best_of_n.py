@@ -114,7 +114,7 @@ def main(cfg: BestOfNConfig) -> dict:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     if d.is_main:
-        save_config(cfg, out)
+        save_config(cfg, out, "best-of-n")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     prompts, stats = load_prompts(list(cfg.data), tokenizer, cfg.max_length - cfg.max_new_tokens, strict=cfg.strict)
     if d.is_main:

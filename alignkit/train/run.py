@@ -150,7 +150,7 @@ class Run:
         self._totals_at_start = dict(self.totals)
         if self.is_main:
             with writing(self.out / "config.yaml", "config"):
-                save_config(self.cfg, self.cfg.output)
+                save_config(self.cfg, self.cfg.output, self.name)
             if self.checkpoint:
                 print(f"resuming from {self.checkpoint} (step {start})")
         self.metrics = MetricsWriter(self.cfg.output, self.is_main, resume_step=start if self.checkpoint else None)
