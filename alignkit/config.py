@@ -83,6 +83,8 @@ class TrainConfig:
     """torch.compile the model's forward (dynamic shapes). Faster steps after a one-off compile of tens of seconds; see docs/performance.md."""
     progress: bool = True
     """Show progress: a bar on a terminal, else a plain line every few steps or 30 s."""
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
+    """Also send the metrics rows to an experiment tracker (metrics.jsonl is always written): tensorboard (OUTPUT/tensorboard), wandb (OUTPUT/wandb; WANDB_MODE=offline works without a network) or trackio (local). Each needs its extra, e.g. pip install 'alignkit[tensorboard]'."""
     skip_nonfinite: bool = False
     """Skip (and count) an optimizer step whose loss is NaN/inf instead of stopping the run."""
     lora_r: int = 0
@@ -98,7 +100,7 @@ class TrainConfig:
 # Fields that do not change what a run computes: a run may be resumed with other values of these.
 # Every other field (and the number of processes) must match the checkpoint's.
 RUN_ONLY_FIELDS = {"output", "config", "resume", "overwrite", "progress", "log_every", "save_every",
-                   "save_total_limit", "device", "trust_remote_code", "compile"}
+                   "save_total_limit", "device", "trust_remote_code", "compile", "report_to"}
 
 _AT_LEAST_ONE = (lambda v: v >= 1, "must be >= 1")
 _POSITIVE = (lambda v: v > 0, "must be > 0")

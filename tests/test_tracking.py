@@ -5,8 +5,11 @@ from __future__ import annotations
 import io
 import re
 
+import pytest
+
+from alignkit.cli import main, run as cli
 from alignkit.train.tracking import PlainProgress
-from helpers import run_cli
+from helpers import read_metrics
 
 PLAIN_LINE = re.compile(r"^sft: step (\d+)/12 \((\d+)%\), \d+\.\d s(, eta \d+ s)?(, loss \d+\.\d+)?$")
 
@@ -16,13 +19,13 @@ def sft_args(model, assets, out, *extra):
             "--max-steps", "12", "--batch-size", "4", "--max-length", "48", "--log-every", "1", *extra]
 
 
-def test_progress_off_a_terminal_is_plain_lines(tiny_model, assets, tmp_path):
-    """stderr is a pipe here (as under CI, `| tee`, nohup): no carriage-return bar, a few whole lines."""
-    result = run_cli(*sft_args(tiny_model, assets, tmp_path / "sft"))
-    assert result.returncode == 0, result.stderr
-    assert "\r" not in result.stderr and "\r" not in result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.startswith("sft: step")]
-    assert lines and all(PLAIN_LINE.match(line) for line in lines), result.stderr
+def test_progress_off_a_terminal_is_plain_lines(tiny_model, assets, tmp_path, capsys):
+    """stderr is not a terminal here (as under CI, `| tee`, nohup): no carriage-return bar, a few whole lines."""
+    cli(sft_args(tiny_model, assets, tmp_path / "sft"))
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "\r" not in captured.out
+    lines = [line for line in captured.err.splitlines() if line.startswith("sft: step")]
+    assert lines and all(PLAIN_LINE.match(line) for line in lines), captured.err
     steps = [int(PLAIN_LINE.match(line).group(1)) for line in lines]
     assert steps == sorted(steps) and steps[-1] == 12 and len(steps) < 12  # every few steps, and the end
 
@@ -46,3 +49,32 @@ def test_plain_progress_prints_when_seconds_pass():
     bar.close()  # nothing new since the last line: no repeat
     assert out.getvalue().splitlines()[0].startswith("x: step 41/100 (41%)")
     assert out.getvalue().splitlines()[1].endswith(", loss 1.2345") and len(out.getvalue().splitlines()) == 2
+
+
+def logged_losses(out):
+    return {r["step"]: r["loss"] for r in read_metrics(out) if not r.get("final")}
+
+
+def test_report_to_tensorboard_holds_the_metrics_rows(tiny_model, assets, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "sft"
+    cli(sft_args(tiny_model, assets, out, "--report-to", "tensorboard", "--no-progress"))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("loss")}
+    assert logged == pytest.approx(logged_losses(out), rel=1e-6) and sorted(logged) == list(range(1, 13))
+    lr = {e.step: e.value for e in events.Scalars("lr")}
+    assert lr == pytest.approx({r["step"]: r["lr"] for r in read_metrics(out) if not r.get("final")}, rel=1e-6)
+    assert "final/examples" in events.Tags()["scalars"]
+
+
+def test_report_to_without_its_package_is_one_line(tiny_model, assets, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    assert main(sft_args(tiny_model, assets, tmp_path / "sft", "--report-to", "wandb")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --report-to wandb needs the wandb package: pip install 'alignkit[wandb]'"
+    assert not (tmp_path / "sft").exists()

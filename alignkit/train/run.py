@@ -21,9 +21,9 @@ from alignkit.config import RUN_ONLY_FIELDS, save_config, to_dict
 from alignkit.errors import UserError, writing
 from alignkit.models import save_model
 from alignkit.train import checkpoint, dist as distributed
-from alignkit.train.tracking import GracefulStop, MetricsWriter, Throughput, progress
+from alignkit.train.tracking import GracefulStop, MetricsWriter, Throughput, check_tracker, open_tracker, progress
 
-# Lock files of the outputs this process holds, freed when its command ends however it ends.
+# Lock files of the outputs this process holds, and its open tracker, closed when its command ends however it ends.
 _held: list = []
 
 
@@ -57,6 +57,7 @@ class Run:
         self.cfg, self.name = cfg, name
         if cfg.resume and cfg.overwrite:
             raise UserError("--resume and --overwrite exclude each other: continue the run in --output, or replace it")
+        check_tracker(cfg.report_to)
         self.dist = distributed.setup(cfg.device)
         self.device = self.dist.device
         torch.manual_seed(cfg.seed)
@@ -153,7 +154,13 @@ class Run:
                 save_config(self.cfg, self.cfg.output, self.name)
             if self.checkpoint:
                 print(f"resuming from {self.checkpoint} (step {start})")
-        self.metrics = MetricsWriter(self.cfg.output, self.is_main, resume_step=start if self.checkpoint else None)
+        resume_step = start if self.checkpoint else None
+        tracker = None
+        if self.is_main:
+            tracker = open_tracker(self.cfg.report_to, self.out, to_dict(self.cfg), resume_step)
+            if tracker is not None:
+                _held.append(tracker)
+        self.metrics = MetricsWriter(self.cfg.output, self.is_main, resume_step=resume_step, tracker=tracker)
         self.bar = progress(total_steps, start, self.cfg.progress and self.is_main, self.name)
         self._stop.__enter__()
         return start

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import signal
 import sys
 import time
@@ -19,8 +21,8 @@ class MetricsWriter:
     On resume, rows logged after the checkpoint being resumed are dropped first, so the file reads as
     one uninterrupted run; a last row cut short by a kill mid-write is dropped with a warning."""
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int | None = None):
-        self.enabled = enabled
+    def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int | None = None, tracker=None):
+        self.enabled, self.tracker = enabled, tracker
         self.path = Path(out_dir) / "metrics.jsonl"
         if not enabled:
             return
@@ -53,6 +55,100 @@ class MetricsWriter:
         clean = {k: (float(v) if hasattr(v, "item") else v) for k, v in row.items()}
         with writing(self.path, "metrics"), self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(clean)
+
+
+# --report-to: the package each tracker needs, and the extra that installs it.
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+
+
+def check_tracker(report_to: str) -> None:
+    """Before any model is loaded: the tracker's package is installed."""
+    package = TRACKERS.get(report_to)
+    if package and importlib.util.find_spec(package) is None:
+        raise UserError(f"--report-to {report_to} needs the {package} package: pip install 'alignkit[{report_to}]'")
+
+
+def scalars(row: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in row.items()
+            if k not in ("step", "final") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class TensorBoardTracker:
+    """OUTPUT/tensorboard event files; the final row's numbers go under final/."""
+
+    def __init__(self, out: Path, config: dict, resume_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        log_dir = out / "tensorboard"
+        if resume_step is None:  # a fresh run's curves must not continue an overwritten run's
+            for old in log_dir.glob("events.out.tfevents.*"):
+                old.unlink()
+        # purge_step hides the events an interrupted run logged after the checkpoint being resumed.
+        self.writer = SummaryWriter(str(log_dir), purge_step=None if resume_step is None else resume_step + 1)
+        if resume_step is None:
+            self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.items()), 0)
+
+    def log(self, row: dict) -> None:
+        prefix = "final/" if row.get("final") else ""
+        for k, v in scalars(row).items():
+            self.writer.add_scalar(prefix + k, v, row["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker:
+    """A wandb run in OUTPUT/wandb (WANDB_MODE=offline: no network; `wandb sync` uploads it later), resumed
+    under the same id by --resume; the final row goes to the run summary."""
+
+    def __init__(self, out: Path, config: dict, resume_step: int | None):
+        import wandb
+
+        id_file = out / "wandb" / "alignkit-run-id"
+        resuming = resume_step is not None and id_file.is_file()
+        run_id = id_file.read_text().strip() if resuming else wandb.util.generate_id()
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id)
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "alignkit"), name=out.resolve().name,
+                              dir=str(out), config=config, id=run_id, resume="allow" if resuming else None)
+
+    def log(self, row: dict) -> None:
+        if row.get("final"):
+            self.run.summary.update(scalars(row))
+        else:
+            self.run.log(scalars(row), step=row["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class TrackioTracker:
+    """A trackio run (local database; TRACKIO_DIR chooses where), resumed by --resume."""
+
+    def __init__(self, out: Path, config: dict, resume_step: int | None):
+        import trackio
+
+        self.trackio = trackio
+        trackio.init(project=os.environ.get("TRACKIO_PROJECT", "alignkit"), name=out.resolve().name, config=config,
+                     resume="allow" if resume_step is not None else "never")
+
+    def log(self, row: dict) -> None:
+        values = scalars(row)
+        self.trackio.log({f"final/{k}": v for k, v in values.items()} if row.get("final") else values, step=row["step"])
+
+    def close(self) -> None:
+        self.trackio.finish()
+
+
+def open_tracker(report_to: str, out: Path, config: dict, resume_step: int | None):
+    """The --report-to tracker (main process), or None for none."""
+    if report_to == "none":
+        return None
+    check_tracker(report_to)
+    kind = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "trackio": TrackioTracker}[report_to]
+    return kind(Path(out), config, resume_step)
 
 
 class GracefulStop:
