@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import re
+import shutil
+import struct
 
 import pytest
 
@@ -69,6 +72,20 @@ def test_report_to_tensorboard_holds_the_metrics_rows(tiny_model, assets, tmp_pa
     assert "final/examples" in events.Tags()["scalars"]
 
 
+def test_report_to_tensorboard_resume_does_not_repeat_steps(tiny_model, assets, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "sft"
+    cli(sft_args(tiny_model, assets, out, "--report-to", "tensorboard", "--no-progress", "--save-every", "6"))
+    shutil.rmtree(out / "checkpoints" / "step-00000012")  # as if the run died after step 6
+    cli(sft_args(tiny_model, assets, out, "--report-to", "tensorboard", "--no-progress", "--resume"))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("loss")]
+    assert steps == list(range(1, 13))  # the first launch's steps 7-12 are purged, not shown twice
+    assert {e.step: e.value for e in events.Scalars("loss")} == pytest.approx(logged_losses(out), rel=1e-6)
+
+
 def test_report_to_without_its_package_is_one_line(tiny_model, assets, tmp_path, monkeypatch, capsys):
     import importlib.util
 
@@ -78,3 +95,53 @@ def test_report_to_without_its_package_is_one_line(tiny_model, assets, tmp_path,
     err = capsys.readouterr().err.strip()
     assert err == "error: --report-to wandb needs the wandb package: pip install 'alignkit[wandb]'"
     assert not (tmp_path / "sft").exists()
+
+
+def wandb_history(path) -> list[dict]:
+    """The history rows of an offline wandb run file (a LevelDB-style log of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2
+
+    block, header = 32768, 7
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, pending, rows = header, b"", []
+    while pos + header <= len(data):
+        if block - pos % block < header:  # the rest of a block too short for a record header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + header])
+        chunk, pos = data[pos + header:pos + header + length], pos + header + length
+        pending = chunk if kind in (1, 2) else pending + chunk  # 1 full, 2 first, 3 middle, 4 last
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def test_report_to_wandb_offline_holds_the_metrics_rows(tiny_model, assets, tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="the wandb package is not installed (pip install 'alignkit[wandb]')")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    out = tmp_path / "sft"
+    cli(sft_args(tiny_model, assets, out, "--report-to", "wandb", "--no-progress"))
+    (run_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
+    history = wandb_history(run_file)
+    assert {r["_step"]: r["loss"] for r in history} == pytest.approx(logged_losses(out), rel=1e-12)
+    assert len(history) == 12
+
+
+def test_report_to_trackio_holds_the_metrics_rows(tiny_model, assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is first imported
+    pytest.importorskip("trackio", reason="the trackio package is not installed (pip install 'alignkit[trackio]')")
+    from trackio.sqlite_storage import SQLiteStorage
+
+    monkeypatch.setattr("trackio.sqlite_storage.TRACKIO_DIR", tmp_path / "trackio")  # if imported earlier
+    out = tmp_path / "sft"
+    cli(sft_args(tiny_model, assets, out, "--report-to", "trackio", "--no-progress"))
+    logs = SQLiteStorage.get_logs("alignkit", "sft")
+    assert {r["step"]: r["loss"] for r in logs if "loss" in r} == pytest.approx(logged_losses(out), rel=1e-12)
+    assert any("final/examples" in r for r in logs)

@@ -107,12 +107,11 @@ class WandbTracker:
         import wandb
 
         id_file = out / "wandb" / "alignkit-run-id"
-        resuming = resume_step is not None and id_file.is_file()
-        run_id = id_file.read_text().strip() if resuming else wandb.util.generate_id()
-        id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(run_id)
+        run_id = id_file.read_text().strip() if resume_step is not None and id_file.is_file() else None
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "alignkit"), name=out.resolve().name,
-                              dir=str(out), config=config, id=run_id, resume="allow" if resuming else None)
+                              dir=str(out), config=config, id=run_id, resume="allow" if run_id else None)
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(self.run.id)
 
     def log(self, row: dict) -> None:
         if row.get("final"):
@@ -132,7 +131,7 @@ class TrackioTracker:
 
         self.trackio = trackio
         trackio.init(project=os.environ.get("TRACKIO_PROJECT", "alignkit"), name=out.resolve().name, config=config,
-                     resume="allow" if resume_step is not None else "never")
+                     resume="allow" if resume_step is not None else "never", auto_log_cpu=False)
 
     def log(self, row: dict) -> None:
         values = scalars(row)
