@@ -8,6 +8,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import tyro
 import yaml
@@ -25,9 +26,9 @@ NOT_CURVES = {"step", "final"}
 class ReportConfig:
     """Plots and a summary table of one or more runs."""
 
-    runs: tyro.conf.Positional[tuple[str, ...]] = ()
+    runs: Annotated[tuple[str, ...], tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR [RUN_DIR ...]")] = ()
     """Run directories (each holding the metrics.jsonl of a training command)."""
-    output: str | None = None
+    output: Annotated[str | None, tyro.conf.arg(metavar="DIR")] = None
     """Directory for report.html and its PNGs (report/*.png). Default: the run directory when there is one run; required with several."""
 
 
