@@ -145,3 +145,18 @@ def test_report_to_trackio_holds_the_metrics_rows(tiny_model, assets, tmp_path, 
     logs = SQLiteStorage.get_logs("alignkit", "sft")
     assert {r["step"]: r["loss"] for r in logs if "loss" in r} == pytest.approx(logged_losses(out), rel=1e-12)
     assert any("final/examples" in r for r in logs)
+
+
+def test_a_tracker_that_does_not_start_is_one_line_before_training(tiny_model, assets, tmp_path, monkeypatch,
+                                                                    capsys):
+    from alignkit.train import tracking
+
+    def refuse(self, *args):
+        raise RuntimeError("api_key not configured (no-tty)\nmore detail")
+
+    monkeypatch.setattr(tracking.TensorBoardTracker, "__init__", refuse)
+    out = tmp_path / "sft"
+    assert main(sft_args(tiny_model, assets, out, "--report-to", "tensorboard")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --report-to tensorboard: the tracker did not start: api_key not configured (no-tty)"
+    assert not (out / "metrics.jsonl").exists() and not (out / "config.yaml").exists()

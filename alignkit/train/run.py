@@ -149,17 +149,23 @@ class Run:
         self.state = checkpoint.load_state(self.checkpoint) if self.checkpoint else {}
         self.totals = {name: self.state.get(name, 0) for name in totals}
         self._totals_at_start = dict(self.totals)
+        resume_step = start if self.checkpoint else None
+        tracker, failure = None, None
+        if self.is_main:
+            try:
+                tracker = open_tracker(self.cfg.report_to, self.out, to_dict(self.cfg), resume_step)
+            except UserError as e:
+                failure = str(e)
+            if tracker is not None:
+                _held.append(tracker)
+        if self.dist.any(failure is not None):  # every process stops, not only the one that saw the error
+            release_outputs()
+            raise UserError(failure or f"--report-to {self.cfg.report_to}: the tracker did not start on process 0")
         if self.is_main:
             with writing(self.out / "config.yaml", "config"):
                 save_config(self.cfg, self.cfg.output, self.name)
             if self.checkpoint:
                 print(f"resuming from {self.checkpoint} (step {start})")
-        resume_step = start if self.checkpoint else None
-        tracker = None
-        if self.is_main:
-            tracker = open_tracker(self.cfg.report_to, self.out, to_dict(self.cfg), resume_step)
-            if tracker is not None:
-                _held.append(tracker)
         self.metrics = MetricsWriter(self.cfg.output, self.is_main, resume_step=resume_step, tracker=tracker)
         self.bar = progress(total_steps, start, self.cfg.progress and self.is_main, self.name)
         self._stop.__enter__()

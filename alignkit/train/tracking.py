@@ -147,7 +147,11 @@ def open_tracker(report_to: str, out: Path, config: dict, resume_step: int | Non
         return None
     check_tracker(report_to)
     kind = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "trackio": TrackioTracker}[report_to]
-    return kind(Path(out), config, resume_step)
+    try:
+        return kind(Path(out), config, resume_step)
+    except Exception as e:  # e.g. wandb online without a login or a network: the user's to fix, before training
+        message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"--report-to {report_to}: the tracker did not start: {message}") from e
 
 
 class GracefulStop:
