@@ -25,12 +25,14 @@ def sft_args(model, assets, out, *extra):
 def test_progress_off_a_terminal_is_plain_lines(tiny_model, assets, tmp_path, capsys):
     """stderr is not a terminal here (as under CI, `| tee`, nohup): no carriage-return bar, a few whole lines."""
     cli(sft_args(tiny_model, assets, tmp_path / "sft"))
+    last_loss = logged_losses(tmp_path / "sft")[12]
     captured = capsys.readouterr()
     assert "\r" not in captured.err and "\r" not in captured.out
     lines = [line for line in captured.err.splitlines() if line.startswith("sft: step")]
     assert lines and all(PLAIN_LINE.match(line) for line in lines), captured.err
     steps = [int(PLAIN_LINE.match(line).group(1)) for line in lines]
     assert steps == sorted(steps) and steps[-1] == 12 and len(steps) < 12  # every few steps, and the end
+    assert lines[-1].endswith(f", loss {last_loss:.4f}")  # the line's loss is its step's
 
 
 def test_plain_progress_prints_every_n_steps_and_at_the_end():

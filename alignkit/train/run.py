@@ -186,9 +186,9 @@ class Run:
     def log(self, step: int, row: dict, tokens: int = 0) -> None:
         """Count `tokens` processed in this step; write a metrics row every --log-every steps."""
         self.speed.add(tokens)
-        self.bar.update(1)
-        if "loss" in row:
+        if "loss" in row:  # before update, so a plain progress line shows this step's loss
             self.bar.set_postfix(loss=f"{row['loss']:.4f}")
+        self.bar.update(1)
         if step % self.cfg.log_every == 0 or step == self.total_steps:
             # tokens since the previous row and seconds since the start, so throughput can be read
             # after a warm-up (alignkit bench)

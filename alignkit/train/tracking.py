@@ -235,7 +235,7 @@ def progress(total: int, initial: int, enabled: bool, desc: str):
     """A tqdm bar when stderr is a terminal, else plain lines (PlainProgress); nothing when not enabled."""
     if not enabled:
         return NoProgress()
-    if sys.stderr.isatty():
+    if getattr(sys.stderr, "isatty", lambda: False)():
         return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr)
     return PlainProgress(total, initial, desc)
 
