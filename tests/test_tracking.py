@@ -162,3 +162,40 @@ def test_a_tracker_that_does_not_start_is_one_line_before_training(tiny_model, a
     err = capsys.readouterr().err.strip()
     assert err == "error: --report-to tensorboard: the tracker did not start: api_key not configured (no-tty)"
     assert not (out / "metrics.jsonl").exists() and not (out / "config.yaml").exists()
+
+
+def test_a_graceful_stop_closes_the_tracker_and_resume_continues_it(tiny_model, assets, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from alignkit.train import run as run_module, tracking
+
+    class StopAtStep5(run_module.GracefulStop):
+        """As if SIGTERM arrived during step 5."""
+        steps = 0
+
+        @property
+        def requested(self):
+            StopAtStep5.steps += 1
+            return StopAtStep5.steps >= 5
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    closed = []
+    close = tracking.TensorBoardTracker.close
+    monkeypatch.setattr(run_module, "GracefulStop", StopAtStep5)
+    monkeypatch.setattr(tracking.TensorBoardTracker, "close", lambda self: closed.append(close(self)))
+    out = tmp_path / "sft"
+    with pytest.raises(SystemExit) as stopped:
+        cli(sft_args(tiny_model, assets, out, "--report-to", "tensorboard", "--no-progress"))
+    assert stopped.value.code == 0 and len(closed) == 1
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5]
+    monkeypatch.undo()
+    cli(sft_args(tiny_model, assets, out, "--report-to", "tensorboard", "--no-progress", "--resume"))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {e.step: e.value for e in events.Scalars("loss")} == pytest.approx(logged_losses(out), rel=1e-6)
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 13))
