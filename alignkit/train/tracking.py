@@ -59,15 +59,10 @@ class MetricsWriter:
             self.tracker.log(clean)
 
 
-# --report-to: the package each tracker needs, and the extra that installs it.
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
-
-
 def check_tracker(report_to: str) -> None:
-    """Before any model is loaded: the tracker's package is installed."""
-    package = TRACKERS.get(report_to)
-    if package and importlib.util.find_spec(package) is None:
-        raise UserError(f"--report-to {report_to} needs the {package} package: pip install 'alignkit[{report_to}]'")
+    """Before any model is loaded: the tracker's package (named as its extra) is installed."""
+    if report_to != "none" and importlib.util.find_spec(report_to) is None:
+        raise UserError(f"--report-to {report_to} needs the {report_to} package: pip install 'alignkit[{report_to}]'")
 
 
 def scalars(row: dict) -> dict[str, float]:
