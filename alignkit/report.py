@@ -75,12 +75,16 @@ def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def is_finite(v) -> bool:
+    return is_number(v) and math.isfinite(v)
+
+
 def curve_keys(runs: list[RunData]) -> list[str]:
     seen: dict[str, None] = {}
     for run in runs:
         for row in run.rows:
             for k, v in row.items():
-                if k not in NOT_CURVES and is_number(v):
+                if k not in NOT_CURVES and is_finite(v):
                     seen.setdefault(k, None)
     return [k for k in FIRST if k in seen] + [k for k in seen if k not in FIRST]
 
@@ -97,7 +101,7 @@ def plot(key: str, runs: list[RunData], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for run in runs:
-        points = [(r["step"], r[key]) for r in run.rows if is_number(r.get(key)) and math.isfinite(r[key])]
+        points = [(r["step"], r[key]) for r in run.rows if is_finite(r.get(key))]
         if points:
             steps, values = zip(*points)
             ax.plot(steps, values, marker="." if len(points) < 30 else None, label=run.label)
