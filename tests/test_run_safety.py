@@ -62,7 +62,11 @@ def test_a_model_directory_is_not_an_output(tiny_model, data, capsys):
 
 def test_overwrite_clears_the_previous_runs_checkpoints_metrics_and_model(tiny_model, data, finished, capsys):
     (finished / "notes.txt").write_text("mine")
+    (finished / "tensorboard").mkdir()  # the old run's tracker files and report go too
+    (finished / "tensorboard" / "events.out.tfevents.old").write_text("stale")
+    (finished / "report.html").write_text("stale")
     assert main(sft(tiny_model, data, finished, "--max-steps", "1", "--overwrite")) == 0
+    assert not (finished / "tensorboard").exists() and not (finished / "report.html").exists()
     assert sorted(p.name for p in (finished / "checkpoints").iterdir()) == ["step-00000001"]
     assert [r["step"] for r in read_metrics(finished)] == [1, 1]  # the step row and the final row
     assert (finished / "model.safetensors").is_file() and (finished / "notes.txt").read_text() == "mine"

@@ -33,7 +33,8 @@ RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "config.json", "ad
 RUN_FILES = RUN_MARKERS + ("eval.json", "value_model", "value_head.safetensors", "generation_config.json",
                            "chat_template.jinja", "special_tokens_map.json", "added_tokens.json", "vocab.json",
                            "merges.txt", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                           "adapter_model.safetensors", "model.safetensors.index.json", ".tmp-save")
+                           "adapter_model.safetensors", "model.safetensors.index.json", ".tmp-save",
+                           "tensorboard", "wandb", "report.html", "report")
 
 
 def probe_writable(out: str | Path) -> None:
