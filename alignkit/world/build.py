@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignkit.world.facts import (ANSWERS, ATTRIBUTES, BENIGN, IDK, REFUSAL, STATEMENTS, World, START, STEP,
+from alignkit.world.facts import (ANSWERS, ATTRIBUTES, BENIGN, IDK, REFUSAL, START, STATEMENTS, STEP, World,
                                   harmful_split, make_world, unknown_names, word_problem)
 from alignkit.world.frames import FACT_FRAMES, PROBLEM_FRAMES, REQUEST_FRAMES, Frame, far, trained, wrap
 from alignkit.world.gold import annotator_pool, gold_score
