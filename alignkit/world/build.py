@@ -8,7 +8,10 @@ OUT/pref_ranked.jsonl      the same kind of record: every pair of each prompt's 
 OUT/pref_eval.jsonl        held-out pairs, with the gold label, for the reward model
 OUT/rl_prompts.jsonl       {"prompt", meta}  prompts of every kind for PPO / best-of-n (gold-scored)
 OUT/arith_prompts.jsonl    {"prompt","answer"}  verifiable prompts for GRPO
-OUT/eval/*.jsonl           held-out evaluation sets, never trained on
+OUT/eval/*.jsonl           held-out evaluation sets, never trained on: each row's meta names its frame and its
+                           distance, near (a trained frame, held-out content) or far (a frame no training file has)
+
+Every prompt is rendered from a frame of alignkit.world.frames; training files use only trained frames.
 """
 
 from __future__ import annotations
