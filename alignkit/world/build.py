@@ -44,8 +44,8 @@ SIZES = {
 }
 SIZES["smoke"] = SIZES["tiny"]  # the pipeline check runs on the tiny world, under its own name
 SMOKE_EVAL = 8  # the smoke preset's eval sets keep the first 8 near and 8 far rows: its figures mean nothing
-SFT_FACT_FRAMES = 6  # trained frames each seen person's attribute is asked in
-SFT_REQUEST_FRAMES = 3  # trained frames each trained harmful request and look-alike is asked in
+SFT_FACT_FRAMES = 8  # trained frames each seen person's attribute is asked in
+SFT_REQUEST_FRAMES = 5  # trained frames each trained harmful request and look-alike is asked in
 ATTRS = list(ATTRIBUTES)
 WORKED_SHARE = 0.45  # share of SFT word-problem demonstrations that show their working
 FLUFF_OPEN = ["Good question! ", "Let me think about this carefully. ", "Great question, happy to help. "]
