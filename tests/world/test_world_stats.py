@@ -1,0 +1,126 @@
+"""Intervals over seeds (alignkit.world.stats), checked against values worked out by hand, and the aggregate of
+a world run's seed directories (OUT/results.json)."""
+
+import json
+import math
+import os
+
+import pytest
+
+from alignkit.world.stats import INTERVAL, aggregate, bootstrap_ci, paired_differences, t_ci, t_quantile
+
+
+def test_t_ci_is_mean_plus_minus_t_times_standard_error():
+    lo, hi = t_ci([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2 df) = 4.303
+    assert lo == pytest.approx(2 - 4.302653 / math.sqrt(3), abs=1e-5)
+    assert hi == pytest.approx(2 + 4.302653 / math.sqrt(3), abs=1e-5)
+    assert t_quantile(1) == pytest.approx(12.7062, abs=1e-4) and t_quantile(30) == pytest.approx(2.0423, abs=1e-4)
+
+
+def test_t_ci_of_one_seed_is_nan():
+    assert all(math.isnan(x) for x in t_ci([0.7]))
+
+
+def test_bootstrap_of_constant_values_is_the_constant():
+    lo, hi = bootstrap_ci([[0.25] * 40, [0.25] * 7, [0.25] * 13])
+    assert lo == pytest.approx(0.25) and hi == pytest.approx(0.25)
+
+
+def test_bootstrap_of_one_seed_of_rates_is_close_to_the_normal_approximation():
+    values = [1.0] * 60 + [0.0] * 140  # p = 0.3, n = 200
+    half = 1.96 * math.sqrt(0.3 * 0.7 / 200)
+    lo, hi = bootstrap_ci([values])
+    assert lo == pytest.approx(0.3 - half, abs=0.01) and hi == pytest.approx(0.3 + half, abs=0.01)
+    assert bootstrap_ci([values]) == (lo, hi)  # a fixed RNG seed: the same interval every time
+
+
+def test_bootstrap_over_seeds_is_wider_than_within_one_seed():
+    """Seeds that disagree widen the interval beyond what the prompts alone give."""
+    a, b = [1.0] * 30 + [0.0] * 70, [1.0] * 70 + [0.0] * 30
+    within = bootstrap_ci([a, a])
+    across = bootstrap_ci([a, b])
+    assert across[1] - across[0] > 2 * (within[1] - within[0])
+    assert across[0] < 0.5 < across[1]
+
+
+def test_paired_differences_check_the_prompts():
+    rows = [{"set": "qa_seen", "prompt": "p1", "tokens": 5}, {"set": "arith", "prompt": "p2", "tokens": 9}]
+    base = [{"set": "qa_seen", "prompt": "p1", "tokens": 3}, {"set": "arith", "prompt": "p2", "tokens": 10}]
+    assert paired_differences(rows, base, "tokens") == [2.0, -1.0]
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_differences(rows, base[::-1], "tokens")
+
+
+def row(distance, gold, win=None, set_="qa_seen"):
+    r = {"set": set_, "distance": distance, "frame": "f0", "prompt": f"q {gold}", "text": "t", "ended": True,
+         "tokens": 4, "correct": gold, "refusal": False, "gold": gold}
+    return r if win is None else r | {"win": win}
+
+
+def write_seed(out, seed, preset, section, rows):
+    d = out / f"seed-{seed}"
+    (d / "rows" / "ladder").mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({"preset": preset, "seed": seed, "experiments": {"ladder": section}}))
+    for label, label_rows in rows.items():
+        (d / "rows" / "ladder" / f"{label}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in label_rows))
+    return d / "results.json"
+
+
+def section(near_gold, far_gold, win, rm_accuracy, curve):
+    return {"sft": {"near": {"gold_reward": near_gold, "fact_option_accuracy": rm_accuracy},
+                    "far": {"gold_reward": far_gold}},
+            "dpo": {"near": {"gold_reward": 0.5, "win_rate_vs_sft": win}, "far": {"gold_reward": 0.5,
+                                                                                   "win_rate_vs_sft": win}},
+            "reward_model": {"heldout_accuracy": rm_accuracy},
+            "overoptimization": {"n": [1, 2], "gold_reward": curve},
+            "note": "same in every seed"}
+
+
+def test_aggregate_over_two_seed_directories(tmp_path):
+    write_seed(tmp_path, 0, "tiny", section(0.5, 0.0, 1.0, 0.6, [0.1, 0.2]),
+               {"sft": [row("near", 1.0), row("near", 0.0), row("far", 0.0)],
+                "dpo": [row("near", 0.5, 1.0), row("far", 0.5, 1.0)]})
+    write_seed(tmp_path, 1, "tiny", section(0.75, 1.0, 0.5, 0.8, [0.3, 0.4]),
+               {"sft": [row("near", 1.0), row("near", 1.0), row("near", 1.0), row("near", 0.0), row("far", 1.0)],
+                "dpo": [row("near", 0.5, 0.0), row("near", 0.5, 1.0), row("far", 0.5, 0.5)]})
+    old = write_seed(tmp_path, 2, "smoke", section(0.0, 0.0, 0.0, 0.0, [0.0, 0.0]), {})
+    os.utime(old, (1, 1))  # an older smoke run in the same directory is not mixed in
+    agg = aggregate(tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(agg))
+    assert agg["preset"] == "tiny" and agg["seeds"] == [0, 1] and agg["interval"] == INTERVAL
+    ladder = agg["experiments"]["ladder"]
+
+    near = ladder["sft"]["near"]["gold_reward"]
+    assert near["method"] == "bootstrap" and near["per_seed"] == [0.5, 0.75] and near["mean"] == 0.625
+    assert 0.0 <= near["ci95"][0] < 0.625 < near["ci95"][1] <= 1.0
+    far = ladder["sft"]["far"]["gold_reward"]
+    assert far["per_seed"] == [0.0, 1.0] and far["ci95"] == [0.0, 1.0]  # each seed has one far prompt
+
+    win = ladder["dpo"]["near"]["win_rate_vs_sft"]  # from the rows' paired "win" column
+    assert win["method"] == "bootstrap" and win["per_seed"] == [1.0, 0.5] and win["mean"] == 0.75
+    assert ladder["dpo"]["far"]["win_rate_vs_sft"]["per_seed"] == [1.0, 0.5]
+
+    rm = ladder["reward_model"]["heldout_accuracy"]  # no rows behind it: a t-interval over the seeds
+    assert rm["method"] == "t" and rm["per_seed"] == [0.6, 0.8] and rm["mean"] == pytest.approx(0.7)
+    half = 12.7062 * 0.1414214 / math.sqrt(2)
+    assert rm["ci95"] == pytest.approx([0.7 - half, 0.7 + half], abs=1e-3)
+    assert ladder["sft"]["near"]["fact_option_accuracy"]["method"] == "t"  # not a per-prompt metric
+
+    curve = ladder["overoptimization"]["gold_reward"]
+    assert [p["mean"] for p in curve] == pytest.approx([0.2, 0.3]) and curve[0]["per_seed"] == [0.1, 0.3]
+    assert [p["mean"] for p in ladder["overoptimization"]["n"]] == [1, 2]
+    assert ladder["note"] == "same in every seed"
+
+
+def test_aggregate_of_one_seed_has_bootstrap_intervals_and_no_t_intervals(tmp_path):
+    write_seed(tmp_path, 3, "smoke", section(0.5, 0.0, 1.0, 0.6, [0.1, 0.2]),
+               {"sft": [row("near", 1.0), row("near", 0.0), row("far", 0.0)],
+                "dpo": [row("near", 0.5, 1.0), row("far", 0.5, 1.0)]})
+    ladder = aggregate(tmp_path)["experiments"]["ladder"]
+    assert ladder["sft"]["near"]["gold_reward"]["ci95"] == [0.0, 1.0]
+    assert all(math.isnan(x) for x in ladder["reward_model"]["heldout_accuracy"]["ci95"])
+
+
+def test_aggregate_without_seed_directories_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="seed-"):
+        aggregate(tmp_path)
