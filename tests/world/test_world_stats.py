@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from alignkit.world.report import SMOKE_NOTE, write_report
 from alignkit.world.stats import INTERVAL, aggregate, bootstrap_ci, paired_differences, t_ci, t_quantile
 
 
@@ -57,12 +58,12 @@ def row(distance, gold, win=None, set_="qa_seen"):
     return r if win is None else r | {"win": win}
 
 
-def write_seed(out, seed, preset, section, rows):
+def write_seed(out, seed, preset, section, rows, name="ladder"):
     d = out / f"seed-{seed}"
-    (d / "rows" / "ladder").mkdir(parents=True)
-    (d / "results.json").write_text(json.dumps({"preset": preset, "seed": seed, "experiments": {"ladder": section}}))
+    (d / "rows" / name).mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({"preset": preset, "seed": seed, "experiments": {name: section}}))
     for label, label_rows in rows.items():
-        (d / "rows" / "ladder" / f"{label}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in label_rows))
+        (d / "rows" / name / f"{label}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in label_rows))
     return d / "results.json"
 
 
@@ -72,17 +73,21 @@ def section(near_gold, far_gold, win, rm_accuracy, curve):
             "dpo": {"near": {"gold_reward": 0.5, "win_rate_vs_sft": win}, "far": {"gold_reward": 0.5,
                                                                                    "win_rate_vs_sft": win}},
             "reward_model": {"heldout_accuracy": rm_accuracy},
-            "overoptimization": {"n": [1, 2], "gold_reward": curve},
+            "overoptimization": {"n": [1, 2], "kl": [0.0, 0.19], "gold_reward": curve},
             "note": "same in every seed"}
 
 
-def test_aggregate_over_two_seed_directories(tmp_path):
-    write_seed(tmp_path, 0, "tiny", section(0.5, 0.0, 1.0, 0.6, [0.1, 0.2]),
+def two_seeds(out, preset="tiny", name="ladder"):
+    write_seed(out, 0, preset, section(0.5, 0.0, 1.0, 0.6, [0.1, 0.2]),
                {"sft": [row("near", 1.0), row("near", 0.0), row("far", 0.0)],
-                "dpo": [row("near", 0.5, 1.0), row("far", 0.5, 1.0)]})
-    write_seed(tmp_path, 1, "tiny", section(0.75, 1.0, 0.5, 0.8, [0.3, 0.4]),
+                "dpo": [row("near", 0.5, 1.0), row("far", 0.5, 1.0)]}, name)
+    write_seed(out, 1, preset, section(0.75, 1.0, 0.5, 0.8, [0.3, 0.4]),
                {"sft": [row("near", 1.0), row("near", 1.0), row("near", 1.0), row("near", 0.0), row("far", 1.0)],
-                "dpo": [row("near", 0.5, 0.0), row("near", 0.5, 1.0), row("far", 0.5, 0.5)]})
+                "dpo": [row("near", 0.5, 0.0), row("near", 0.5, 1.0), row("far", 0.5, 0.5)]}, name)
+
+
+def test_aggregate_over_two_seed_directories(tmp_path):
+    two_seeds(tmp_path)
     old = write_seed(tmp_path, 2, "smoke", section(0.0, 0.0, 0.0, 0.0, [0.0, 0.0]), {})
     os.utime(old, (1, 1))  # an older smoke run in the same directory is not mixed in
     agg = aggregate(tmp_path)
@@ -124,3 +129,36 @@ def test_aggregate_of_one_seed_has_bootstrap_intervals_and_no_t_intervals(tmp_pa
 def test_aggregate_without_seed_directories_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="seed-"):
         aggregate(tmp_path)
+
+
+@pytest.mark.parametrize("preset", ["smoke", "tiny"])
+def test_aggregate_report_shows_intervals_near_and_far_and_plots(tmp_path, preset):
+    two_seeds(tmp_path, preset, name="toy")  # an experiment without a module of its own: the generic rendering
+    write_report(tmp_path, aggregate(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    lines = md.splitlines()
+    assert lines[0].startswith(f"# alignkit world run ({preset}, seeds 0, 1")
+    if preset == "smoke":
+        assert "these figures mean nothing" in lines[2]
+    else:
+        assert "mean nothing" not in md and lines[2] == INTERVAL
+    assert INTERVAL in lines[:5]
+    assert "| sft.near.gold_reward | 0.625 [" in md and "(0.50 0.75) |" in md  # mean [interval] (each seed)
+    assert "| sft.far.gold_reward | 0.500 [0.000, 1.000] (0.00 1.00) |" in md
+    for png in ("toy-stages.png", "toy-overoptimization.png"):
+        assert (tmp_path / png).stat().st_size > 10_000 and f"({png})" in md
+    assert (tmp_path / "report.html").read_text().count("<img") == 2
+
+
+def test_a_seed_report_has_its_training_curves_timings_and_commands(tmp_path):
+    write_seed(tmp_path, 0, "smoke", section(0.5, 0.0, 1.0, 0.6, [0.1, 0.2]), {}, name="toy")
+    seed_dir = tmp_path / "seed-0"
+    stage = seed_dir / "cache" / "sft-0123456789ab"
+    stage.mkdir(parents=True)
+    (stage / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 3.0 / i}) + "\n" for i in range(1, 9)))
+    (seed_dir / "timings.json").write_text(json.dumps({"timings": {"sft": 12.5}, "commands": ["alignkit sft --x"]}))
+    write_report(seed_dir, json.loads((seed_dir / "results.json").read_text()))
+    md = (seed_dir / "report.md").read_text()
+    assert md.startswith("# alignkit world run (smoke, seed 0)\n\n**" + SMOKE_NOTE)
+    assert "| sft | 12.5 |" in md and "alignkit sft --x" in md and "| sft.near.gold_reward | 0.500 |" in md
+    assert (seed_dir / "training.png").stat().st_size > 10_000 and (seed_dir / "toy-stages.png").is_file()
