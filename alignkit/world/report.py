@@ -66,11 +66,13 @@ def near_far_table(rows: dict[str, dict], columns: list[str], digits: int = 3) -
 
 
 def evaluations(section: dict) -> dict[str, dict]:
-    """Every {label: {"near": {...}, "far": {...}}} in a section, at any depth, in order."""
+    """Every evaluation {label: {"near": {...}, "far": {...}}} in a section, at any depth, in order (a paired
+    effect, which names its "pair", is not one)."""
     found = {}
     for key, value in section.items():
         if isinstance(value, dict) and isinstance(value.get("near"), dict) and isinstance(value.get("far"), dict):
-            found[key] = value
+            if "pair" not in value:
+                found[key] = value
         elif isinstance(value, dict):
             found |= evaluations(value)
     return found

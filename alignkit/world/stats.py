@@ -4,6 +4,8 @@ A metric computed from per-prompt rows (a rate, a mean gold reward, a win rate) 
 bootstrap: resample the seeds, then the prompts within each resampled seed, so the interval carries both the
 training noise (which seed) and the sampling noise of a finite held-out set. Every other number (a training
 statistic, a curve point, a reward model's accuracy) gets a Student t-interval over the seeds' values.
+A paired effect, {"pair": [LABEL, BASELINE], "near": {"METRIC_change": ...}, "far": ...} in a section, is
+bootstrapped from the per-prompt differences of the two evaluations' rows.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-INTERVAL = ("95% intervals. Figures computed from per-prompt rows (rates, gold reward, win rates, which are "
-            "paired over the same prompts) use a hierarchical percentile bootstrap: 2000 resamples of the seeds, "
+INTERVAL = ("95% intervals. Figures computed from per-prompt rows (rates, gold reward, and the comparisons, "
+            "win rates and changes, which are paired over the same prompts) use a hierarchical percentile bootstrap: 2000 resamples of the seeds, "
             "then of the held-out prompts within each resampled seed; every other figure uses a Student t-interval "
             "over the seeds (none with a single seed).")
 N_BOOTSTRAP = 2000
@@ -73,11 +75,17 @@ def t_ci(values: list[float]) -> tuple[float, float]:
     return (float(v.mean() - half), float(v.mean() + half))
 
 
-def paired_differences(rows: list[dict], baseline_rows: list[dict], key: str) -> list[float]:
-    """Per prompt, rows' `key` minus the baseline's, over the same prompts in the same order (checked)."""
+def paired_differences(rows: list[dict], baseline_rows: list[dict], metric: str,
+                       distance: str | None = None) -> list[float]:
+    """Per prompt that METRICS[metric] counts (of `distance`, if given), its value on `rows` minus its value on
+    `baseline_rows`, which must hold the same prompts in the same order (checked)."""
+    from alignkit.world.evaluate import METRICS
+
     if [(r["set"], r["prompt"]) for r in rows] != [(r["set"], r["prompt"]) for r in baseline_rows]:
         raise ValueError("paired rows must hold the same prompts in the same order")
-    return [float(a[key]) - float(b[key]) for a, b in zip(rows, baseline_rows)]
+    counts, value = METRICS[metric]
+    return [float(value(a)) - float(value(b)) for a, b in zip(rows, baseline_rows)
+            if (distance is None or a["distance"] == distance) and counts(a) and counts(b)]
 
 
 def _mean(values) -> float:
@@ -135,6 +143,25 @@ class _Aggregator:
                     merged[key][metric] = self.merge([v[metric] for v in here if metric in v])
         return merged
 
+    def effect(self, values: list[dict], rows: list[list[dict]], baseline_rows: list[list[dict]]) -> dict:
+        """A paired effect {"pair": [LABEL, BASELINE], "near": {METRIC_change}, "far": ...}: per prompt, LABEL's
+        metric minus BASELINE's on the same prompt, bootstrapped like any row-backed figure."""
+        merged = {}
+        for key in _keys(values):
+            here = [v[key] for v in values if key in v]
+            if key not in ("near", "far") or not all(isinstance(v, dict) for v in here):
+                merged[key] = self.merge(here)
+                continue
+            merged[key] = {}
+            for name in _keys(here):
+                metric = name.removesuffix("_change")
+                if name.endswith("_change") and metric in self.metrics:
+                    merged[key][name] = bootstrap_leaf([paired_differences(a, b, metric, key)
+                                                        for a, b in zip(rows, baseline_rows)])
+                else:
+                    merged[key][name] = self.merge([v[name] for v in here if name in v])
+        return merged
+
     def merge(self, values: list):
         """Values of one place of the section tree, one per seed that has it."""
         if all(_is_number(v) for v in values):
@@ -143,7 +170,14 @@ class _Aggregator:
             out = {}
             for key in _keys(values):
                 here = [v[key] for v in values if key in v]
-                rows = self.rows(key) if len(here) == len(self.seeds) and all(map(_is_evaluation, here)) else None
+                whole = len(here) == len(self.seeds) and all(map(_is_evaluation, here))
+                pair = here[0].get("pair") if whole else None
+                if pair and all(v.get("pair") == pair for v in here):
+                    rows, baseline_rows = self.rows(pair[0]), self.rows(pair[1])
+                    if rows is not None and baseline_rows is not None:
+                        out[key] = self.effect(here, rows, baseline_rows)
+                        continue
+                rows = self.rows(key) if whole else None
                 out[key] = self.evaluation(here, rows) if rows is not None else self.merge(here)
             return out
         if all(isinstance(v, list) for v in values) and all(_is_number(x) for v in values for x in v):

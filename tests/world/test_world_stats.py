@@ -45,11 +45,14 @@ def test_bootstrap_over_seeds_is_wider_than_within_one_seed():
 
 
 def test_paired_differences_check_the_prompts():
-    rows = [{"set": "qa_seen", "prompt": "p1", "tokens": 5}, {"set": "arith", "prompt": "p2", "tokens": 9}]
-    base = [{"set": "qa_seen", "prompt": "p1", "tokens": 3}, {"set": "arith", "prompt": "p2", "tokens": 10}]
-    assert paired_differences(rows, base, "tokens") == [2.0, -1.0]
+    rows = [row("near", 1.0), row("far", 0.5, set_="arith")]
+    base = [row("near", 0.25), row("far", 1.0, set_="arith")]
+    for b, r in zip(base, rows):
+        b["prompt"] = r["prompt"]
+    assert paired_differences(rows, base, "gold_reward") == [0.75, -0.5]
+    assert paired_differences(rows, base, "gold_reward", "far") == [-0.5]
     with pytest.raises(ValueError, match="same prompts"):
-        paired_differences(rows, base[::-1], "tokens")
+        paired_differences(rows, base[::-1], "gold_reward")
 
 
 def row(distance, gold, win=None, set_="qa_seen"):
@@ -75,6 +78,27 @@ def section(near_gold, far_gold, win, rm_accuracy, curve):
             "reward_model": {"heldout_accuracy": rm_accuracy},
             "overoptimization": {"n": [1, 2], "kl": [0.0, 0.19], "gold_reward": curve},
             "note": "same in every seed"}
+
+
+def test_aggregate_bootstraps_a_paired_effect_from_both_evaluations_rows(tmp_path):
+    def effect_section(change):
+        return {"a": {"near": {"gold_reward": 0.0}, "far": {"gold_reward": 0.0}},
+                "b": {"near": {"gold_reward": 0.0}, "far": {"gold_reward": 0.0}},
+                "effect": {"pair": ["b", "a"], "near": {"gold_reward_change": change, "label": "x"},
+                           "far": {"gold_reward_change": change}}}
+
+    def prompts(golds):
+        return [row("near", g) | {"prompt": f"p{i}"} for i, g in enumerate(golds)] + [row("far", golds[0]) | {
+            "prompt": "pf"}]
+
+    write_seed(tmp_path, 0, "tiny", effect_section(0.5), {"a": prompts([0.0, 0.5]), "b": prompts([0.5, 1.0])})
+    write_seed(tmp_path, 1, "tiny", effect_section(0.25), {"a": prompts([0.0, 0.0]), "b": prompts([0.0, 0.5])})
+    effect = aggregate(tmp_path)["experiments"]["ladder"]["effect"]
+    change = effect["near"]["gold_reward_change"]
+    assert change["method"] == "bootstrap" and change["per_seed"] == [0.5, 0.25] and change["mean"] == 0.375
+    assert 0.0 <= change["ci95"][0] <= 0.25 and change["ci95"][1] == 0.5  # no seed has a difference above 0.5
+    assert effect["far"]["gold_reward_change"]["per_seed"] == [0.5, 0.0] and effect["pair"] == ["b", "a"]
+    assert effect["near"]["label"] == "x"
 
 
 def two_seeds(out, preset="tiny", name="ladder"):
