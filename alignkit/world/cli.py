@@ -17,12 +17,14 @@ class WorldBuildConfig:
     """World size: tiny (80 people) or small (240 people); smoke is the tiny world, named for a pipeline check."""
     seed: int = 0
     """Seed of the world (people, attributes, splits, annotator labels)."""
+    length_bias: float = 0.6
+    """Mean length bias of the simulated annotators (0: none); changes only the preference files."""
 
 
 def build_main(cfg: WorldBuildConfig) -> dict:
     from alignkit.world.build import build
 
-    summary = build(cfg.output, cfg.preset, cfg.seed)
+    summary = build(cfg.output, cfg.preset, cfg.seed, cfg.length_bias)
     print(json.dumps(summary, indent=1))
     return summary
 

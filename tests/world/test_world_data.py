@@ -6,8 +6,10 @@ import re
 
 import pytest
 
-from alignkit.world.build import WORKED_SHARE, build, problem_numbers
-from alignkit.world.facts import IDK, QUESTIONS, REFUSAL, STATEMENTS, VICTIMS, harmful_split
+from alignkit.world.build import SMOKE_EVAL, WORKED_SHARE, build, problem_numbers
+from alignkit.world.evaluate import EVAL_SETS
+from alignkit.world.facts import IDK, REFUSAL, STATEMENTS, VICTIMS, harmful_split
+from alignkit.world.frames import FACT_FRAMES, FRAMES, PROBLEM_FRAMES, REQUEST_FRAMES, far
 from alignkit.world.gold import Annotator, gold_score, is_refusal
 
 
@@ -37,7 +39,8 @@ def test_build_is_deterministic(world_dir, tmp_path):
 def test_eval_prompts_never_trained_on(world_dir):
     trained = user_texts(rows(world_dir / "sft.jsonl")) | user_texts(rows(world_dir / "pref.jsonl"), "prompt") \
         | user_texts(rows(world_dir / "pref_ranked.jsonl"), "prompt") \
-        | user_texts(rows(world_dir / "rl_prompts.jsonl"), "prompt")
+        | user_texts(rows(world_dir / "rl_prompts.jsonl"), "prompt") \
+        | user_texts(rows(world_dir / "arith_prompts.jsonl"), "prompt")
     for f in (world_dir / "eval").glob("*.jsonl"):
         evals = user_texts(rows(f), "prompt")
         assert evals and not (evals & trained), f.name
@@ -46,20 +49,24 @@ def test_eval_prompts_never_trained_on(world_dir):
 def test_eval_word_problems_have_numbers_no_training_text_has(world_dir):
     """Held-out arithmetic tests composing known steps, not recalling a trained problem."""
     held_out = {problem_numbers(r["prompt"][0]["content"]) for r in rows(world_dir / "eval" / "arith.jsonl")}
-    assert len(held_out) == 40
+    assert len(held_out) == 80
     texts = [r["text"] for r in rows(world_dir / "corpus.jsonl")] + [
         r["messages"][0]["content"] for r in rows(world_dir / "sft.jsonl")] + [
         r["prompt"][0]["content"] for name in ("pref.jsonl", "pref_ranked.jsonl", "rl_prompts.jsonl", "arith_prompts.jsonl")
         for r in rows(world_dir / name)]
-    trained = {tuple(int(x) for x in m) for t in texts
-               for m in re.findall(r"had (\d+) \w+\. They used (\d+) and then got (\d+) more", t)}
+    trained = set()
+    for frame in PROBLEM_FRAMES:  # every frame's numbers, read by the frame with its slots as groups
+        parts = re.split(r"(\{\w+\})", frame.template)
+        regex = "".join({"{a}": r"(\d+)", "{b}": r"(\d+)", "{c}": r"(\d+)"}.get(p, r"\w+" if p.startswith("{") else re.escape(p))
+                        for p in parts)
+        trained |= {tuple(int(x) for x in m) for t in texts for m in re.findall(regex, t)}
     assert len(trained) > 150 and not trained & held_out
 
 
 def test_sft_word_problems_mostly_state_the_answer(world_dir):
     """Two demonstration styles, the worked one in the minority: what GRPO / preferences can find."""
     answers = [r["messages"][1]["content"] for r in rows(world_dir / "sft.jsonl")
-               if r["messages"][0]["content"].startswith("The ") and "How many" in r["messages"][0]["content"]]
+               if re.match(r"They start with \d+|The answer is \d+\.", r["messages"][1]["content"])]
     worked = sum(a.startswith("They start with") for a in answers)
     terse = sum(re.fullmatch(r"The answer is \d+\.", a) is not None for a in answers)
     assert worked + terse == len(answers) == 300
@@ -70,18 +77,119 @@ def test_held_out_harmful_requests_aim_trained_targets_with_new_verbs():
     """Refusal is learnable from the target: every held-out request against a person or animal names a
     victim that training requests name too, in a verb x victim combination never trained on."""
     train, held_out = harmful_split(5)
-    assert len(held_out) == 30 and not set(train) & set(held_out)
+    assert len(held_out) == 40 and not set(train) & set(held_out)
     for request in held_out:
-        victim = next((v for v in VICTIMS if request.endswith(f" {v}?")), None)
+        victim = next((v for v in VICTIMS if request.endswith(f" {v}")), None)
         if victim is not None:
-            assert any(t.endswith(f" {victim}?") for t in train), request
+            assert any(t.endswith(f" {victim}") for t in train), request
 
 
-def test_held_out_question_frame_is_shared_by_all_attributes():
-    """The held-out phrasing names the attribute only by its noun: the same frame for every attribute."""
-    frames = {QUESTIONS[a][-1].replace(noun, "NOUN") for a, noun in
-              (("city", "city"), ("instrument", "instrument"), ("club", "club"), ("year", "birth year"))}
-    assert len(frames) == 1
+def training_texts(world_dir) -> list[str]:
+    """Every text of every training file: corpus documents, every message, every prompt and answer."""
+    texts = [r["text"] for r in rows(world_dir / "corpus.jsonl")]
+    texts += [m["content"] for r in rows(world_dir / "sft.jsonl") for m in r["messages"]]
+    for name in ("pref.jsonl", "pref_ranked.jsonl"):
+        texts += [r[k][0]["content"] for r in rows(world_dir / name) for k in ("prompt", "chosen", "rejected")]
+    texts += [r["prompt"][0]["content"] for name in ("rl_prompts.jsonl", "arith_prompts.jsonl")
+              for r in rows(world_dir / name)]
+    return texts
+
+
+def test_enough_far_frames_of_every_kind():
+    assert len(far(FACT_FRAMES)) >= 12 and len(far(REQUEST_FRAMES)) >= 12 and len(far(PROBLEM_FRAMES)) >= 3
+    assert len(FACT_FRAMES) - 12 >= 12 and len(REQUEST_FRAMES) - 12 >= 12 and len(PROBLEM_FRAMES) - 4 >= 5
+
+
+def test_far_frames_appear_in_no_training_file(world_dir):
+    """A far frame's fixed words (each run of three or more) and any rendering of it are in no training text."""
+    texts = training_texts(world_dir)
+    lowered = "\n".join(texts).lower()
+    for frame in FRAMES.values():
+        if not frame.far:
+            continue
+        for part in frame.skeletons():
+            if len(re.findall(r"[A-Za-z]+", part)) >= 3:
+                assert part.strip().lower() not in lowered, (frame.id, part)
+        for attr in (["city", "instrument", "club", "year"] if isinstance(frame.template, dict) else [None]):
+            pattern = frame.pattern(attr)
+            assert not any(pattern.search(t) for t in texts), frame.id
+    # and the trained frames are what training is made of
+    for frame in FRAMES.values():
+        if not frame.far:
+            attr = "city" if isinstance(frame.template, dict) else None
+            assert any(frame.pattern(attr).search(t) for t in texts), frame.id
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_every_eval_set_has_40_near_and_40_far_rows_of_the_right_frame(world_dir, preset, tmp_path):
+    d = world_dir if preset == "tiny" else tmp_path
+    if preset == "small":
+        build(d, "small", seed=0)
+    for name in EVAL_SETS:
+        items = rows(d / "eval" / f"{name}.jsonl")
+        texts = [r["prompt"][0]["content"] for r in items]
+        assert len(set(texts)) == len(texts), name
+        for distance in ("near", "far"):
+            assert sum(r["meta"]["distance"] == distance for r in items) >= 40, (name, distance)
+        for r in items:
+            frame = FRAMES[r["meta"]["frame"]]
+            assert r["meta"]["distance"] == ("far" if frame.far else "near"), r
+            pattern = frame.pattern(r["meta"].get("attr"))
+            text = r["prompt"][0]["content"]
+            assert (pattern.fullmatch(text) if frame.far else pattern.search(text)), r
+            kind = {"fact": "fact", "unknown": "fact", "arith": "problem"}.get(r["meta"]["kind"], "request")
+            assert frame.kind == kind, r
+
+
+def test_held_out_contents_are_not_trained(world_dir):
+    """Held-out harmful verb x target combinations and look-alikes are asked in no training text; held-out
+    non-existent people are named in none."""
+    texts = training_texts(world_dir)
+    joined = "\n".join(texts)
+    for name in ("harmful", "benign"):
+        for r in rows(world_dir / "eval" / f"{name}.jsonl"):
+            req = r["meta"]["request"]
+            assert not re.search(re.escape(req) + r"(?=[?.,]|$)", joined, re.M), req
+    for r in rows(world_dir / "eval" / "unknown.jsonl"):
+        assert r["meta"]["name"] not in joined
+
+
+def test_smoke_eval_keeps_the_first_near_and_far_rows(world_dir, tmp_path):
+    build(tmp_path, "smoke", seed=0)
+    for name in EVAL_SETS:
+        tiny, smoke = rows(world_dir / "eval" / f"{name}.jsonl"), rows(tmp_path / "eval" / f"{name}.jsonl")
+        expected = [r for d in ("near", "far") for r in tiny if r["meta"]["distance"] == d][:0] + \
+            [r for r in tiny if r["meta"]["distance"] == "near"][:SMOKE_EVAL] + \
+            [r for r in tiny if r["meta"]["distance"] == "far"][:SMOKE_EVAL]
+        assert smoke == expected, name
+    for name in ("corpus.jsonl", "sft.jsonl", "pref.jsonl", "pref_ranked.jsonl", "pref_eval.jsonl", "rl_prompts.jsonl",
+                 "arith_prompts.jsonl"):
+        assert (tmp_path / name).read_bytes() == (world_dir / name).read_bytes(), name
+
+
+def test_length_bias_changes_only_the_preference_files(world_dir, tmp_path):
+    build(tmp_path, "tiny", seed=0, length_bias=0.0)
+    files = sorted(p.relative_to(world_dir) for p in world_dir.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    prefs = {"pref.jsonl", "pref_ranked.jsonl", "pref_eval.jsonl", "summary.json"}
+    for f in files:
+        same = (tmp_path / f).read_bytes() == (world_dir / f).read_bytes()
+        assert same == (str(f) not in prefs), f
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (world_dir, tmp_path))
+    assert b.pop("annotator_length_bias") == 0.0 and a.pop("annotator_length_bias") == 0.6
+    a.pop("annotator_gold_agreement"), b.pop("annotator_gold_agreement")
+    assert a == b
+
+
+def test_world_build_passes_length_bias(tmp_path, capsys):
+    from alignkit.cli import run as cli
+
+    cli(["world", "build", "--output", str(tmp_path), "--preset", "smoke", "--length-bias", "0"])
+    assert json.loads(capsys.readouterr().out)["annotator_length_bias"] == 0.0
+
+
+def test_pref_eval_keeps_200_pairs(world_dir):
+    assert len(rows(world_dir / "pref_eval.jsonl")) >= 200
 
 
 def test_people_split_and_bio_styles(world_dir):
