@@ -99,6 +99,10 @@ def test_a_second_experiment_reuses_base_and_sft(tmp_path, monkeypatch):
             seen["commands"] = ctx.commands
             return {"answer": 1.0}
 
+        @staticmethod
+        def report(section):
+            return ""
+
     monkeypatch.setitem(EXPERIMENTS, "needs-sft", Needs)
     calls.clear()
     cli(["world", "run", "--preset", "smoke", "--output", str(out), "--experiment", "needs-sft", "--no-progress",
