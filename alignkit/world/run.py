@@ -1,255 +1,205 @@
-"""`alignkit world run`: the whole ladder in the world, every stage measured against the gold judge.
+"""`alignkit world run`: the world's experiments over one or more seeds, every model measured against the
+gold judge, with a report.
 
-Each stage is an ordinary `alignkit` command on the world's files (printed, so the run doubles as a
-tutorial); after each stage the model answers the held-out sets and the gold judge scores them.
-Outputs: OUT/results.json (its keys are a contract, checked by tests/world), OUT/report.md, OUT/report.html,
-plots. docs/world.md describes the world and records what it has measured.
+Each seed's stages live in OUT/seed-S/ (alignkit/world/stages.py caches them by content, so experiments share
+the base and SFT models); its results go to OUT/seed-S/results.json (a contract, checked by tests/world),
+its timings and commands to OUT/seed-S/timings.json, its report to OUT/seed-S/report.md. After the seeds,
+OUT/results.json and OUT/report.{md,html} aggregate every seed directory in OUT with intervals.
+docs/world.md describes the world and records what it has measured.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import shlex
+import os
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-import torch
+from alignkit.config import Repeatable
 
-from alignkit.cli import run as alignkit
-from alignkit.world.evaluate import (answer_all, load_eval_sets, mean, option_calibration, score, token_shift,
-                                     win_rate)
-
-# Optimizer-step budgets per preset. tiny is sized for <= 10 minutes on 2 CPU cores; smoke only checks
-# the pipeline end to end (CI) and shows no effects.
-PRESETS = {
-    "smoke": dict(world="smoke", pretrain_steps=20, sft_steps=10, rm_steps=5, dpo_steps=3, ppo_steps=2,
-                  grpo_steps=2, bon_prompts=8, bon_n=4),
-    "tiny": dict(world="tiny", pretrain_steps=800, sft_steps=600, rm_steps=190, dpo_steps=75, ppo_steps=30,
-                 grpo_steps=50, bon_prompts=96, bon_n=32),
-    "small": dict(world="small", pretrain_steps=6000, sft_steps=1200, rm_steps=350, dpo_steps=500, ppo_steps=150,
-                  grpo_steps=120, bon_prompts=200, bon_n=64),
-}
+# Bit-identical reruns: MKL picks its code path once per process from this variable (conditional numerical
+# reproducibility), so it must be set before torch's first matrix product; the parallel seeds' processes get
+# it in their environment before torch is imported.
+REPRODUCIBLE_ENV = {"MKL_CBWR": "COMPATIBLE", "PYTHONHASHSEED": "0"}
 
 
 @dataclass
 class WorldRunConfig:
-    """Build the world, train tokenizer and model from scratch, run every stage, evaluate, report."""
+    """Build the world, train tokenizer and model from scratch, run the experiments, evaluate, report."""
 
     output: str = "runs/world"
-    """Directory for data, models and the report."""
+    """Directory for data, models and the reports (one seed-S/ subdirectory per seed)."""
     preset: Literal["smoke", "tiny", "small"] = "tiny"
-    """tiny: <= 10 minutes on 2 CPU cores; small: about an hour, clearer effects; smoke: a 1-2 minute pipeline
-    check whose figures mean nothing."""
-    seed: int = 0
-    """Seed of the world and of every stage."""
+    """tiny: <= 10 minutes on 2 CPU cores; small: about 40 minutes per seed, clearer effects; smoke: a 1-2 minute
+    pipeline check whose figures mean nothing."""
+    seeds: str = "0"
+    """Comma-separated seeds (world and every stage); each seed's results are written as it finishes."""
+    seed: int | None = None
+    """The same as --seeds N (one seed)."""
+    experiment: Annotated[tuple[str, ...], Repeatable] = ("ladder",)
+    """Experiment to run (repeatable; `all` = every one; `alignkit world list` says what each shows)."""
     stages: str = "all"
-    """Comma-separated subset of: sft,reward,dpo,simpo,ln_dpo,ppo,grpo,overopt (pretraining and the base model always run)."""
+    """The ladder's stages: a comma-separated subset of sft,reward,dpo,simpo,ln_dpo,ppo,grpo,overopt (pretraining
+    and the base model always run)."""
+    parallel: int = 1
+    """Run this many seeds at once, each in its own process with cores // parallel threads."""
+    stage_processes: int = 1
+    """Train the ladder's independent post-SFT stages (DPO, SimPO, LN-DPO, PPO, GRPO) this many at a time, each in
+    its own single-threaded process."""
+    threads: int | None = None
+    """torch threads per seed (default: the cores, divided among the parallel seeds). Results depend on it."""
+    aggregate: bool = True
+    """After the seeds, aggregate every seed directory in OUTPUT into OUTPUT/results.json and the report."""
     progress: bool = True
     """Show the commands' progress bars."""
 
 
-class Stages:
-    """Runs commands, times them and records them for the report."""
-
-    def __init__(self, out: Path, progress: bool):
-        self.out, self.progress, self.timings, self.commands = out, progress, {}, []
-
-    def command(self, stage: str, *args: str, trains: bool = True) -> dict:
-        argv = [*args] + ([] if self.progress or not trains else ["--no-progress"])
-        self.commands.append("alignkit " + " ".join(shlex.quote(a) for a in argv))
-        print(f"\n== {stage}: alignkit {' '.join(argv)}", flush=True)
-        t = time.perf_counter()
-        result = alignkit(argv)
-        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t
-        return result
-
-    def timed(self, stage: str, fn, *args):
-        t = time.perf_counter()
-        result = fn(*args)
-        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t
-        return result
+@dataclass
+class WorldListConfig:
+    """What each experiment of `alignkit world run --experiment NAME` shows, and roughly how long it takes."""
 
 
-def reward_model_eval(rm_dir: Path, world: Path) -> dict:
-    """Held-out pair accuracy of the proxy RM, its agreement with the gold label, and ECE."""
-    from alignkit.data import load_preference
-    from alignkit.eval.calibration import pairwise_accuracy, preference_calibration_error
-    from alignkit.models import load_tokenizer
-    from alignkit.rewards import RewardModelScorer
-
-    tok = load_tokenizer(rm_dir)
-    rows = [json.loads(line) for line in (world / "pref_eval.jsonl").read_text().splitlines()]
-    pairs, _ = load_preference([str(world / "pref_eval.jsonl")], tok, 512)
-    rm = RewardModelScorer(str(rm_dir), tok)
-    rc = rm.score_ids([p.prompt_ids + p.chosen_ids for p in pairs])
-    rr = rm.score_ids([p.prompt_ids + p.rejected_ids for p in pairs])
-    if len(pairs) != len(rows):
-        raise SystemExit(f"error: {len(rows) - len(pairs)} held-out pairs were dropped; cannot match gold labels")
-    # gold_label_accuracy: does the RM rank the pair as the gold judge does (the annotator's label
-    # agreed with gold iff gold_agrees)? The annotators' own agreement is the ceiling to compare with.
-    rm_agrees = [(c > r) == row["gold_agrees"] for c, r, row in zip(rc, rr, rows)]
-
-    def agreement(keep: list[bool]) -> tuple[float, float]:
-        """(RM, annotators) agreement with gold on the kept pairs."""
-        return (mean(a for a, k in zip(rm_agrees, keep) if k),
-                mean(row["gold_agrees"] for row, k in zip(rows, keep) if k))
-
-    gold, agree = agreement([not row["gold_tie"] for row in rows])
-    # Fact pairs split by whether SFT taught the person's facts: only for those can the RM (the SFT model
-    # plus a head) know which fact is right. Pairs about non-existent people apart too.
-    seen = {p["name"]: p["seen"] for p in json.loads((world / "world.json").read_text())["people"]}
-    groups = {"fact_seen": lambda m: m["kind"] == "fact" and seen[m["name"]],
-              "fact_unseen": lambda m: m["kind"] == "fact" and not seen[m["name"]],
-              "unknown": lambda m: m["kind"] == "unknown"}
-    by_group = {f"heldout_accuracy_{name}": pairwise_accuracy(*zip(*[(c, r) for c, r, row in zip(rc, rr, rows)
-                                                                      if keep(row["meta"])]))
-                for name, keep in groups.items() if any(keep(row["meta"]) for row in rows)}
-    # Pairs about unseen people need facts no model trained here has, so the fair ceiling compares RM and
-    # annotators on the knowable pairs only.
-    gold_k, agree_k = agreement([not row["gold_tie"] and not groups["fact_unseen"](row["meta"]) for row in rows])
-    return {"heldout_accuracy": pairwise_accuracy(rc, rr), "gold_label_accuracy": gold,
-            "annotator_gold_agreement": agree, "ece": preference_calibration_error(rc, rr), **by_group,
-            "gold_label_accuracy_knowable": gold_k, "annotator_gold_agreement_knowable": agree_k}
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def best_of_n_curve(policy: Path, rm_dir: Path, world: Path, n_prompts: int, n_max: int, seed: int) -> dict:
-    """Over-optimisation by best-of-n against the proxy RM (Gao et al. 2023, arXiv 2210.10760): as n
-    grows the proxy reward of the pick rises; the gold reward rises, peaks and can fall where the proxy
-    rewards what the annotators' bias rewarded. KL(best-of-n || policy) = log n - (n-1)/n (Stiennon et al. 2020)."""
-    from alignkit.data import render_prompt
-    from alignkit.generation import sample_groups
-    from alignkit.models import load_causal_lm, load_tokenizer
-    from alignkit.rewards import RewardModelScorer
-    from alignkit.world.gold import gold_score
+def list_main(cfg: WorldListConfig | None = None) -> None:
+    from alignkit.world.experiments import EXPERIMENTS
 
-    sets = load_eval_sets(world)
-    rows = [r for name in sets for r in sets[name]]
-    rows = rows[:: max(1, len(rows) // n_prompts)][:n_prompts]
-    tok = load_tokenizer(policy)
-    model = load_causal_lm(policy)
-    torch.manual_seed(seed)
-    prompt_ids = [render_prompt(tok, r["prompt"]) for r in rows]
-    completions, ended = sample_groups(model, tok, prompt_ids, n_max, max_new_tokens=48, temperature=1.0)
-    rm = RewardModelScorer(str(rm_dir), tok)
-    proxy = rm.score_ids([prompt_ids[i // n_max] + c for i, c in enumerate(completions)])
-    texts = [tok.decode(c, skip_special_tokens=True).strip() for c in completions]
-    gold = [gold_score(rows[i // n_max]["meta"], t, e) for i, (t, e) in enumerate(zip(texts, ended))]
-    lengths = [len(c) for c in completions]
-    # Per prompt, the samples ranked by proxy reward (ascending): best-of-n for every n <= n_max is read
-    # off the same n_max samples with the unbiased estimator of Nakano et al. 2021 (WebGPT, appendix) used
-    # by Gao et al.: the rank-i sample is the pick of a random n-subset with probability
-    # C(i-1, n-1) / C(n_max, n). Far less noisy than taking the first n samples.
-    ranked = [sorted(range(g * n_max, (g + 1) * n_max), key=lambda i: proxy[i]) for g in range(len(rows))]
-    curve = {"n": [], "kl": [], "proxy_reward": [], "gold_reward": [], "mean_length": []}
-    n = 1
-    while n <= n_max:
-        weights = [math.comb(i, n - 1) / math.comb(n_max, n) for i in range(n_max)]  # rank i+1 -> C(i, n-1)
-        def expect(values):
-            return mean(sum(w * values[i] for w, i in zip(weights, order)) for order in ranked)
-        curve["n"].append(n)
-        curve["kl"].append(math.log(n) - (n - 1) / n)
-        curve["proxy_reward"].append(expect(proxy))
-        curve["gold_reward"].append(expect(gold))
-        curve["mean_length"].append(expect(lengths))
-        n *= 2
-    return curve
+    for name, module in EXPERIMENTS.items():
+        minutes = ", ".join(f"{preset} {m:g}" for preset, m in module.MINUTES.items())
+        print(f"{name}\n    {module.SUMMARY}\n    minutes per seed on 2 cores: {minutes}")
+
+
+def experiments(cfg: WorldRunConfig) -> list[str]:
+    from alignkit.world.experiments import EXPERIMENTS
+
+    names = list(EXPERIMENTS) if "all" in cfg.experiment else list(dict.fromkeys(cfg.experiment))
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        raise SystemExit(f"error: --experiment: unknown {', '.join(unknown)}; the experiments are: "
+                         f"{', '.join(EXPERIMENTS)} (or all)")
+    return names
+
+
+def seeds(cfg: WorldRunConfig) -> list[int]:
+    if cfg.seed is not None:
+        return [cfg.seed]
+    try:
+        return [int(s) for s in cfg.seeds.split(",") if s.strip()] or [0]
+    except ValueError:
+        raise SystemExit(f"error: --seeds {cfg.seeds!r}: expected comma-separated integers such as 0,1,2") from None
+
+
+@contextmanager
+def pinned(threads: int):
+    """Fix what a same-machine rerun could otherwise vary (thread count, algorithms, MKL's code path); the
+    caller's torch settings are restored afterwards."""
+    import torch
+
+    for k, v in REPRODUCIBLE_ENV.items():
+        os.environ.setdefault(k, v)
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic kernel warns
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
+
+
+def run_seed(cfg: WorldRunConfig, seed: int, names: list[str], threads: int) -> dict:
+    from alignkit.world.experiments import EXPERIMENTS
+    from alignkit.world.report import write_report
+    from alignkit.world.stages import Context
+
+    out = Path(cfg.output) / f"seed-{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = Context(out, seed, cfg.preset, cfg.progress, cfg.stages, cfg.stage_processes)
+    results_path = out / "results.json"
+    # Experiments run at another time (or with other --experiment) keep their sections.
+    old = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results = {"preset": cfg.preset, "seed": seed,
+               "experiments": old.get("experiments", {}) if old.get("preset") == cfg.preset else {}}
+    t0 = time.perf_counter()
+    with pinned(threads):
+        for name in names:
+            results["experiments"][name] = EXPERIMENTS[name].run(ctx)
+            _write_json(results_path, results)
+    seconds = time.perf_counter() - t0
+    _write_json(out / "timings.json", {"seconds": seconds, "threads": threads, "timings": ctx.timings,
+                                       "commands": ctx.commands})
+    write_report(out, results)
+    print(f"\n== seed {seed}: stage timings ==")
+    for k, v in ctx.timings.items():
+        print(f"  {k:<16} {v:7.1f} s")
+    print(f"  {'total':<16} {seconds:7.1f} s\nreport: {out / 'report.md'}", flush=True)
+    return results
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Written whole or not at all (a killed run never leaves half a results.json)."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def run_parallel(cfg: WorldRunConfig, all_seeds: list[int], names: list[str], threads: int) -> None:
+    """Each seed in its own `alignkit world run` process; its output goes to OUT/seed-S/log.txt."""
+    env = {**os.environ, **REPRODUCIBLE_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    pending, running, failed = list(all_seeds), [], []
+    Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    while pending or running:
+        while pending and len(running) < cfg.parallel:
+            seed = pending.pop(0)
+            log = Path(cfg.output) / f"seed-{seed}" / "log.txt"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            argv = [sys.executable, "-m", "alignkit.cli", "world", "run", "--output", cfg.output, "--preset",
+                    cfg.preset, "--seeds", str(seed), "--stages", cfg.stages, "--threads", str(threads),
+                    "--stage-processes", str(cfg.stage_processes),
+                    "--no-aggregate", "--no-progress", *(a for n in names for a in ("--experiment", n))]
+            print(f"== seed {seed}: {' '.join(argv[1:])} > {log}", flush=True)
+            f = open(log, "w")
+            running.append((seed, subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env), f))
+        time.sleep(1.0)
+        for item in [r for r in running if r[1].poll() is not None]:
+            seed, proc, f = item
+            f.close()
+            running.remove(item)
+            print(f"== seed {seed}: {'done' if proc.returncode == 0 else f'FAILED (exit {proc.returncode})'}",
+                  flush=True)
+            if proc.returncode != 0:
+                failed.append(seed)
+    if failed:
+        raise SystemExit(f"error: seed(s) {', '.join(map(str, failed))} failed; see "
+                         + ", ".join(f"{cfg.output}/seed-{s}/log.txt" for s in failed))
 
 
 def main(cfg: WorldRunConfig) -> dict:
+    names = experiments(cfg)
+    all_seeds = seeds(cfg)
+    parallel = max(1, min(cfg.parallel, len(all_seeds)))
+    threads = cfg.threads or max(1, cores() // parallel)
     out = Path(cfg.output)
-    world, models = out / "data", out / "models"
-    budget = PRESETS[cfg.preset]
-    wanted = {"sft", "reward", "dpo", "simpo", "ln_dpo", "ppo", "grpo", "overopt"} if cfg.stages == "all" \
-        else set(cfg.stages.split(","))
-    st = Stages(out, cfg.progress)
-    t0 = time.perf_counter()
-    seed = str(cfg.seed)
-    st.command("build", "world", "build", "--output", str(world), "--preset", budget["world"], "--seed", seed,
-               trains=False)
-    sets = load_eval_sets(world)
-    results: dict = {"preset": cfg.preset, "seed": cfg.seed}
+    if parallel > 1:
+        run_parallel(cfg, all_seeds, names, threads)
+        results = {s: json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in all_seeds}
+    else:
+        results = {s: run_seed(cfg, s, names, threads) for s in all_seeds}
+    if cfg.aggregate:
+        from alignkit.world.report import write_report
+        from alignkit.world.stats import aggregate
 
-    def evaluate(stage: str, model_dir: Path, baseline: dict | None = None) -> tuple[dict, dict]:
-        answers = st.timed(f"eval {stage}", answer_all, model_dir, sets)
-        metrics = {**score(sets, answers), **st.timed(f"eval {stage}", option_calibration, model_dir, sets)}
-        if baseline is not None:
-            metrics["win_rate_vs_sft"] = win_rate(sets, answers, baseline)
-        # Which tokens the stage changed (Lin et al. 2023): ranked by the base model and, after SFT, by SFT.
-        if stage != "base":
-            shift = results.setdefault("token_shift", {})[stage] = {
-                "vs_base": st.timed(f"eval {stage}", token_shift, models / "base", sets, answers)}
-            if stage != "sft":
-                shift["vs_sft"] = st.timed(f"eval {stage}", token_shift, models / "sft", sets, answers)
-        print(f"-- {stage}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()), flush=True)
-        return metrics, answers
-
-    st.command("tokenizer", "train-tokenizer", "--data", str(world / "corpus.jsonl"), "--data", str(world / "sft.jsonl"),
-               "--vocab-size", "1024", "--output", str(models / "tokenizer"), trains=False)
-    st.command("init", "init-model", "--arch", "llama", "--size", "small" if cfg.preset == "small" else "tiny",
-               "--tokenizer", str(models / "tokenizer"), "--output", str(models / "init"), "--seed", seed, trains=False)
-    common = ["--seed", seed, "--overwrite"]  # a rerun rebuilds every stage
-    st.command("pretrain", "pretrain", "--model", str(models / "init"), "--data", str(world / "corpus.jsonl"),
-               "--output", str(models / "base"), "--max-steps", str(budget["pretrain_steps"]), "--batch-size", "16",
-               "--max-length", "128", "--lr", "2e-3", "--warmup-steps", "40", *common)
-    results["base"], _ = evaluate("base", models / "base")
-    if "sft" not in wanted:
-        return results
-    st.command("sft", "sft", "--model", str(models / "base"), "--data", str(world / "sft.jsonl"), "--output",
-               str(models / "sft"), "--max-steps", str(budget["sft_steps"]), "--batch-size", "16", "--max-length", "192",
-               "--lr", "1e-3", *common)
-    results["sft"], sft_answers = evaluate("sft", models / "sft")
-
-    if wanted & {"reward", "ppo", "overopt"}:
-        # Two epochs of whole rankings (4 prompts a batch, each answer scored once), as InstructGPT trained
-        # its reward model, beat singly labelled pairs at the same cost (docs/world.md).
-        st.command("reward", "reward", "--model", str(models / "sft"), "--data", str(world / "pref_ranked.jsonl"),
-                   "--output", str(models / "rm"), "--max-steps", str(budget["rm_steps"]), "--group-by-prompt",
-                   "--batch-size", "4", "--max-length", "192", "--lr", "1e-3", *common)
-        results["reward_model"] = st.timed("eval reward", reward_model_eval, models / "rm", world)
-    # Each loss gets the learning rate and beta at which it moves the tiny SFT model without collapsing
-    # (reference-free SimPO collapses at DPO's rate; LN-DPO takes Tulu 3's beta = 5), and the RPO term keeps
-    # them from degenerating on these off-policy pairs (docs/world.md has the measurements).
-    for loss, beta, lr in (("sigmoid", "0.1", "3e-4"), ("simpo", "2.0", "5e-5"), ("ln_dpo", "5.0", "3e-4")):
-        name = {"sigmoid": "dpo"}.get(loss, loss)
-        if name not in wanted:
-            continue
-        st.command(name, "dpo", "--loss", loss, "--beta", beta, "--model", str(models / "sft"), "--data",
-                   str(world / "pref.jsonl"), "--output", str(models / name), "--max-steps", str(budget["dpo_steps"]),
-                   "--batch-size", "16", "--max-length", "192", "--lr", lr, "--rpo-alpha", "1.0", *common)
-        results[name], _ = evaluate(name, models / name, sft_answers)
-    if "ppo" in wanted:
-        st.command("ppo", "ppo", "--model", str(models / "sft"), "--reward-model", str(models / "rm"), "--data",
-                   str(world / "rl_prompts.jsonl"), "--output", str(models / "ppo"), "--max-steps",
-                   str(budget["ppo_steps"]), "--batch-size", "16", "--max-new-tokens", "48", "--kl-coef", "0.05",
-                   "--missing-eos-penalty", "1.0", "--lr", "3e-5", *common)
-        results["ppo"], _ = evaluate("ppo", models / "ppo", sft_answers)
-        ppo_rows = [json.loads(line) for line in (models / "ppo" / "metrics.jsonl").read_text().splitlines()]
-        results["ppo"]["kl"] = next((r["kl"] for r in reversed(ppo_rows) if "kl" in r), float("nan"))
-    if "grpo" in wanted:
-        # lr 1e-4 is where the policy moves to the worked style of answer (slower rates barely move it, faster
-        # ones shorten the samples again; docs/world.md).
-        st.command("grpo", "grpo", "--model", str(models / "sft"), "--data", str(world / "arith_prompts.jsonl"),
-                   "--reward", "alignkit.rewards:numeric_match", "--output", str(models / "grpo"), "--max-steps",
-                   str(budget["grpo_steps"]), "--batch-size", "4", "--group-size", "8", "--max-new-tokens", "64",
-                   "--lr", "1e-4", *common)
-        results["grpo"], _ = evaluate("grpo", models / "grpo", sft_answers)
-    if "overopt" in wanted:
-        results["overoptimization"] = st.timed("overopt", best_of_n_curve, models / "sft", models / "rm", world,
-                                               budget["bon_prompts"], budget["bon_n"], cfg.seed)
-    results["seconds"] = time.perf_counter() - t0
-    results["timings"] = st.timings
-    results["commands"] = st.commands
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    from alignkit.world.report import SMOKE_NOTE, write_report
-
-    write_report(out, results)
-    print("\n== stage timings ==")
-    for k, v in st.timings.items():
-        print(f"  {k:<16} {v:7.1f} s")
-    print(f"  {'total':<16} {results['seconds']:7.1f} s\nreport: {out / 'report.md'}")
+        write_report(out, aggregate(out))
+        print(f"aggregate over the seeds in {out}: {out / 'results.json'}, {out / 'report.md'}")
     if cfg.preset == "smoke":
+        from alignkit.world.report import SMOKE_NOTE
+
         print(SMOKE_NOTE)
-    return results
+    return results[all_seeds[0]] if len(all_seeds) == 1 else results

@@ -1,0 +1,11 @@
+"""The world's experiments, in run order. Each module defines NAME, SUMMARY (one line: what it shows), MINUTES
+(measured minutes per seed on 2 cores per preset, beyond the shared stages it reuses), run(ctx) -> its
+results.json section, and report(section) -> markdown for one seed's section or the aggregate's."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from alignkit.world.experiments import ladder
+
+EXPERIMENTS: dict[str, ModuleType] = {m.NAME: m for m in (ladder,)}
