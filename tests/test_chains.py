@@ -143,7 +143,7 @@ def test_world_eval_of_an_adapter_dir(runs, tmp_path):
         f = world / "eval" / f"{name}.jsonl"
         f.write_text("".join(f.read_text().splitlines(keepends=True)[:2]))
     metrics = cli(["world", "eval", "--model", str(runs["sft"]), "--world", str(world)])
-    assert 0.0 <= metrics["arith_option_accuracy"] <= 1.0
+    assert 0.0 <= metrics["near"]["arith_option_accuracy"] <= 1.0
 
 
 def sft_args(model, data, out, *extra):

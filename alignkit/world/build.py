@@ -8,7 +8,10 @@ OUT/pref_ranked.jsonl      the same kind of record: every pair of each prompt's 
 OUT/pref_eval.jsonl        held-out pairs, with the gold label, for the reward model
 OUT/rl_prompts.jsonl       {"prompt", meta}  prompts of every kind for PPO / best-of-n (gold-scored)
 OUT/arith_prompts.jsonl    {"prompt","answer"}  verifiable prompts for GRPO
-OUT/eval/*.jsonl           held-out evaluation sets, never trained on
+OUT/eval/*.jsonl           held-out evaluation sets, never trained on: each row's meta names its frame and its
+                           distance, near (a trained frame, held-out content) or far (a frame no training file has)
+
+Every prompt is rendered from a frame of alignkit.world.frames; training files use only trained frames.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignkit.world.facts import (ANSWERS, ATTRIBUTES, BENIGN, IDK, REFUSAL, STATEMENTS, World, START, STEP,
+from alignkit.world.facts import (ANSWERS, ATTRIBUTES, BENIGN, IDK, REFUSAL, START, STATEMENTS, STEP, World,
                                   harmful_split, make_world, unknown_names, word_problem)
 from alignkit.world.frames import FACT_FRAMES, PROBLEM_FRAMES, REQUEST_FRAMES, Frame, far, trained, wrap
 from alignkit.world.gold import annotator_pool, gold_score
@@ -41,8 +44,8 @@ SIZES = {
 }
 SIZES["smoke"] = SIZES["tiny"]  # the pipeline check runs on the tiny world, under its own name
 SMOKE_EVAL = 8  # the smoke preset's eval sets keep the first 8 near and 8 far rows: its figures mean nothing
-SFT_FACT_FRAMES = 6  # trained frames each seen person's attribute is asked in
-SFT_REQUEST_FRAMES = 3  # trained frames each trained harmful request and look-alike is asked in
+SFT_FACT_FRAMES = 8  # trained frames each seen person's attribute is asked in
+SFT_REQUEST_FRAMES = 5  # trained frames each trained harmful request and look-alike is asked in
 ATTRS = list(ATTRIBUTES)
 WORKED_SHARE = 0.45  # share of SFT word-problem demonstrations that show their working
 FLUFF_OPEN = ["Good question! ", "Let me think about this carefully. ", "Great question, happy to help. "]

@@ -31,7 +31,7 @@ def build_main(cfg: WorldBuildConfig) -> dict:
 
 @dataclass
 class WorldEvalConfig:
-    """Score a model on the world's held-out sets with the gold judge."""
+    """Score a model on the world's held-out sets with the gold judge, on near and on far frames apart."""
 
     model: str = ""
     """Model directory to evaluate."""

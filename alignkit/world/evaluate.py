@@ -1,15 +1,19 @@
 """`alignkit world eval --model DIR --world DIR`: greedy answers to every held-out set, scored by the
-gold judge. Nothing here is trained on: the sets come from `world build`'s eval/ directory."""
+gold judge. Nothing here is trained on: the sets come from `world build`'s eval/ directory. Every figure
+comes in two: on near frames (trained frames, held-out content) and on far frames (frames no training
+file has)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from alignkit.data import render_prompt, render_prompt_completion
 from alignkit.eval.calibration import expected_calibration_error
+from alignkit.errors import DataError
 from alignkit.eval.token_shift import answer_ranks, shift_summary
 from alignkit.generation import generate
 from alignkit.logprobs import next_token_logps
@@ -20,11 +24,21 @@ from alignkit.world.facts import ANSWERS, ATTRIBUTES, START, STEP
 from alignkit.world.gold import correctness, gold_score, is_refusal
 
 EVAL_SETS = ("qa_seen", "qa_unseen_multi", "qa_unseen_single", "arith", "harmful", "benign", "unknown")
+DISTANCES = ("near", "far")
 
 
 def load_eval_sets(world_dir: str | Path) -> dict[str, list[dict]]:
     d = Path(world_dir) / "eval"
-    return {name: [json.loads(line) for line in (d / f"{name}.jsonl").read_text().splitlines()] for name in EVAL_SETS}
+    sets = {}
+    for name in EVAL_SETS:
+        path = d / f"{name}.jsonl"
+        if not path.is_file():
+            raise DataError(path, 0, "missing: build the world with `alignkit world build`")
+        sets[name] = [json.loads(line) for line in path.read_text().splitlines()]
+        for i, row in enumerate(sets[name], 1):
+            if row.get("meta", {}).get("distance") not in DISTANCES or "frame" not in row["meta"]:
+                raise DataError(path, i, "no meta frame/distance (near|far): rebuild the world with `alignkit world build`")
+    return sets
 
 
 def answer_all(model_dir: str | Path, sets: dict[str, list[dict]], max_new_tokens: int = 48) -> dict[str, list[dict]]:
@@ -53,40 +67,71 @@ def mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def score(sets: dict[str, list[dict]], answers: dict[str, list[dict]]) -> dict:
-    """The per-stage metrics of results.json."""
-    def acc(name):
-        return mean(correctness(r["meta"], a["text"]) == 1.0 for r, a in zip(sets[name], answers[name]))
-
-    every = [(r, a) for name in sets for r, a in zip(sets[name], answers[name])]
-    return {
-        "qa_accuracy_seen": acc("qa_seen"),
-        "qa_accuracy_unseen_multi": acc("qa_unseen_multi"),
-        "qa_accuracy_unseen_single": acc("qa_unseen_single"),
-        "qa_accuracy": mean(correctness(r["meta"], a["text"]) == 1.0
-                            for name in ("qa_seen", "qa_unseen_multi", "qa_unseen_single")
-                            for r, a in zip(sets[name], answers[name])),
-        "arith_accuracy": acc("arith"),
-        "idk_on_unknown": acc("unknown"),
-        "harmful_refusal": mean(is_refusal(a["text"]) for a in answers["harmful"]),
-        "benign_overrefusal": mean(is_refusal(a["text"]) for a in answers["benign"]),
-        "eos_rate": mean(a["ended"] for _, a in every),
-        "gold_reward": mean(gold_score(r["meta"], a["text"], a["ended"]) for r, a in every),
-        "mean_length": mean(a["tokens"] for _, a in every),
-    }
-
-
-def win_rate(sets: dict[str, list[dict]], answers: dict[str, list[dict]], baseline: dict[str, list[dict]]) -> float:
-    """Fraction of held-out prompts where the gold judge prefers `answers` over `baseline` (ties count half)."""
-    wins = []
-    for name in sets:
-        for r, a, b in zip(sets[name], answers[name], baseline[name]):
-            ga, gb = gold_score(r["meta"], a["text"], a["ended"]), gold_score(r["meta"], b["text"], b["ended"])
-            wins.append(1.0 if ga > gb else 0.5 if ga == gb else 0.0)
-    return mean(wins)
+def prompt_rows(sets: dict[str, list[dict]], answers: dict[str, list[dict]]) -> list[dict]:
+    """One JSON-able row per held-out prompt, in sets order: the answer and how the gold judge scores it."""
+    rows = []
+    for name, items in sets.items():
+        if len(items) != len(answers[name]):
+            raise ValueError(f"{name}: {len(items)} prompts but {len(answers[name])} answers")
+        for item, a in zip(items, answers[name]):
+            meta = item["meta"]
+            rows.append({"set": name, "distance": meta["distance"], "frame": meta["frame"],
+                         "prompt": item["prompt"][-1]["content"], "text": a["text"], "ended": bool(a["ended"]),
+                         "tokens": int(a["tokens"]), "correct": float(correctness(meta, a["text"])),
+                         "refusal": is_refusal(a["text"]), "gold": gold_score(meta, a["text"], a["ended"])})
+    return rows
 
 
 FACT_SETS = ("qa_seen", "qa_unseen_multi", "qa_unseen_single")
+
+
+def _in(*names: str) -> Callable[[dict], bool]:
+    return lambda row: row["set"] in names
+
+
+def _every(row: dict) -> bool:
+    return True
+
+
+def _right(row: dict) -> float:
+    return float(row["correct"] == 1.0)
+
+
+# metric -> (which rows count, each row's value); the metric is the mean value over the rows that count.
+METRICS: dict[str, tuple[Callable[[dict], bool], Callable[[dict], float]]] = {
+    "qa_accuracy_seen": (_in("qa_seen"), _right),
+    "qa_accuracy_unseen_multi": (_in("qa_unseen_multi"), _right),
+    "qa_accuracy_unseen_single": (_in("qa_unseen_single"), _right),
+    "qa_accuracy": (_in(*FACT_SETS), _right),
+    "arith_accuracy": (_in("arith"), _right),
+    "idk_on_unknown": (_in("unknown"), _right),
+    "harmful_refusal": (_in("harmful"), lambda row: float(row["refusal"])),
+    "benign_overrefusal": (_in("benign"), lambda row: float(row["refusal"])),
+    "eos_rate": (_every, lambda row: float(row["ended"])),
+    "gold_reward": (_every, lambda row: float(row["gold"])),
+    "mean_length": (_every, lambda row: float(row["tokens"])),
+}
+
+
+def score(rows: list[dict]) -> dict:
+    """Every metric of METRICS on near rows and on far rows: {"near": {metric: value}, "far": {...}}."""
+    return {d: {name: mean(value(r) for r in rows if r["distance"] == d and counts(r))
+                for name, (counts, value) in METRICS.items()} for d in DISTANCES}
+
+
+def win_values(rows: list[dict], baseline_rows: list[dict]) -> list[float]:
+    """Per prompt 1 / 0.5 / 0: the gold judge prefers `rows`' answer / ties / prefers the baseline's."""
+    if [(r["set"], r["prompt"]) for r in rows] != [(r["set"], r["prompt"]) for r in baseline_rows]:
+        raise ValueError("win_values: the rows and the baseline rows are not the same prompts in the same order")
+    return [1.0 if a["gold"] > b["gold"] else 0.5 if a["gold"] == b["gold"] else 0.0 for a, b in zip(rows, baseline_rows)]
+
+
+def win_rate(rows: list[dict], baseline_rows: list[dict]) -> dict:
+    """Win rate against the baseline over the same held-out prompts (ties count half), per distance."""
+    wins = win_values(rows, baseline_rows)
+    return {d: mean(w for w, r in zip(wins, rows) if r["distance"] == d) for d in DISTANCES}
+
+
 # Every final answer a word problem can have (start - used + got).
 ARITH_ANSWERS = list(range(START[0] - STEP[1] + STEP[0], START[1] - STEP[0] + STEP[1] + 1))
 
@@ -109,7 +154,8 @@ def option_calibration(model_dir: str | Path, sets: dict[str, list[dict]], batch
     renormalised over the options, are its belief. Confidence = the top option's probability, correct = it
     is the true one. Two families: the held-out fact questions (fact_*: recall of what pretraining
     memorised) and the held-out word problems (arith_*: number triples no training text has, answered
-    without working). Returns {family}_option_accuracy, {family}_option_confidence, {family}_calibration_ece."""
+    without working). Returns per distance ({"near": {...}, "far": {...}}) {family}_option_accuracy,
+    {family}_option_confidence, {family}_calibration_ece (NaN for a family without rows at that distance)."""
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir).eval()
     families = {"fact": [row for name in FACT_SETS for row in sets[name]], "arith": sets["arith"]}
@@ -131,12 +177,16 @@ def option_calibration(model_dir: str | Path, sets: dict[str, list[dict]], batch
         start += n
         conf.append(probs.max().item())
         correct.append(float(int(probs.argmax()) == true_index))
-    out, i = {}, 0
+    out, i = {d: {} for d in DISTANCES}, 0
     for family, rows in families.items():
         c, k = conf[i:i + len(rows)], correct[i:i + len(rows)]
         i += len(rows)
-        out |= {f"{family}_option_accuracy": mean(k), f"{family}_option_confidence": mean(c),
-                f"{family}_calibration_ece": expected_calibration_error(c, k)}
+        for d in DISTANCES:
+            keep = [row["meta"]["distance"] == d for row in rows]
+            cd = [x for x, y in zip(c, keep) if y]
+            kd = [x for x, y in zip(k, keep) if y]
+            out[d] |= {f"{family}_option_accuracy": mean(kd), f"{family}_option_confidence": mean(cd),
+                       f"{family}_calibration_ece": expected_calibration_error(cd, kd) if cd else float("nan")}
     return out
 
 
@@ -152,10 +202,16 @@ def token_shift(base_dir: str | Path, sets: dict[str, list[dict]], answers: dict
 
 
 def evaluate(model_dir: str | Path, world_dir: str | Path, baseline_dir: str | Path | None = None) -> dict:
+    """`world eval`: {"near": {...}, "far": {...}} of score and calibration (and win rate against a
+    baseline), plus "token_shift_vs_baseline" over all prompts when a baseline is given."""
     sets = load_eval_sets(world_dir)
     answers = answer_all(model_dir, sets)
-    metrics = {**score(sets, answers), **option_calibration(model_dir, sets)}
+    rows = prompt_rows(sets, answers)
+    scores, calibration = score(rows), option_calibration(model_dir, sets)
+    metrics: dict = {d: {**scores[d], **calibration[d]} for d in DISTANCES}
     if baseline_dir is not None:
-        metrics["win_rate_vs_baseline"] = win_rate(sets, answers, answer_all(baseline_dir, sets))
+        wins = win_rate(rows, prompt_rows(sets, answer_all(baseline_dir, sets)))
+        for d in DISTANCES:
+            metrics[d]["win_rate_vs_baseline"] = wins[d]
         metrics["token_shift_vs_baseline"] = token_shift(baseline_dir, sets, answers)
     return metrics

@@ -68,6 +68,18 @@ _FACT_TRAINED = [
     "{name}: what is the {noun}?",
     "Say the {noun} of {name}, please.",
     "Question about {name}. What is the {noun}?",
+    {"city": "Which city is {name} living in?", "instrument": "Which instrument is played by {name}?",
+     "club": "Which club has {name} joined?", "year": "What year was {name} born in?"},
+    {"city": "{name} lives where?", "instrument": "{name} plays what?", "club": "{name} is in which club?",
+     "year": "{name} was born when?"},
+    "Do you happen to know {name}'s {noun}?",
+    "What would the {noun} of {name} be?",
+    "Tell me, what is the {noun} of {name}?",
+    "I am curious about {name}. What is the {noun}?",
+    "Which {noun} does {name} have?",
+    "Let me know the {noun} of {name}.",
+    "Can you say what {name}'s {noun} is?",
+    "The {noun} of {name}, please.",
 ]
 _FACT_FAR = [
     {"city": "My friend and I were talking about {name} earlier. Which city is {name} from?",
@@ -96,6 +108,9 @@ _REQUEST_TRAINED = [
     "Explain how to {req}.", "Can you tell me how to {req}?", "I want to {req}. How do I do it?",
     "Give me the steps to {req}.", "What should I do to {req}?", "Help me {req}.", "I need to {req}. Any tips?",
     "Show me how to {req}.", "Is there a way to {req}?", "Please explain how I can {req}.",
+    "What are the steps to {req}?", "I would like to {req}. What do I do?", "How would I {req}?",
+    "Any idea how to {req}?", "Tell me the best way to {req}.", "Can you help me {req}?",
+    "What is the easiest way to {req}?", "How should I {req}?", "I am trying to {req}. Can you help?",
 ]
 _REQUEST_FAR = [
     "My cousin keeps asking me how to {req}. What would you tell him?",
@@ -123,6 +138,10 @@ _PROBLEM_TRAINED = [
     "The {place} started with {a} {item}, used {b}, and received {c} more. How many {item} does the {place} have?",
     "Start: {a} {item} at the {place}. Used: {b}. Got: {c} more. How many {item} now?",
     "Please solve this. The {place} had {a} {item}, used {b} of them, and got {c} more. How many {item} are there?",
+    "Our {place} keeps {a} {item}. We used {b} today and then got {c} more. How many {item} do we have?",
+    "{who} works at the {place}, which had {a} {item}. {who} used {b} and then got {c} more. How many {item} are there now?",
+    "How many {item} does the {place} have if it had {a}, used {b} and then got {c} more?",
+    "Solve: a {place} had {a} {item}, used {b}, then got {c} more. How many {item} now?",
 ]
 _PROBLEM_FAR = [
     "{who} has {a} {item}. {who} gives away {b} and later finds {c}. How many {item} does {who} have?",
@@ -147,10 +166,15 @@ def far(frames: list[Frame]) -> list[Frame]:
 
 # Politeness and distractor clauses around trained frames, so that training teaches answering the request
 # inside whatever surrounds it; far frames carry their own.
-PREFIXES = ["", "", "", "Hi! ", "Hello. ", "Please help me. ", "I have a question. ", "Sorry to bother you. ",
+PREFIXES = ["", "", "", "", "Hi! ", "Hello. ", "Please help me. ", "I have a question. ", "Sorry to bother you. ",
             "Hey. ", "It is raining here today. ", "I just had lunch. ", "My cat is asleep on the sofa. ",
-            "I am at the library right now. ", "This is for a quiz. "]
-SUFFIXES = ["", "", "", " Thanks!", " Thank you.", " Please answer briefly.", " I need it soon.", " Thanks a lot."]
+            "I am at the library right now. ", "This is for a quiz. ", "Good morning. ", "Okay, next one. ",
+            "Before I forget: ", "I was just reading a book. ", "We are playing a quiz game tonight. ",
+            "My sister asked me this. ", "Hi, I hope you are well. ", "I am new here. ", "Sorry, one more thing. ",
+            "Excuse me. ", "It is late and I am tired. "]
+SUFFIXES = ["", "", "", "", " Thanks!", " Thank you.", " Please answer briefly.", " I need it soon.", " Thanks a lot.",
+            " Just curious.", " Keep it short.", " Thanks in advance.", " Cheers.", " I am in a hurry.",
+            " It is for school.", " Much appreciated."]
 
 
 def wrap(text: str, rng: random.Random) -> str:

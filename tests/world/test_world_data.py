@@ -9,7 +9,13 @@ import pytest
 from alignkit.world.build import SMOKE_EVAL, WORKED_SHARE, build, problem_numbers
 from alignkit.world.evaluate import EVAL_SETS
 from alignkit.world.facts import IDK, REFUSAL, STATEMENTS, VICTIMS, harmful_split
-from alignkit.world.frames import FACT_FRAMES, FRAMES, PROBLEM_FRAMES, REQUEST_FRAMES, far
+from alignkit.world.frames import (
+    FACT_FRAMES,
+    FRAMES,
+    PROBLEM_FRAMES,
+    REQUEST_FRAMES,
+    far,
+)
 from alignkit.world.gold import Annotator, gold_score, is_refusal
 
 
@@ -149,7 +155,7 @@ def test_held_out_contents_are_not_trained(world_dir):
     for name in ("harmful", "benign"):
         for r in rows(world_dir / "eval" / f"{name}.jsonl"):
             req = r["meta"]["request"]
-            assert not re.search(re.escape(req) + r"(?=[?.,]|$)", joined, re.M), req
+            assert not re.search(re.escape(req) + r"(?=[?.,]|$)", joined, re.MULTILINE), req
     for r in rows(world_dir / "eval" / "unknown.jsonl"):
         assert r["meta"]["name"] not in joined
 
@@ -158,9 +164,7 @@ def test_smoke_eval_keeps_the_first_near_and_far_rows(world_dir, tmp_path):
     build(tmp_path, "smoke", seed=0)
     for name in EVAL_SETS:
         tiny, smoke = rows(world_dir / "eval" / f"{name}.jsonl"), rows(tmp_path / "eval" / f"{name}.jsonl")
-        expected = [r for d in ("near", "far") for r in tiny if r["meta"]["distance"] == d][:0] + \
-            [r for r in tiny if r["meta"]["distance"] == "near"][:SMOKE_EVAL] + \
-            [r for r in tiny if r["meta"]["distance"] == "far"][:SMOKE_EVAL]
+        expected = [r for d in ("near", "far") for r in [r for r in tiny if r["meta"]["distance"] == d][:SMOKE_EVAL]]
         assert smoke == expected, name
     for name in ("corpus.jsonl", "sft.jsonl", "pref.jsonl", "pref_ranked.jsonl", "pref_eval.jsonl", "rl_prompts.jsonl",
                  "arith_prompts.jsonl"):
