@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -47,6 +48,9 @@ class WorldRunConfig:
     and the base model always run)."""
     parallel: int = 1
     """Run this many seeds at once, each in its own process with cores // parallel threads."""
+    stage_processes: int = 1
+    """Train the ladder's independent post-SFT stages (DPO, SimPO, LN-DPO, PPO, GRPO) this many at a time, each in
+    its own single-threaded process."""
     threads: int | None = None
     """torch threads per seed (default: the cores, divided among the parallel seeds). Results depend on it."""
     aggregate: bool = True
@@ -92,14 +96,22 @@ def seeds(cfg: WorldRunConfig) -> list[int]:
         raise SystemExit(f"error: --seeds {cfg.seeds!r}: expected comma-separated integers such as 0,1,2") from None
 
 
-def pin(threads: int) -> None:
-    """Fix what a same-machine rerun could otherwise vary: thread count, algorithms, MKL's code path."""
+@contextmanager
+def pinned(threads: int):
+    """Fix what a same-machine rerun could otherwise vary (thread count, algorithms, MKL's code path); the
+    caller's torch settings are restored afterwards."""
     import torch
 
     for k, v in REPRODUCIBLE_ENV.items():
         os.environ.setdefault(k, v)
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)  # CPU kernels here are deterministic; warn if one is not
+    torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic kernel warns
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
 
 
 def run_seed(cfg: WorldRunConfig, seed: int, names: list[str], threads: int) -> dict:
@@ -107,19 +119,19 @@ def run_seed(cfg: WorldRunConfig, seed: int, names: list[str], threads: int) -> 
     from alignkit.world.report import write_report
     from alignkit.world.stages import Context
 
-    pin(threads)
     out = Path(cfg.output) / f"seed-{seed}"
     out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(out, seed, cfg.preset, cfg.progress, cfg.stages)
+    ctx = Context(out, seed, cfg.preset, cfg.progress, cfg.stages, cfg.stage_processes)
     results_path = out / "results.json"
     # Experiments run at another time (or with other --experiment) keep their sections.
     old = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results = {"preset": cfg.preset, "seed": seed,
                "experiments": old.get("experiments", {}) if old.get("preset") == cfg.preset else {}}
     t0 = time.perf_counter()
-    for name in names:
-        results["experiments"][name] = EXPERIMENTS[name].run(ctx)
-        _write_json(results_path, results)
+    with pinned(threads):
+        for name in names:
+            results["experiments"][name] = EXPERIMENTS[name].run(ctx)
+            _write_json(results_path, results)
     seconds = time.perf_counter() - t0
     _write_json(out / "timings.json", {"seconds": seconds, "threads": threads, "timings": ctx.timings,
                                        "commands": ctx.commands})
@@ -150,6 +162,7 @@ def run_parallel(cfg: WorldRunConfig, all_seeds: list[int], names: list[str], th
             log.parent.mkdir(parents=True, exist_ok=True)
             argv = [sys.executable, "-m", "alignkit.cli", "world", "run", "--output", cfg.output, "--preset",
                     cfg.preset, "--seeds", str(seed), "--stages", cfg.stages, "--threads", str(threads),
+                    "--stage-processes", str(cfg.stage_processes),
                     "--no-aggregate", "--no-progress", *(a for n in names for a in ("--experiment", n))]
             print(f"== seed {seed}: {' '.join(argv[1:])} > {log}", flush=True)
             f = open(log, "w")

@@ -12,7 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
+import os
 import shutil
+import subprocess
+import sys
 import time
 from functools import cache
 from pathlib import Path
@@ -69,10 +72,12 @@ def source_version() -> str:
 class Context:
     """One seed of a world run: its directory, budget and the cached stages every experiment shares."""
 
-    def __init__(self, out: str | Path, seed: int, preset: str, progress: bool = False, stages: str = "all"):
+    def __init__(self, out: str | Path, seed: int, preset: str, progress: bool = False, stages: str = "all",
+                 at_once: int = 1):
         self.out, self.seed, self.preset, self.progress = Path(out), seed, preset, progress
         self.budget = PRESETS[preset]
         self.stages = stages  # the ladder's --stages subset
+        self.at_once = at_once  # independent training stages run at once (stages_at_once)
         self.commands: list[str] = []
         self.timings: dict[str, float] = {}
         self._done: set[str] = set()
@@ -95,29 +100,67 @@ class Context:
                 "seed": self.seed, "source": source_version()}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
+    def _plan(self, label: str, command: list[str], inputs: list[Path], tail: list[str]):
+        """(output dir, key, argv, whether it still has to run); says the command once per context."""
+        key = self.key([*command, *tail], inputs)
+        out = self.out / "cache" / f"{label}-{key[:12]}"
+        argv = [*command, "--output", str(out), *tail]
+        if key in self._done:  # already run or found by this context
+            return out, key, argv, False
+        self._done.add(key)
+        line = "alignkit " + shlex.join(argv)
+        cached = (out / ".complete").is_file()
+        self.commands.append(f"{line} (cached)" if cached else line)
+        print(f"\n== {label}: {line}{' (cached)' if cached else ''}", flush=True)
+        if cached:
+            self.timings.setdefault(label, 0.0)
+        elif out.exists():  # a stage killed before its marker: start it again from nothing
+            shutil.rmtree(out)
+        return out, key, argv, not cached
+
     def _cached(self, label: str, command: list[str], inputs: list[Path], tail: list[str],
                 quiet: list[str] = ()) -> Path:
         """Run `alignkit *command --output DIR *tail (*quiet)` unless DIR is complete; `quiet` is left out of
         the key and of the printed command (it only silences progress bars)."""
-        key = self.key([*command, *tail], inputs)
-        out = self.out / "cache" / f"{label}-{key[:12]}"
-        if key in self._done:  # already run or found by this context: said once
-            return out
-        self._done.add(key)
-        argv = [*command, "--output", str(out), *tail]
-        line = "alignkit " + shlex.join(argv)
-        if (out / ".complete").is_file():
-            self.commands.append(f"{line} (cached)")
-            self.timings.setdefault(label, 0.0)
-            print(f"\n== {label}: {line} (cached)", flush=True)
-            return out
-        self.commands.append(line)
-        print(f"\n== {label}: {line}", flush=True)
-        if out.exists():  # a stage killed before its marker: start it again from nothing
-            shutil.rmtree(out)
-        self.time(label, alignkit, [*argv, *quiet])
-        (out / ".complete").write_text(key + "\n")
+        out, key, argv, todo = self._plan(label, command, inputs, tail)
+        if todo:
+            self.time(label, alignkit, [*argv, *quiet])
+            (out / ".complete").write_text(key + "\n")
         return out
+
+    def stages_at_once(self, specs: dict[str, tuple[list[str], list[Path]]], at_once: int) -> dict[str, Path]:
+        """Independent training stages (label -> (command, inputs)); those not cached run `at_once` at a time,
+        each in its own single-threaded `alignkit` process (its output in cache/LABEL-KEY.log, printed when it
+        ends). With at_once 1 they run one after the other in this process, as stage() does."""
+        if at_once <= 1:
+            return {label: self.stage(label, command, inputs) for label, (command, inputs) in specs.items()}
+        tail = ["--seed", str(self.seed), "--overwrite", "--no-progress"]
+        plans = {label: self._plan(label, command, inputs, tail[:-1]) for label, (command, inputs) in specs.items()}
+        todo = [label for label, plan in plans.items() if plan[3]]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        running: list = []
+        while todo or running:
+            while todo and len(running) < at_once:
+                label = todo.pop(0)
+                out, key, argv, _ = plans[label]
+                log = open(out.parent / f"{out.name}.log", "w")
+                proc = subprocess.Popen([sys.executable, "-m", "alignkit.cli", *argv, "--no-progress"], stdout=log,
+                                        stderr=subprocess.STDOUT, env=env)
+                running.append((label, proc, log, time.perf_counter()))
+            time.sleep(0.5)
+            for item in [r for r in running if r[1].poll() is not None]:
+                label, proc, log, t = item
+                running.remove(item)
+                log.close()
+                self.timings[label] = self.timings.get(label, 0.0) + time.perf_counter() - t
+                out, key = plans[label][:2]
+                print(f"\n-- {label} (own process):\n" + Path(log.name).read_text(), end="", flush=True)
+                if proc.returncode != 0:
+                    for other in running:
+                        other[1].kill()
+                    raise SystemExit(f"error: stage {label} failed (exit {proc.returncode}); see {log.name}")
+                (out / ".complete").write_text(key + "\n")
+        return {label: plan[0] for label, plan in plans.items()}
 
     def stage(self, label: str, command: list[str], inputs: list[Path], trains: bool = True) -> Path:
         """A training command's output directory, trained now or found in the cache (see the module doc)."""

@@ -11,59 +11,72 @@ import pytest
 
 from alignkit.cli import run as cli
 
-STAGE_KEYS = {"base": {"qa_accuracy", "eos_rate"},
-              "sft": {"qa_accuracy_seen", "qa_accuracy_unseen_multi", "qa_accuracy_unseen_single", "arith_accuracy",
-                      "eos_rate", "harmful_refusal", "benign_overrefusal", "gold_reward"},
-              "reward_model": {"heldout_accuracy", "gold_label_accuracy", "ece", "gold_label_accuracy_knowable",
-                               "annotator_gold_agreement_knowable"},
-              "dpo": {"gold_reward", "win_rate_vs_sft", "mean_length"},
-              "simpo": {"gold_reward", "win_rate_vs_sft", "mean_length"},
-              "ln_dpo": {"gold_reward", "win_rate_vs_sft", "mean_length"},
-              "ppo": {"gold_reward", "win_rate_vs_sft", "mean_length", "kl"},
-              "grpo": {"arith_accuracy", "gold_reward"},
-              "overoptimization": {"kl", "proxy_reward", "gold_reward", "mean_length"}}
+METRICS = {"qa_accuracy", "qa_accuracy_seen", "qa_accuracy_unseen_multi", "qa_accuracy_unseen_single", "arith_accuracy",
+           "eos_rate", "harmful_refusal", "benign_overrefusal", "idk_on_unknown", "gold_reward", "mean_length"}
+CALIBRATION = {f"{family}_{k}" for family in ("fact", "arith") for k in ("option_accuracy", "option_confidence",
+                                                                         "calibration_ece")}
+POLICIES = ("base", "sft", "dpo", "simpo", "ln_dpo", "ppo", "grpo")
+SECTION_KEYS = {"reward_model": {"heldout_accuracy", "gold_label_accuracy", "annotator_gold_agreement", "ece",
+                                 "gold_label_accuracy_knowable", "annotator_gold_agreement_knowable"},
+                "ppo": {"near", "far", "kl"},
+                "overoptimization": {"n", "kl", "proxy_reward", "gold_reward", "mean_length"}}
 
 
 def check_results(out, preset):
-    results = json.loads((out / "results.json").read_text())
-    assert results["preset"] == preset and results["seconds"] > 0
-    for stage, keys in STAGE_KEYS.items():
-        assert keys <= set(results[stage]), (stage, keys - set(results[stage]))
-    for stage in ("base", "sft", "dpo", "ppo", "grpo"):
-        for k, v in results[stage].items():
-            if k not in ("mean_length", "gold_reward", "kl"):
-                assert 0.0 <= v <= 1.0, (stage, k, v)
-    for stage in ("base", "sft", "dpo", "simpo", "ln_dpo", "ppo", "grpo"):
-        assert {f"{family}_{k}" for family in ("fact", "arith") for k in ("option_accuracy", "option_confidence",
-                                                                          "calibration_ece")} <= set(results[stage]), stage
-    shift = results["token_shift"]
+    seed_dir = out / "seed-0"
+    results = json.loads((seed_dir / "results.json").read_text())
+    assert set(results) == {"preset", "seed", "experiments"} and results["preset"] == preset
+    ladder = results["experiments"]["ladder"]
+    for key, keys in SECTION_KEYS.items():
+        assert keys <= set(ladder[key]), (key, keys - set(ladder[key]))
+    for stage in POLICIES:
+        for distance in ("near", "far"):
+            metrics = ladder[stage][distance]
+            assert METRICS | CALIBRATION <= set(metrics), (stage, distance, METRICS | CALIBRATION - set(metrics))
+            if stage not in ("base", "sft"):
+                assert "win_rate_vs_sft" in metrics, (stage, distance)
+            for k, v in metrics.items():
+                if k not in ("mean_length", "gold_reward"):
+                    assert 0.0 <= v <= 1.0, (stage, distance, k, v)
+        rows = [json.loads(line) for line in (seed_dir / "rows" / "ladder" / f"{stage}.jsonl").read_text().splitlines()]
+        assert {r["distance"] for r in rows} == {"near", "far"}
+        assert ("win" in rows[0]) == (stage not in ("base", "sft"))
+    shift = ladder["token_shift"]
     assert set(shift) == {"sft", "dpo", "simpo", "ln_dpo", "ppo", "grpo"} and set(shift["sft"]) == {"vs_base"}
     assert set(shift["dpo"]) == {"vs_base", "vs_sft"}
     for stage, comparisons in shift.items():
         for s in comparisons.values():
             assert s["unshifted"] + s["marginal"] + s["shifted"] == pytest.approx(1.0), stage
+    timings = json.loads((seed_dir / "timings.json").read_text())
+    assert timings["seconds"] > 0 and {"pretrain", "sft", "dpo", "ppo", "grpo"} <= set(timings["timings"])
+    assert (seed_dir / "report.md").is_file()
     assert (out / "report.md").is_file() and (out / "report.html").is_file()
-    report = (out / "report.md").read_text()
-    assert "## Calibration and token shift" in report
-    table = report.split("## Calibration and token shift")[1].split("\n\n")[2].splitlines()
+    aggregate = json.loads((out / "results.json").read_text())
+    assert aggregate["seeds"] == [0] and "ladder" in aggregate["experiments"]
+    report = (seed_dir / "report.md").read_text()
+    assert "## Calibration and token shift" in report or "### Calibration and token shift" in report
+    table = report.split("Calibration and token shift")[1].split("\n\n")[2].splitlines()
     assert len({len(re.findall(r"(?<!\\)\|", line)) for line in table}) == 1, table  # e.g. <|im_end|> escaped
     assert "<img" in (out / "report.html").read_text()
-    return results
+    return ladder, timings
 
 
 def test_world_run_smoke(tmp_path):
     out = tmp_path / "world"
-    cli(["world", "run", "--preset", "smoke", "--output", str(out), "--no-progress"])
-    results = check_results(out, "smoke")
-    assert len(results["overoptimization"]["kl"]) == 3  # n = 1, 2, 4
-    assert all(f"alignkit {c}" in " ".join(results["commands"]) for c in ("pretrain", "sft", "reward", "dpo", "ppo", "grpo"))
+    cli(["world", "run", "--preset", "smoke", "--output", str(out), "--no-progress", "--threads", "1"])
+    ladder, timings = check_results(out, "smoke")
+    assert len(ladder["overoptimization"]["kl"]) == 3  # n = 1, 2, 4
+    assert all(f"alignkit {c}" in " ".join(timings["commands"]) for c in ("pretrain", "sft", "reward", "dpo", "ppo", "grpo"))
     # `alignkit world eval` on one stage's model gives the run's figures for that stage (the world as a tutorial)
-    cli(["world", "eval", "--model", str(out / "models" / "dpo"), "--world", str(out / "data"), "--baseline",
-         str(out / "models" / "sft"), "--output", str(tmp_path / "dpo.json")])
+    cache = out / "seed-0" / "cache"
+    (dpo,), (sft,), (data,) = (list(cache.glob(f"{name}-*")) for name in ("dpo", "sft", "data"))
+    cli(["world", "eval", "--model", str(dpo), "--world", str(data), "--baseline", str(sft), "--output",
+         str(tmp_path / "dpo.json")])
     alone = json.loads((tmp_path / "dpo.json").read_text())
-    for k, v in results["dpo"].items():
-        assert alone["win_rate_vs_baseline" if k == "win_rate_vs_sft" else k] == pytest.approx(v, abs=1e-6), k
-    assert alone["token_shift_vs_baseline"] == results["token_shift"]["dpo"]["vs_sft"]
+    for distance in ("near", "far"):
+        for k, v in ladder["dpo"][distance].items():
+            assert alone[distance]["win_rate_vs_baseline" if k == "win_rate_vs_sft" else k] == pytest.approx(v, abs=1e-6), k
+    assert alone["token_shift_vs_baseline"] == ladder["token_shift"]["dpo"]["vs_sft"]
 
 
 @pytest.mark.slow
@@ -74,8 +87,11 @@ def test_world_run_tiny(tmp_path):
     r = subprocess.run([sys.executable, "-m", "alignkit.cli", "world", "run", "--preset", "tiny", "--output", str(out),
                         "--no-progress"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = check_results(out, "tiny")
-    assert r["seconds"] < 600
+    ladder, timings = check_results(out, "tiny")
+    assert timings["seconds"] < 600
+    # The phenomena on the trained frames' held-out content; far frames are judged over seeds (docs/world.md).
+    r = {stage: {**v["near"], **{k: x for k, x in v.items() if k not in ("near", "far")}}
+         if isinstance(v, dict) and "near" in v else v for stage, v in ladder.items()}
     # pretraining alone does not make an assistant; SFT does
     assert r["base"]["qa_accuracy"] <= 0.2 and r["base"]["eos_rate"] < 0.5
     assert r["sft"]["eos_rate"] >= 0.95

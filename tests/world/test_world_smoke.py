@@ -6,7 +6,7 @@ import json
 import pytest
 
 from alignkit.cli import run as cli
-from alignkit.world import run as world_run
+from alignkit.world import stages
 from alignkit.world.build import build
 from alignkit.world.report import write_report
 
@@ -38,7 +38,7 @@ def test_world_run_smoke_builds_a_world_named_smoke(tmp_path, monkeypatch, capsy
             raise AfterBuild
         return cli(argv)
 
-    monkeypatch.setattr(world_run, "alignkit", only_build)
+    monkeypatch.setattr(stages, "alignkit", only_build)
     with pytest.raises(AfterBuild):
         cli(["world", "run", "--preset", "smoke", "--output", str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out
@@ -48,8 +48,11 @@ def test_world_run_smoke_builds_a_world_named_smoke(tmp_path, monkeypatch, capsy
 
 @pytest.mark.parametrize("preset", ["smoke", "tiny"])
 def test_only_a_smoke_report_says_its_figures_mean_nothing(tmp_path, preset):
-    results = {"preset": preset, "seed": 0, "seconds": 1.0,
-               "base": {"qa_accuracy_seen": 0.0, "gold_reward": 0.1}, "sft": {"qa_accuracy_seen": 1.0, "gold_reward": 0.5}}
+    def evaluation(accuracy, gold):
+        return {d: {"qa_accuracy_seen": accuracy, "gold_reward": gold} for d in ("near", "far")}
+
+    results = {"preset": preset, "seed": 0,
+               "experiments": {"ladder": {"base": evaluation(0.0, 0.1), "sft": evaluation(1.0, 0.5)}}}
     write_report(tmp_path, results)
     md = (tmp_path / "report.md").read_text().splitlines()
     page = (tmp_path / "report.html").read_text()

@@ -160,10 +160,8 @@ def run(ctx) -> dict:
     if wanted & {"reward", "ppo", "overopt"}:
         rm = ctx.reward_model(data)
         section["reward_model"] = ctx.time("eval reward", reward_model_eval, rm, data)
-    for name, (command, inputs) in post_sft_commands(ctx, data, sft, rm).items():
-        if name not in wanted:
-            continue
-        model = ctx.stage(name, command, inputs)
+    specs = {name: spec for name, spec in post_sft_commands(ctx, data, sft, rm).items() if name in wanted}
+    for name, model in ctx.stages_at_once(specs, ctx.at_once).items():
         section[name] = ctx.evaluate(NAME, name, model, data, baseline="sft")
         token_shift(name, model)
         if name == "ppo":

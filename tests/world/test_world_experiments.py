@@ -1,0 +1,125 @@
+"""The world as experiments sharing cached stages: the cache key, the completion marker, reuse of base and SFT
+by a second experiment, `world list`, and bit-identical reruns of the smoke preset."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alignkit.cli import run as cli
+from alignkit.world import stages
+from alignkit.world.experiments import EXPERIMENTS
+from alignkit.world.stages import Context
+
+
+class Runner:
+    """Stands in for `alignkit.cli.run`: records each command and writes a file into its --output."""
+
+    def __init__(self, fail_on: str | None = None):
+        self.calls, self.fail_on = [], fail_on
+
+    def __call__(self, argv):
+        self.calls.append(argv)
+        out = Path(argv[argv.index("--output") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model.txt").write_text(" ".join(argv))
+        if argv[0] == self.fail_on:
+            raise KeyboardInterrupt  # killed halfway through
+
+
+def test_stage_key_follows_inputs_and_a_killed_stage_is_rebuilt(tmp_path, monkeypatch):
+    data = tmp_path / "pref.jsonl"
+    data.write_text('{"a": 1}\n')
+    runner = Runner(fail_on="dpo")
+    monkeypatch.setattr(stages, "alignkit", runner)
+    ctx = Context(tmp_path / "seed-0", 0, "smoke")
+    with pytest.raises(KeyboardInterrupt):
+        ctx.stage("dpo", ["dpo", "--data", str(data)], [data])
+    (partial,) = (tmp_path / "seed-0" / "cache").iterdir()
+    assert not (partial / ".complete").exists()
+    runner.fail_on = None
+    again = Context(tmp_path / "seed-0", 0, "smoke")
+    out = again.stage("dpo", ["dpo", "--data", str(data)], [data])
+    assert out == partial and (out / ".complete").is_file() and len(runner.calls) == 2  # rebuilt, not reused
+    assert runner.calls[-1][-4:] == ["--seed", "0", "--overwrite", "--no-progress"]
+    # complete: reused, and said so
+    third = Context(tmp_path / "seed-0", 0, "smoke")
+    assert third.stage("dpo", ["dpo", "--data", str(data)], [data]) == out and len(runner.calls) == 2
+    assert third.commands[-1].endswith("(cached)") and "--no-progress" not in third.commands[-1]
+    # the same file with other content, another seed or another budget is another stage
+    data.write_text('{"a": 2}\n')
+    assert third.stage("dpo", ["dpo", "--data", str(data)], [data]) != out
+    assert Context(tmp_path / "seed-0", 1, "smoke").key(["dpo"], [data]) != third.key(["dpo"], [data])
+    assert Context(tmp_path / "seed-0", 0, "tiny").key(["dpo"], [data]) != third.key(["dpo"], [data])
+
+
+def test_world_list_says_what_each_experiment_shows(capsys):
+    cli(["world", "list"])
+    out = capsys.readouterr().out
+    for name, module in EXPERIMENTS.items():
+        assert name in out and module.SUMMARY in out
+        assert set(module.MINUTES) == {"smoke", "tiny", "small"}
+
+
+def test_unknown_experiment_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "alignkit.cli", "world", "run", "--preset", "smoke", "--experiment",
+                        "nope", "--output", str(tmp_path / "w")], capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "nope" in r.stderr and "ladder" in r.stderr
+    assert not (tmp_path / "w").exists()  # nothing half-written
+
+
+def test_a_second_experiment_reuses_base_and_sft(tmp_path, monkeypatch):
+    """`--stages sft` of the ladder, then another experiment needing SFT: no world build, tokenizer, init,
+    pretrain or SFT command runs again, and their directories are untouched."""
+    calls = []
+
+    def counting(argv):
+        calls.append(argv[:2])
+        return cli(argv)
+
+    monkeypatch.setattr(stages, "alignkit", counting)
+    out = tmp_path / "world"
+    cli(["world", "run", "--preset", "smoke", "--output", str(out), "--stages", "sft", "--no-progress",
+         "--threads", "1", "--no-aggregate"])
+    assert [c[0] for c in calls] == ["world", "train-tokenizer", "init-model", "pretrain", "sft"]
+    cache = out / "seed-0" / "cache"
+    mtimes = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
+    seen = {}
+
+    class Needs:
+        NAME, SUMMARY, MINUTES = "needs-sft", "uses the shared SFT model", {"smoke": 0.0, "tiny": 0.0, "small": 0.0}
+
+        @staticmethod
+        def run(ctx):
+            seen["sft"] = ctx.sft()
+            seen["commands"] = ctx.commands
+            return {"answer": 1.0}
+
+    monkeypatch.setitem(EXPERIMENTS, "needs-sft", Needs)
+    calls.clear()
+    cli(["world", "run", "--preset", "smoke", "--output", str(out), "--experiment", "needs-sft", "--no-progress",
+         "--threads", "1", "--no-aggregate"])
+    assert calls == []
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*")} == mtimes
+    assert seen["sft"].parent == cache and all(c.endswith("(cached)") for c in seen["commands"])
+    results = json.loads((out / "seed-0" / "results.json").read_text())
+    assert set(results["experiments"]) == {"ladder", "needs-sft"}  # the first experiment's section is kept
+    assert "seconds" not in results and "timings" in json.loads((out / "seed-0" / "timings.json").read_text())
+
+
+def test_same_seed_rerun_is_bit_identical(tmp_path):
+    """Two smoke runs from scratch in fresh processes (at once, one thread each): identical results.json."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "PYTHONHASHSEED")}
+    procs = [subprocess.Popen([sys.executable, "-m", "alignkit.cli", "world", "run", "--preset", "smoke", "--output",
+                               str(tmp_path / name), "--threads", "1", "--no-progress", "--no-aggregate"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+             for name in ("a", "b")]
+    for p in procs:
+        assert p.wait(timeout=1800) == 0, p.stderr.read()[-3000:]
+    a, b = ((tmp_path / name / "seed-0" / "results.json").read_bytes() for name in ("a", "b"))
+    assert a == b
+    assert json.loads(a)["experiments"]["ladder"]["grpo"]["far"]  # the whole ladder ran
