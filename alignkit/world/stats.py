@@ -199,7 +199,8 @@ def _keys(dicts: list[dict]) -> list:
 
 def aggregate(out: Path, preset: str | None = None) -> dict:
     """Merge every OUT/seed-*/results.json of one preset (the newest run's, unless given) into OUT/results.json:
-    the sections' tree with each number replaced by {"mean", "per_seed", "ci95", "method"}."""
+    the sections' tree with each number replaced by {"mean", "per_seed", "ci95", "method"}, each experiment over
+    the seeds that ran it ("experiment_seeds")."""
     out = Path(out)
     found = sorted(((int(p.parent.name.removeprefix("seed-")), p) for p in out.glob("seed-*/results.json")
                     if p.parent.name.removeprefix("seed-").isdigit()))

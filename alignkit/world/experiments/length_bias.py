@@ -8,12 +8,13 @@ each reward model's score follows answer length.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 NAME = "length-bias"
 SUMMARY = ("DPO, LN-DPO, SimPO, PPO and best-of-n trained on unbiased vs strongly length-biased annotators: the "
            "change in answer length and gold reward the bias causes, and the reward model's score-vs-length slope")
-MINUTES = {"smoke": 1.5, "tiny": 12.0, "small": 45.0}
+MINUTES = {"smoke": 3.0, "tiny": 12.0, "small": 45.0}
 # A mean length bias of 2.0 makes the annotators prefer the longer answer of a pair about three times in four
 # (against about one in two unbiased) while they still agree with the gold judge on about three untied pairs in
 # four (nine in ten unbiased, one in two by chance), so the signal is biased, not destroyed.
@@ -30,8 +31,6 @@ def label(method: str, bias: float) -> str:
 def rm_length_slope(rm_dir: Path, data: Path) -> dict:
     """Least-squares slope of the reward model's score on answer words over the held-out pairs' candidate
     answers, alone and with the gold reward as a second regressor (the length preference beyond quality)."""
-    import json
-
     import numpy as np
 
     from alignkit.data import load_preference
@@ -100,8 +99,6 @@ def best_of_n_answers(policy: Path, rms: dict[float, Path], sets: dict, n: int, 
 
 def write_rows(ctx, rows: list[dict], label_: str, sft_rows: list[dict]) -> dict:
     """Best-of-n's rows beside the models' (with "win" against SFT on the same prompts) and its metrics."""
-    import json
-
     from alignkit.world.evaluate import score, win_values
 
     mine = {(r["set"], r["prompt"]) for r in rows}
