@@ -17,7 +17,8 @@ from pathlib import Path
 SMOKE_NOTE = ("A smoke run: these figures mean nothing. The smoke preset trains each stage for a few steps only, "
               "to check that the pipeline runs end to end; run --preset tiny or small for figures.")
 # The held-out metrics the per-stage plot shows, when a stage has them.
-PLOTTED = ("qa_accuracy_seen", "harmful_refusal", "benign_overrefusal", "arith_accuracy", "eos_rate", "gold_reward")
+PLOTTED = ("qa_accuracy_seen", "harmful_refusal", "benign_overrefusal", "arith_accuracy", "eos_rate", "gold_reward",
+           "mean_length")
 
 
 def is_leaf(value) -> bool:

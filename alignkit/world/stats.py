@@ -30,12 +30,12 @@ def bootstrap_ci(values_per_seed: list[list[float]], n: int = N_BOOTSTRAP, rng_s
     if not seeds or any(len(v) == 0 for v in seeds):
         return (math.nan, math.nan)
     rng = np.random.default_rng(rng_seed)
-    s = len(seeds)
-    picks = rng.integers(s, size=(n, s))  # which seed fills each of the s places in each resample
-    # For every place, an independent prompt resample of every seed (a seed drawn twice is resampled twice).
-    place_means = np.stack([np.stack([v[rng.integers(len(v), size=(n, len(v)))].mean(1) for v in seeds])
-                            for _ in range(s)])  # (place, seed, resample)
-    stat = place_means[np.arange(s)[None, :], picks, np.arange(n)[:, None]].mean(1)
+    picks = rng.integers(len(seeds), size=(n, len(seeds)))  # which seed fills each place of each resample
+    place_means = np.empty(picks.shape)
+    for k, v in enumerate(seeds):  # every place a seed fills gets its own prompt resample
+        where = np.nonzero(picks == k)
+        place_means[where] = v[rng.integers(len(v), size=(len(where[0]), len(v)))].mean(1)
+    stat = place_means.mean(1)
     lo, hi = np.percentile(stat, [2.5, 97.5])
     return (float(lo), float(hi))
 
@@ -199,7 +199,8 @@ def _keys(dicts: list[dict]) -> list:
 
 def aggregate(out: Path, preset: str | None = None) -> dict:
     """Merge every OUT/seed-*/results.json of one preset (the newest run's, unless given) into OUT/results.json:
-    the sections' tree with each number replaced by {"mean", "per_seed", "ci95", "method"}."""
+    the sections' tree with each number replaced by {"mean", "per_seed", "ci95", "method"}, each experiment over
+    the seeds that ran it ("experiment_seeds")."""
     out = Path(out)
     found = sorted(((int(p.parent.name.removeprefix("seed-")), p) for p in out.glob("seed-*/results.json")
                     if p.parent.name.removeprefix("seed-").isdigit()))
