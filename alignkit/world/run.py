@@ -41,8 +41,9 @@ class WorldRunConfig:
     """Comma-separated seeds (world and every stage); each seed's results are written as it finishes."""
     seed: int | None = None
     """The same as --seeds N (one seed)."""
-    experiment: Annotated[tuple[str, ...], Repeatable] = ("ladder",)
-    """Experiment to run (repeatable; `all` = every one; `alignkit world list` says what each shows)."""
+    experiment: Annotated[tuple[str, ...], Repeatable] = ()
+    """Experiment to run (repeatable; `all` = every one; default: ladder; `alignkit world list` says what each
+    shows)."""
     stages: str = "all"
     """The ladder's stages: a comma-separated subset of sft,reward,dpo,simpo,ln_dpo,ppo,grpo,overopt (pretraining
     and the base model always run)."""
@@ -79,7 +80,8 @@ def list_main(cfg: WorldListConfig | None = None) -> None:
 def experiments(cfg: WorldRunConfig) -> list[str]:
     from alignkit.world.experiments import EXPERIMENTS
 
-    names = list(EXPERIMENTS) if "all" in cfg.experiment else list(dict.fromkeys(cfg.experiment))
+    given = cfg.experiment or ("ladder",)
+    names = list(EXPERIMENTS) if "all" in given else list(dict.fromkeys(given))
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         raise SystemExit(f"error: --experiment: unknown {', '.join(unknown)}; the experiments are: "

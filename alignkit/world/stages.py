@@ -59,12 +59,19 @@ def content_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+# The world's driver: code that decides which stages run and reports on them, not what a stage computes.
+OUTSIDE_STAGES = {"world/run.py", "world/stages.py", "world/report.py", "world/stats.py", "report.py"}
+
+
 @cache
 def source_version() -> str:
-    """sha256 of alignkit's own source (every alignkit/**/*.py): a code change invalidates the cache."""
+    """sha256 of the alignkit source a stage's command runs (every alignkit/**/*.py but the world's experiment
+    driver and reports, which never run inside a stage): a change to it invalidates the cache."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for f in sorted(root.rglob("*.py")):
+        if f.relative_to(root).as_posix() in OUTSIDE_STAGES or f.parent == root / "world" / "experiments":
+            continue
         h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
