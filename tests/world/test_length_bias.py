@@ -1,35 +1,45 @@
-"""The `length-bias` experiment on the smoke preset: it runs from the cached SFT model (no second pretrain or SFT
-command), writes its section (every method at both biases, the paired effects, the reward models' length
-slopes) and per-prompt rows, and its section aggregates and renders."""
+"""The `length-bias` experiment on the smoke preset, run as a user would after the ladder: it reuses the ladder's
+cached base and SFT models (no tokenizer, init, pretrain or SFT command runs again, and the ladder's stage
+directories are untouched; only the preference files of its two annotator pools are built), writes its section (every method at both biases, the paired effects, the reward models' length
+slopes) and per-prompt rows beside the ladder's, and its section aggregates and renders."""
 
 import json
 import math
 
+from alignkit.cli import run as cli
 from alignkit.world import stages
 from alignkit.world.experiments import EXPERIMENTS, length_bias
 from alignkit.world.report import write_report
 from alignkit.world.stats import aggregate
 
 
-def test_length_bias_runs_from_the_cached_sft_model(tmp_path, monkeypatch):
+def test_length_bias_reuses_the_ladders_base_and_sft(tmp_path, monkeypatch):
     assert EXPERIMENTS[length_bias.NAME] is length_bias and length_bias.NAME == "length-bias"
-    out = tmp_path / "seed-0"
-    first = stages.Context(out, seed=0, preset="smoke")
-    first.sft()
-    trained = []
+    calls = []
 
     def counting(argv):
-        trained.append(argv[0])
-        return run(argv)
+        calls.append(argv[0])
+        return cli(argv)
 
-    run = stages.alignkit
     monkeypatch.setattr(stages, "alignkit", counting)
-    ctx = stages.Context(out, seed=0, preset="smoke")  # a later `world run --experiment length-bias`
-    section = length_bias.run(ctx)
+    world = tmp_path / "world"
+    flags = ["--preset", "smoke", "--output", str(world), "--no-progress", "--threads", "1", "--no-aggregate"]
+    cli(["world", "run", "--stages", "sft", *flags])
+    assert calls == ["world", "train-tokenizer", "init-model", "pretrain", "sft"]
+    out = world / "seed-0"
+    shared = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*")}
+    calls.clear()
+    cli(["world", "run", "--experiment", "length-bias", *flags])
 
-    assert "pretrain" not in trained and "sft" not in trained
-    assert trained.count("reward") == 2 and trained.count("dpo") == 6 and trained.count("ppo") == 2
-    assert any(c.startswith("alignkit sft ") and c.endswith("(cached)") for c in ctx.commands)
+    assert not {"train-tokenizer", "init-model", "pretrain", "sft"} & set(calls), calls
+    assert calls.count("world") == 2  # the worlds of the two annotator pools; the ladder's is reused
+    assert {p: p.stat().st_mtime_ns for p in shared} == shared  # the shared stages' files untouched
+    assert calls.count("reward") == 2 and calls.count("dpo") == 6 and calls.count("ppo") == 2
+    commands = json.loads((out / "timings.json").read_text())["commands"]
+    assert any(c.startswith("alignkit sft ") and c.endswith("(cached)") for c in commands)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["experiments"]) == {"ladder", "length-bias"}  # the first experiment's section is kept
+    section = results["experiments"]["length-bias"]
     strong = f"{length_bias.STRONG:g}"
     for method in length_bias.METHODS:
         for bias in ("0", strong):
@@ -45,9 +55,8 @@ def test_length_bias_runs_from_the_cached_sft_model(tmp_path, monkeypatch):
         assert {"heldout_accuracy", "annotator_gold_agreement", "gold_label_accuracy"} <= set(rm)
         assert rm["length_slope"]["answers"] > 0 and not math.isnan(rm["length_slope"]["score_per_word"])
 
-    (out / "results.json").write_text(json.dumps({"preset": "smoke", "seed": 0, "experiments": {"length-bias": section}}))
-    agg = aggregate(tmp_path)["experiments"]["length-bias"]
+    agg = aggregate(world)["experiments"]["length-bias"]
     assert agg["effect"]["dpo"]["near"]["mean_length_change"]["method"] == "bootstrap"
-    write_report(tmp_path, aggregate(tmp_path))
-    md = (tmp_path / "report.md").read_text()
+    write_report(world, aggregate(world))
+    md = (world / "report.md").read_text()
     assert "| DPO |" in md and "| best-of-n |" in md and "score per word" in md

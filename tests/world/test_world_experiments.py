@@ -1,5 +1,5 @@
-"""The world as experiments sharing cached stages: the cache key, the completion marker, reuse of base and SFT
-by a second experiment, `world list`, and bit-identical reruns of the smoke preset."""
+"""The world as experiments sharing cached stages: the cache key, the completion marker, `world list`, and
+bit-identical reruns of the smoke preset (a second experiment's reuse of base and SFT: test_length_bias.py)."""
 
 import json
 import os
@@ -72,58 +72,19 @@ def test_unknown_experiment_is_one_line(tmp_path):
     assert not (tmp_path / "w").exists()  # nothing half-written
 
 
-def test_a_second_experiment_reuses_base_and_sft(tmp_path, monkeypatch):
-    """`--stages sft` of the ladder, then another experiment needing SFT: no world build, tokenizer, init,
-    pretrain or SFT command runs again, and their directories are untouched."""
-    calls = []
-
-    def counting(argv):
-        calls.append(argv[:2])
-        return cli(argv)
-
-    monkeypatch.setattr(stages, "alignkit", counting)
-    out = tmp_path / "world"
-    cli(["world", "run", "--preset", "smoke", "--output", str(out), "--stages", "sft", "--no-progress",
-         "--threads", "1", "--no-aggregate"])
-    assert [c[0] for c in calls] == ["world", "train-tokenizer", "init-model", "pretrain", "sft"]
-    cache = out / "seed-0" / "cache"
-    mtimes = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
-    seen = {}
-
-    class Needs:
-        NAME, SUMMARY, MINUTES = "needs-sft", "uses the shared SFT model", {"smoke": 0.0, "tiny": 0.0, "small": 0.0}
-
-        @staticmethod
-        def run(ctx):
-            seen["sft"] = ctx.sft()
-            seen["commands"] = ctx.commands
-            return {"answer": 1.0}
-
-        @staticmethod
-        def report(section):
-            return ""
-
-    monkeypatch.setitem(EXPERIMENTS, "needs-sft", Needs)
-    calls.clear()
-    cli(["world", "run", "--preset", "smoke", "--output", str(out), "--experiment", "needs-sft", "--no-progress",
-         "--threads", "1", "--no-aggregate"])
-    assert calls == []
-    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*")} == mtimes
-    assert seen["sft"].parent == cache and all(c.endswith("(cached)") for c in seen["commands"])
-    results = json.loads((out / "seed-0" / "results.json").read_text())
-    assert set(results["experiments"]) == {"ladder", "needs-sft"}  # the first experiment's section is kept
-    assert "seconds" not in results and "timings" in json.loads((out / "seed-0" / "timings.json").read_text())
-
-
-def test_same_seed_rerun_is_bit_identical(tmp_path):
-    """Two smoke runs from scratch in fresh processes (at once, one thread each): identical results.json."""
+@pytest.mark.parametrize("stages", ["sft", pytest.param("all", marks=pytest.mark.slow)])
+def test_same_seed_rerun_is_bit_identical(tmp_path, stages):
+    """Two smoke runs from scratch in fresh processes (at once, one thread each): identical results.json. The
+    suite's run stops after SFT (pretraining, SFT and their evaluation); the slow one runs the whole ladder."""
     env = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", "PYTHONHASHSEED")}
     procs = [subprocess.Popen([sys.executable, "-m", "alignkit.cli", "world", "run", "--preset", "smoke", "--output",
-                               str(tmp_path / name), "--threads", "1", "--no-progress", "--no-aggregate"],
+                               str(tmp_path / name), "--threads", "1", "--no-progress", "--no-aggregate",
+                               "--stages", stages],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
              for name in ("a", "b")]
     for p in procs:
         assert p.wait(timeout=1800) == 0, p.stderr.read()[-3000:]
     a, b = ((tmp_path / name / "seed-0" / "results.json").read_bytes() for name in ("a", "b"))
     assert a == b
-    assert json.loads(a)["experiments"]["ladder"]["grpo"]["far"]  # the whole ladder ran
+    ladder = json.loads(a)["experiments"]["ladder"]
+    assert ladder["sft"]["far"] and (stages == "sft" or ladder["grpo"]["far"])  # what was asked for ran
