@@ -36,8 +36,8 @@ class WorldRunConfig:
     output: str = "runs/world"
     """Directory for data, models and the reports (one seed-S/ subdirectory per seed)."""
     preset: Literal["smoke", "tiny", "small"] = "tiny"
-    """tiny: <= 10 minutes on 2 CPU cores; small: about 40 minutes per seed, clearer effects; smoke: a 1-2 minute
-    pipeline check whose figures mean nothing."""
+    """tiny: the ladder in about 6-17 minutes per seed on 2 CPU cores, by the machine; small: budgeted at about 40
+    minutes per seed, clearer effects; smoke: a pipeline check of a few minutes whose figures mean nothing."""
     seeds: str = "0"
     """Comma-separated seeds (world and every stage); each seed's results are written as it finishes."""
     seed: int | None = None

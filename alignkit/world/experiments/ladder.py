@@ -13,7 +13,7 @@ import torch
 NAME = "ladder"
 SUMMARY = ("the notes' training ladder (pretrain, SFT, reward model, DPO family, PPO, GRPO, best-of-n) judged by "
            "the gold judge on near and far frames")
-MINUTES = {"smoke": 1.5, "tiny": 10.0, "small": 40.0}
+MINUTES = {"smoke": 1.5, "tiny": 17.0, "small": 40.0}
 STAGES = ("sft", "reward", "dpo", "simpo", "ln_dpo", "ppo", "grpo", "overopt")
 POLICIES = ("base", "sft", "dpo", "simpo", "ln_dpo", "ppo", "grpo")
 
