@@ -50,3 +50,73 @@ def completion_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     logits, labels, mask = shifted_logits(model, **batch)  # (N, T-1, V), (N, T-1), (N, T-1)
     logps, token = sequence_logps(logits, labels, mask, per_token=True)  # (N,), (N, T-1)
     return logps, mask.sum(-1).to(logps.dtype), token
+
+
+def _shared_prefix(options: list[list[int]], masks: list[list[int]]) -> int:
+    """How many leading (token, mask) pairs every option has in common, leaving each at least one token."""
+    k, shortest = 0, min(len(o) for o in options) - 1
+    while k < shortest and all(o[k] == options[0][k] and m[k] == masks[0][k] for o, m in zip(options, masks)):
+        k += 1
+    return k
+
+
+@torch.no_grad()
+def option_logps(model, prompts: list[list[int]], options: list[list[list[int]]], pad_id: int,
+                 option_masks: list[list[list[int]]] | None = None, batch_size: int = 32) -> list[list[float]]:
+    """Summed log pi(option | prompt) of every option of every prompt: a multiple-choice question's
+    belief over its answers. Each prompt, with the tokens all its options begin with, runs once and its KV
+    cache is shared by the options' remaining tokens, so a question with 20 answers costs one prompt and 20
+    short continuations instead of 20 whole sequences.
+
+    Args:
+        prompts: Q prompts' token ids.
+        options: per prompt, its options' token ids (each non-empty).
+        option_masks: per option token, 1 = counts in the sum (default: every token).
+
+    Returns:
+        per prompt, one summed log-prob per option."""
+    from alignkit.generation import left_pad
+
+    if len(options) != len(prompts) or any(not opts or not all(opts) for opts in options):
+        raise ValueError("option_logps: every prompt needs a list of non-empty options")
+    if option_masks is None:
+        option_masks = [[[1] * len(o) for o in opts] for opts in options]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[list[float]] = []
+    for start in range(0, len(prompts), batch_size):
+        opts, masks = options[start:start + batch_size], option_masks[start:start + batch_size]
+        shared = [_shared_prefix(o, m) for o, m in zip(opts, masks)]
+        heads = [p + o[0][:k] for p, o, k in zip(prompts[start:start + batch_size], opts, shared)]
+        ids, attn = (t.to(device) for t in left_pad(heads, pad_id))  # (Q, T): prompt + shared option tokens
+        head_counts = torch.zeros(ids.shape, device=device)  # (Q, T): shared option tokens that count
+        for q, (m, k) in enumerate(zip(masks, shared)):
+            if k:
+                head_counts[q, ids.shape[1] - k:] = torch.as_tensor(m[0][:k], dtype=head_counts.dtype)
+        first = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                      use_cache=True)
+        head_sums = (token_logps(first.logits[:, :-1], ids[:, 1:]) * head_counts[:, 1:]).sum(-1)  # (Q,)
+        owner = torch.tensor([q for q, os in enumerate(opts) for _ in os], device=device)  # (N,): option -> prompt
+        cache = first.cache
+        cache.reorder_cache(owner)
+        tails = [(o[k:], m[k:]) for os, ms, k in zip(opts, masks, shared) for o, m in zip(os, ms)]
+        S = max(len(o) for o, _ in tails)
+        tail_ids = torch.full((len(tails), S), pad_id, dtype=torch.long, device=device)  # (N, S), right-padded
+        tail_attn = torch.zeros((len(tails), S), dtype=torch.long, device=device)
+        tail_counts = torch.zeros((len(tails), S), device=device)
+        for i, (o, m) in enumerate(tails):
+            tail_ids[i, :len(o)] = torch.as_tensor(o)
+            tail_attn[i, :len(o)] = 1
+            tail_counts[i, :len(o)] = torch.as_tensor(m, dtype=tail_counts.dtype)
+        logits = model(input_ids=tail_ids, attention_mask=torch.cat([attn[owner], tail_attn], -1),
+                       position_ids=attn.sum(-1)[owner, None] + torch.arange(S, device=device),
+                       cache=cache, use_cache=True).logits  # (N, S, V)
+        # the head's last logits score the tail's first token, the tail's own logits the rest
+        logits = torch.cat([first.logits[owner, -1:], logits[:, :-1]], 1)  # (N, S, V)
+        sums = (head_sums[owner] + (token_logps(logits, tail_ids) * tail_counts).sum(-1)).tolist()  # (N,)
+        for os in opts:
+            out.append(sums[:len(os)])
+            sums = sums[len(os):]
+    model.train(was_training)
+    return out

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import re
+import weakref
 from dataclasses import dataclass, field
 
 from transformers.utils.chat_template_utils import render_jinja_template
@@ -119,10 +120,30 @@ def template_end_of_turn_id(tokenizer) -> int | None:
     return None
 
 
+_END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def end_of_turn_ids(tokenizer) -> set[int]:
     """Token ids that end an assistant turn, shared by rendering (the loss mask runs through them) and
     generation (it stops at them): EOS, the known end-of-turn tokens the vocabulary has, and the token
-    the tokenizer's chat template ends an assistant turn with."""
+    the tokenizer's chat template ends an assistant turn with. Remembered per tokenizer (probing the
+    template costs more than rendering one short conversation) until its template, vocabulary or EOS changes."""
+    state = (getattr(tokenizer, "chat_template", None), len(tokenizer), tokenizer.eos_token_id)
+    try:
+        known = _END_OF_TURN.get(tokenizer)
+    except TypeError:  # an object that cannot be weakly referenced
+        known = None
+    if known is not None and known[0] == state:
+        return set(known[1])
+    ids = _probe_end_of_turn_ids(tokenizer)
+    try:
+        _END_OF_TURN[tokenizer] = (state, frozenset(ids))
+    except TypeError:
+        pass
+    return ids
+
+
+def _probe_end_of_turn_ids(tokenizer) -> set[int]:
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     ids.update(tid for tid in (_token_id(tokenizer, n) for n in END_OF_TURN_TOKENS) if tid is not None)
     tid = template_end_of_turn_id(tokenizer)

@@ -12,14 +12,12 @@ from pathlib import Path
 import torch
 
 from alignkit.data import render_prompt, render_prompt_completion
-from alignkit.eval.calibration import expected_calibration_error
 from alignkit.errors import DataError
+from alignkit.eval.calibration import expected_calibration_error
 from alignkit.eval.token_shift import answer_ranks, shift_summary
 from alignkit.generation import generate
-from alignkit.logprobs import next_token_logps
-from alignkit.losses import masked_sum
+from alignkit.logprobs import option_logps
 from alignkit.models import load_causal_lm, load_tokenizer, stop_token_ids
-from alignkit.train.batching import collate
 from alignkit.world.facts import ANSWERS, ATTRIBUTES, START, STEP
 from alignkit.world.gold import correctness, gold_score, is_refusal
 
@@ -145,8 +143,39 @@ def _options(meta: dict) -> tuple[list[str], int]:
             values.index(meta["answer"]))
 
 
+_OPTION_INPUTS: dict[str, tuple] = {}
+
+
+def _option_inputs(tok, families: dict[str, list[dict]]) -> tuple[list, list, list, list]:
+    """Per question: its prompt's tokens, its options' tokens and loss masks, and (option count, true index).
+    Remembered per tokenizer and question set: every stage of a run shares the tokenizer, and rendering the
+    thousands of options costs more than scoring them."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps([tok.backend_tokenizer.to_str(), str(tok.chat_template),
+                                     [[r["prompt"], r["meta"]] for rows in families.values() for r in rows]],
+                                    sort_keys=True).encode()).hexdigest()
+    if key not in _OPTION_INPUTS:
+        prompts, options, masks, truth = [], [], [], []
+        for rows in families.values():
+            for row in rows:
+                texts, true_index = _options(row["meta"])
+                examples = [render_prompt_completion(tok, row["prompt"], [{"role": "assistant", "content": t}])
+                            for t in texts]
+                cut = examples[0].loss_mask.index(1)  # the prompt: every token before the answer's first
+                if any(e.input_ids[:cut] != examples[0].input_ids[:cut] for e in examples):
+                    raise ValueError(f"option_calibration: the options of {row['prompt']!r} do not share its prompt")
+                prompts.append(examples[0].input_ids[:cut])
+                options.append([e.input_ids[cut:] for e in examples])
+                masks.append([e.loss_mask[cut:] for e in examples])
+                truth.append((len(texts), true_index))
+        _OPTION_INPUTS.clear()  # one question set at a time is all a run needs
+        _OPTION_INPUTS[key] = prompts, options, masks, truth
+    return _OPTION_INPUTS[key]
+
+
 @torch.no_grad()
-def option_calibration(model_dir: str | Path, sets: dict[str, list[dict]], batch_size: int = 64) -> dict:
+def option_calibration(model_dir: str | Path, sets: dict[str, list[dict]]) -> dict:
     """Multiple-choice calibration, as the GPT-4 technical report measures it on MMLU (OpenAI 2023, arXiv
     2303.08774, fig. 8: ECE 0.007 before RLHF, 0.074 after; the notes: SFT models are fairly calibrated,
     RLHF models over-confident). The model scores every answer sentence a question can have ("N plays the
@@ -159,18 +188,8 @@ def option_calibration(model_dir: str | Path, sets: dict[str, list[dict]], batch
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir).eval()
     families = {"fact": [row for name in FACT_SETS for row in sets[name]], "arith": sets["arith"]}
-    examples, truth = [], []  # every question's options, consecutively
-    for rows in families.values():
-        for row in rows:
-            texts, true_index = _options(row["meta"])
-            examples += [render_prompt_completion(tok, row["prompt"], [{"role": "assistant", "content": t}]) for t in texts]
-            truth.append((len(texts), true_index))
-    scores = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        batch = collate([e.input_ids for e in chunk], [e.loss_mask for e in chunk], tok.pad_token_id)
-        logps, mask = next_token_logps(model, **batch)  # (B, T-1)
-        scores += masked_sum(logps, mask, -1).tolist()
+    prompts, options, masks, truth = _option_inputs(tok, families)
+    scores = [s for per_question in option_logps(model, prompts, options, tok.pad_token_id, masks) for s in per_question]
     conf, correct, start = [], [], 0
     for n, true_index in truth:
         probs = torch.tensor(scores[start:start + n], dtype=torch.float64).softmax(-1)

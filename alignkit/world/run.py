@@ -46,12 +46,12 @@ class WorldRunConfig:
     """Experiment to run (repeatable; `all` = every one; default: ladder; `alignkit world list` says what each
     shows)."""
     stages: str = "all"
-    """The ladder's stages: a comma-separated subset of sft,reward,dpo,simpo,ln_dpo,ppo,grpo,overopt (pretraining
+    """The ladder's stages: a comma-separated subset of sft,reward,dpo,ppo,grpo,overopt (pretraining
     and the base model always run)."""
     parallel: int = 1
     """Run this many seeds at once, each in its own process with cores // parallel threads."""
     stage_processes: int = 1
-    """Train the ladder's independent post-SFT stages (DPO, SimPO, LN-DPO, PPO, GRPO) this many at a time, each in
+    """Train an experiment's independent post-SFT stages (the ladder's DPO, PPO, GRPO, ...) this many at a time, each in
     its own single-threaded process."""
     threads: int | None = None
     """torch threads per seed (default: the cores, divided among the parallel seeds). Results depend on it."""
@@ -88,6 +88,15 @@ def experiments(cfg: WorldRunConfig) -> list[str]:
         raise SystemExit(f"error: --experiment: unknown {', '.join(unknown)}; the experiments are: "
                          f"{', '.join(EXPERIMENTS)} (or all)")
     return names
+
+
+def check_stages(cfg: WorldRunConfig) -> None:
+    from alignkit.world.experiments.ladder import STAGES
+
+    unknown = [s for s in cfg.stages.split(",") if s.strip() not in STAGES] if cfg.stages != "all" else []
+    if unknown:
+        raise SystemExit(f"error: --stages: unknown {', '.join(unknown)}; the ladder's stages are: {','.join(STAGES)} "
+                         "(SimPO and LN-DPO are in --experiment dpo-family)")
 
 
 def seeds(cfg: WorldRunConfig) -> list[int]:
@@ -186,6 +195,7 @@ def run_parallel(cfg: WorldRunConfig, all_seeds: list[int], names: list[str], th
 
 def main(cfg: WorldRunConfig) -> dict:
     names = experiments(cfg)
+    check_stages(cfg)
     all_seeds = seeds(cfg)
     parallel = max(1, min(cfg.parallel, len(all_seeds)))
     threads = cfg.threads or max(1, cores() // parallel)

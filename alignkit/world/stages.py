@@ -27,8 +27,8 @@ from alignkit.cli import run as alignkit
 PRESETS = {
     "smoke": dict(world="smoke", pretrain_steps=20, sft_steps=10, rm_steps=5, dpo_steps=3, ppo_steps=2,
                   grpo_steps=2, bon_prompts=8, bon_n=4),
-    "tiny": dict(world="tiny", pretrain_steps=800, sft_steps=600, rm_steps=190, dpo_steps=75, ppo_steps=30,
-                 grpo_steps=50, bon_prompts=96, bon_n=32),
+    "tiny": dict(world="tiny", pretrain_steps=350, sft_steps=400, rm_steps=130, dpo_steps=75, ppo_steps=30,
+                 grpo_steps=50, bon_prompts=64, bon_n=32),
     "small": dict(world="small", pretrain_steps=6000, sft_steps=1200, rm_steps=350, dpo_steps=500, ppo_steps=150,
                   grpo_steps=120, bon_prompts=200, bon_n=64),
 }
@@ -207,9 +207,9 @@ class Context:
                                   "--lr", "1e-3"], [base, data / "sft.jsonl"])
 
     def reward_model(self, data: Path) -> Path:
-        """The proxy reward model on `data`'s annotator rankings, from the SFT model. Two epochs of whole
-        rankings (4 prompts a batch, each answer scored once), as InstructGPT trained its reward model, beat
-        singly labelled pairs at the same cost (docs/world.md)."""
+        """The proxy reward model on `data`'s annotator rankings, from the SFT model. Whole rankings (4 prompts
+        a batch, each answer scored once), as InstructGPT trained its reward model, beat singly labelled pairs
+        at the same cost (docs/world.md); the tiny budget is 1.3 epochs of them."""
         sft, ranked = self.sft(), data / "pref_ranked.jsonl"
         return self.stage("reward", ["reward", "--model", str(sft), "--data", str(ranked), "--max-steps",
                                      str(self.budget["rm_steps"]), "--group-by-prompt", "--batch-size", "4",

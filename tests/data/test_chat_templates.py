@@ -280,6 +280,21 @@ def test_generation_stops_at_the_templates_end_of_turn_token(name, tokenizers):
     assert eot in end_of_turn_ids(tok) and eot in stop_token_ids(tok)
 
 
+def test_end_of_turn_ids_follow_a_changed_template(tokenizers):
+    """end_of_turn_ids is remembered per tokenizer; a tokenizer whose chat template changes is probed again."""
+    import copy
+
+    from alignkit.data import end_of_turn_ids
+
+    tok = copy.deepcopy(tokenizers["gemma"])
+    gemma_eot = tok.convert_tokens_to_ids(TEMPLATES["gemma"][4])
+    assert gemma_eot in end_of_turn_ids(tok)
+    tok.add_special_tokens({"additional_special_tokens": ["<|stop|>"]})
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                         "<|stop|>{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    assert tok.convert_tokens_to_ids("<|stop|>") in end_of_turn_ids(tok)
+
+
 def test_generate_stops_at_gemma_end_of_turn():
     """A model whose logits are all zero greedily predicts token 0, which is Gemma's <end_of_turn> in this
     tokenizer: generation stops right after it (it ran to max_new_tokens when the stop list lacked it)."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from alignkit.cli import run as cli
-from alignkit.logprobs import completion_logps, next_token_logps, pack_completions
+from alignkit.logprobs import completion_logps, next_token_logps, option_logps, pack_completions
 from alignkit.models import load_causal_lm, load_tokenizer
 from alignkit.train.batching import collate
 from helpers import ranked_preferences, read_metrics, toy_preferences
@@ -84,6 +84,27 @@ def test_padding_does_not_change_log_probs(tiny_model):
         one = completion_logps(model, pack_completions([p], [c], tok.pad_token_id))[0]
         many = completion_logps(model, pack_completions([p, long], [c, short], tok.pad_token_id))[0]
         torch.testing.assert_close(many[:1], one, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prompt_option_logps_equal_whole_sequences(tiny_model):
+    """option_logps runs each prompt once and continues its KV cache with every option (prompts of several
+    lengths, left-padded; options of several lengths, right-padded, some tokens masked out): the sums are
+    those of scoring each prompt + option as one sequence."""
+    tok = load_tokenizer(tiny_model)
+    model = load_causal_lm(tiny_model).eval()
+    prompts = [tok.encode("Q: which pet does Ada have?"), tok.encode("Q: pet?")]
+    options = [[tok.encode(" A dog."), tok.encode(" A very small rabbit."), tok.encode(" None.")],
+               [tok.encode(" A cat."), tok.encode(" Two fish in a bowl.")]]
+    masks = [[[1] * len(o) for o in os] for os in options]
+    masks[0][1][0] = 0  # the first token of one option does not count
+    got = option_logps(model, prompts, options, tok.pad_token_id, masks, batch_size=2)
+    with torch.no_grad():
+        for p, os, ms, sums in zip(prompts, options, masks, got):
+            batch = collate([p + o for o in os], [[0] * len(p) + m for m in ms], tok.pad_token_id, "cpu")
+            logps, mask = next_token_logps(model, **batch)
+            torch.testing.assert_close(torch.tensor(sums), (logps * mask).sum(-1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="non-empty options"):
+        option_logps(model, prompts, [options[0], [[]]], tok.pad_token_id)
 
 
 def test_compile_follows_the_eager_trajectory(tiny_model, assets, tmp_path):

@@ -1,19 +1,20 @@
-"""The `length-bias` experiment on the smoke preset, run as a user would after the ladder: it reuses the ladder's
-cached base and SFT models (no tokenizer, init, pretrain or SFT command runs again, and the ladder's stage
-directories are untouched; only the preference files of its two annotator pools are built), writes its section (every method at both biases, the paired effects, the reward models' length
-slopes) and per-prompt rows beside the ladder's, and its section aggregates and renders."""
+"""The `dpo-family` and `length-bias` experiments on the smoke preset, run as a user would after the ladder: they
+reuse the ladder's cached base and SFT models (no tokenizer, init, pretrain or SFT command runs again, and the
+ladder's stage directories are untouched; length-bias builds only the preference files of its two annotator
+pools). Each writes its section (length-bias: every method at both biases, the paired effects, the reward
+models' length slopes) and per-prompt rows beside the ladder's, and its section aggregates and renders."""
 
 import json
 import math
 
 from alignkit.cli import run as cli
 from alignkit.world import stages
-from alignkit.world.experiments import EXPERIMENTS, length_bias
+from alignkit.world.experiments import EXPERIMENTS, dpo_family, length_bias
 from alignkit.world.report import write_report
 from alignkit.world.stats import aggregate
 
 
-def test_length_bias_reuses_the_ladders_base_and_sft(tmp_path, monkeypatch):
+def test_second_experiments_reuse_the_ladders_base_and_sft(tmp_path, monkeypatch):
     assert EXPERIMENTS[length_bias.NAME] is length_bias and length_bias.NAME == "length-bias"
     calls = []
 
@@ -27,6 +28,13 @@ def test_length_bias_reuses_the_ladders_base_and_sft(tmp_path, monkeypatch):
     cli(["world", "run", "--stages", "sft", *flags])
     assert calls == ["world", "train-tokenizer", "init-model", "pretrain", "sft"]
     out = world / "seed-0"
+    calls.clear()
+    cli(["world", "run", "--experiment", "dpo-family", *flags])
+    assert calls == ["dpo", "dpo", "dpo"]  # DPO, SimPO, LN-DPO from the cached SFT model
+    family = json.loads((out / "results.json").read_text())["experiments"]["dpo-family"]
+    for method in dpo_family.METHODS:
+        assert "win_rate_vs_sft" in family[method]["far"] and "shifted" in family["token_shift"][method]["vs_sft"]
+    assert "| simpo |" in dpo_family.report(family)
     shared = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*")}
     calls.clear()
     cli(["world", "run", "--experiment", "length-bias", *flags])
@@ -38,7 +46,7 @@ def test_length_bias_reuses_the_ladders_base_and_sft(tmp_path, monkeypatch):
     commands = json.loads((out / "timings.json").read_text())["commands"]
     assert any(c.startswith("alignkit sft ") and c.endswith("(cached)") for c in commands)
     results = json.loads((out / "results.json").read_text())
-    assert set(results["experiments"]) == {"ladder", "length-bias"}  # the first experiment's section is kept
+    assert set(results["experiments"]) == {"ladder", "dpo-family", "length-bias"}  # earlier sections are kept
     section = results["experiments"]["length-bias"]
     strong = f"{length_bias.STRONG:g}"
     for method in length_bias.METHODS:

@@ -1,6 +1,7 @@
 """The world's evaluation: per-prompt rows and metrics by hand, win rates, calibration against a
 one-sequence-at-a-time reference."""
 
+import functools
 import json
 import math
 
@@ -11,6 +12,7 @@ from alignkit.cli import main
 from alignkit.data import render_prompt_completion
 from alignkit.eval.calibration import expected_calibration_error
 from alignkit.models import load_causal_lm, load_tokenizer
+from alignkit.world import evaluate
 from alignkit.world.evaluate import (ARITH_ANSWERS, EVAL_SETS, FACT_SETS, METRICS, option_calibration, prompt_rows,
                                      score, win_rate, win_values)
 from alignkit.world.facts import ANSWERS, ATTRIBUTES, IDK, REFUSAL, START, STEP
@@ -136,13 +138,15 @@ def test_every_possible_word_problem_answer_is_an_option():
     assert min(ARITH_ANSWERS) == 6 and max(ARITH_ANSWERS) == 24
 
 
-def test_option_calibration_matches_scoring_each_sentence_alone(tiny_model):
+def test_option_calibration_matches_scoring_each_sentence_alone(tiny_model, monkeypatch):
     facts = [fact_row("Ada Brook", "city", "Marlow"), fact_row("Bruno Castell", "instrument", "harp", "far"),
              fact_row("Cora Dunmore", "club", "film club"), fact_row("Dmitri Ellery", "year", "1975", "far"),
              fact_row("Elena Sable", "city", "Redcliff")]
     arith = [arith_row(12, 3, 4), arith_row(20, 1, 5, "far"), arith_row(10, 5, 1)]
     sets = {FACT_SETS[0]: facts[:2], FACT_SETS[1]: facts[2:4], FACT_SETS[2]: facts[4:], "arith": arith}
-    got = option_calibration(tiny_model, sets, batch_size=7)  # batches cut across questions, padded
+    # several batches of questions, each padded
+    monkeypatch.setattr(evaluate, "option_logps", functools.partial(evaluate.option_logps, batch_size=2))
+    got = option_calibration(tiny_model, sets)
 
     tok, model = load_tokenizer(tiny_model), load_causal_lm(tiny_model).eval()
     expected = {(d, f): [] for d in ("near", "far") for f in ("fact", "arith")}

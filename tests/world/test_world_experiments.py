@@ -64,11 +64,13 @@ def test_world_list_says_what_each_experiment_shows(capsys):
         assert set(module.MINUTES) == {"smoke", "tiny", "small"}
 
 
-def test_unknown_experiment_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "alignkit.cli", "world", "run", "--preset", "smoke", "--experiment",
-                        "nope", "--output", str(tmp_path / "w")], capture_output=True, text=True)
+@pytest.mark.parametrize(("flag", "value", "named"), [("--experiment", "nope", "ladder"),
+                                                     ("--stages", "sft,simpo", "dpo-family")])
+def test_unknown_experiment_or_stage_is_one_line(tmp_path, flag, value, named):
+    r = subprocess.run([sys.executable, "-m", "alignkit.cli", "world", "run", "--preset", "smoke", flag, value,
+                        "--output", str(tmp_path / "w")], capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr
-    assert "nope" in r.stderr and "ladder" in r.stderr
+    assert flag in r.stderr and value.split(",")[-1] in r.stderr and named in r.stderr
     assert not (tmp_path / "w").exists()  # nothing half-written
 
 

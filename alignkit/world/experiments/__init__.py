@@ -6,6 +6,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from alignkit.world.experiments import ladder, length_bias
+from alignkit.world.experiments import dpo_family, ladder, length_bias
 
-EXPERIMENTS: dict[str, ModuleType] = {m.NAME: m for m in (ladder, length_bias)}
+EXPERIMENTS: dict[str, ModuleType] = {m.NAME: m for m in (ladder, dpo_family, length_bias)}

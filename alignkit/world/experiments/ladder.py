@@ -1,4 +1,4 @@
-"""The ladder: base, SFT, reward model, DPO / SimPO / LN-DPO, PPO, GRPO and best-of-n, each stage an
+"""The ladder: base, SFT, reward model, DPO, PPO, GRPO and best-of-n, each stage an
 ordinary `alignkit` command on the world's files, each model scored by the gold judge on held-out prompts
 in trained (near) and never-trained (far) frames."""
 
@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 
 NAME = "ladder"
-SUMMARY = ("the notes' training ladder (pretrain, SFT, reward model, DPO family, PPO, GRPO, best-of-n) judged by "
+SUMMARY = ("the notes' training ladder (pretrain, SFT, reward model, DPO, PPO, GRPO, best-of-n) judged by "
            "the gold judge on near and far frames")
 MINUTES = {"smoke": 1.5, "tiny": 17.0, "small": 40.0}
-STAGES = ("sft", "reward", "dpo", "simpo", "ln_dpo", "ppo", "grpo", "overopt")
-POLICIES = ("base", "sft", "dpo", "simpo", "ln_dpo", "ppo", "grpo")
+# SimPO and LN-DPO live in the dpo-family and length-bias experiments (the same stages, shared by the cache).
+STAGES = ("sft", "reward", "dpo", "ppo", "grpo", "overopt")
+POLICIES = ("base", "sft", "dpo", "ppo", "grpo")
 
 
 def mean(xs) -> float:
@@ -133,6 +134,13 @@ def post_sft_commands(ctx, data: Path, sft: Path, rm: Path | None) -> dict[str, 
     return commands
 
 
+def shift_vs(ctx, label: str, reference: Path, model: Path, data: Path) -> dict:
+    """The token shift of `model`'s greedy held-out answers as ranked by `reference` (timed as the stage's eval)."""
+    from alignkit.world.evaluate import token_shift
+
+    return ctx.time(f"eval {label}", token_shift, reference, ctx.sets(data), ctx.answers(model, data))
+
+
 def run(ctx) -> dict:
     wanted = set(STAGES) if ctx.stages == "all" else set(ctx.stages.split(","))
     data = ctx.data()
@@ -144,18 +152,8 @@ def run(ctx) -> dict:
         return section
     sft = ctx.sft()
     section["sft"] = ctx.evaluate(NAME, "sft", sft, data)
-    shift = section["token_shift"] = {}
-
-    def token_shift(label: str, model: Path) -> None:
-        """Which tokens the stage changed (Lin et al. 2023): ranked by the base model and, after SFT, by SFT."""
-        from alignkit.world.evaluate import token_shift as shift_of
-
-        answers = ctx.answers(model, data)
-        shift[label] = {"vs_base": ctx.time(f"eval {label}", shift_of, base, sets, answers)}
-        if label != "sft":
-            shift[label]["vs_sft"] = ctx.time(f"eval {label}", shift_of, sft, sets, answers)
-
-    token_shift("sft", sft)
+    # Which tokens each stage changed (Lin et al. 2023): ranked by the base model and, after SFT, by SFT.
+    shift = section["token_shift"] = {"sft": {"vs_base": shift_vs(ctx, "sft", base, sft, data)}}
     rm = None
     if wanted & {"reward", "ppo", "overopt"}:
         rm = ctx.reward_model(data)
@@ -163,7 +161,7 @@ def run(ctx) -> dict:
     specs = {name: spec for name, spec in post_sft_commands(ctx, data, sft, rm).items() if name in wanted}
     for name, model in ctx.stages_at_once(specs, ctx.at_once).items():
         section[name] = ctx.evaluate(NAME, name, model, data, baseline="sft")
-        token_shift(name, model)
+        shift[name] = {"vs_base": shift_vs(ctx, name, base, model, data), "vs_sft": shift_vs(ctx, name, sft, model, data)}
         if name == "ppo":
             rows = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
             section["ppo"]["kl"] = next((r["kl"] for r in reversed(rows) if "kl" in r), float("nan"))
