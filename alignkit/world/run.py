@@ -36,8 +36,8 @@ class WorldRunConfig:
     output: str = "runs/world"
     """Directory for data, models and the reports (one seed-S/ subdirectory per seed)."""
     preset: Literal["smoke", "tiny", "small"] = "tiny"
-    """tiny: the ladder in about 6-17 minutes per seed on 2 CPU cores, by the machine; small: budgeted at about 40
-    minutes per seed, clearer effects; smoke: a pipeline check of a few minutes whose figures mean nothing."""
+    """tiny: the ladder in under 10 minutes per seed on 2 CPU cores; small: budgeted at about 40 minutes per seed
+    (not yet measured), clearer effects; smoke: a pipeline check of a few minutes whose figures mean nothing."""
     seeds: str = "0"
     """Comma-separated seeds (world and every stage); each seed's results are written as it finishes."""
     seed: int | None = None
@@ -74,7 +74,8 @@ def list_main(cfg: WorldListConfig | None = None) -> None:
     from alignkit.world.experiments import EXPERIMENTS
 
     for name, module in EXPERIMENTS.items():
-        minutes = ", ".join(f"{preset} {m:g}" for preset, m in module.MINUTES.items())
+        minutes = ", ".join(f"{preset} ~{m:g} (estimate)" if preset in module.ESTIMATED else f"{preset} {m:g}"
+                            for preset, m in module.MINUTES.items())
         print(f"{name}\n    {module.SUMMARY}\n    minutes per seed on 2 cores: {minutes}")
 
 

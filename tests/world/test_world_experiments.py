@@ -61,7 +61,8 @@ def test_world_list_says_what_each_experiment_shows(capsys):
     out = capsys.readouterr().out
     for name, module in EXPERIMENTS.items():
         assert name in out and module.SUMMARY in out
-        assert set(module.MINUTES) == {"smoke", "tiny", "small"}
+        assert set(module.MINUTES) == {"smoke", "tiny", "small"} and module.ESTIMATED <= set(module.MINUTES)
+    assert "small ~40 (estimate)" in out
 
 
 @pytest.mark.parametrize(("flag", "value", "named"), [("--experiment", "nope", "ladder"),

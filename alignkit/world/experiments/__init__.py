@@ -1,6 +1,7 @@
 """The world's experiments, in run order. Each module defines NAME, SUMMARY (one line: what it shows), MINUTES
-(measured minutes per seed on 2 cores per preset, beyond the shared stages it reuses), run(ctx) -> its
-results.json section, and report(section) -> markdown for one seed's section or the aggregate's."""
+(minutes per seed on 2 cores per preset, beyond the shared stages it reuses), ESTIMATED (the presets whose
+MINUTES are estimated from the stages' costs rather than measured), run(ctx) -> its results.json section, and
+report(section) -> markdown for one seed's section or the aggregate's."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 NAME = "dpo-family"
 SUMMARY = ("DPO, SimPO and LN-DPO from the same SFT model and preference pairs: win rate vs SFT, answer length, "
            "hedging, calibration and the tokens each changed")
-MINUTES = {"smoke": 1.0, "tiny": 3.5, "small": 15.0}
+MINUTES = {"smoke": 0.5, "tiny": 1.8, "small": 8.0}
+ESTIMATED = {"smoke", "small"}
 METHODS = ("dpo", "simpo", "ln_dpo")
 COLUMNS = ["win_rate_vs_sft", "gold_reward", "mean_length", "qa_accuracy_seen", "idk_on_unknown", "harmful_refusal",
            "fact_calibration_ece"]

@@ -15,6 +15,7 @@ NAME = "length-bias"
 SUMMARY = ("DPO, LN-DPO, SimPO, PPO and best-of-n trained on unbiased vs strongly length-biased annotators: the "
            "change in answer length and gold reward the bias causes, and the reward model's score-vs-length slope")
 MINUTES = {"smoke": 3.0, "tiny": 12.0, "small": 45.0}
+ESTIMATED = {"tiny", "small"}
 # A mean length bias of 2.0 makes the annotators prefer the longer answer of a pair about three times in four
 # (against about one in two unbiased) while they still agree with the gold judge on about three untied pairs in
 # four (nine in ten unbiased, one in two by chance), so the signal is biased, not destroyed.
