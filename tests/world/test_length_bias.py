@@ -1,20 +1,21 @@
-"""The `dpo-family` and `length-bias` experiments on the smoke preset, run as a user would after the ladder: they
-reuse the ladder's cached base and SFT models (no tokenizer, init, pretrain or SFT command runs again, and the
-ladder's stage directories are untouched; length-bias builds only the preference files of its two annotator
-pools). Each writes its section (length-bias: every method at both biases, the paired effects, the reward
-models' length slopes) and per-prompt rows beside the ladder's, and its section aggregates and renders."""
+"""The `length-bias` experiment on the smoke preset, run as a user would after the ladder: it reuses the ladder's
+cached base and SFT models (no tokenizer, init, pretrain or SFT command runs again, and the ladder's stage
+directories are untouched; only the preference files of its two annotator pools are built), writes its section
+(every method at both biases, the paired effects, the reward models' length slopes) and per-prompt rows beside
+the ladder's, and its section aggregates and renders. The `dpo-family` experiment's wiring is checked on a
+stand-in context (it trains nothing the ladder and length-bias runs do not)."""
 
 import json
 import math
 
 from alignkit.cli import run as cli
 from alignkit.world import stages
-from alignkit.world.experiments import EXPERIMENTS, dpo_family, length_bias
+from alignkit.world.experiments import EXPERIMENTS, length_bias
 from alignkit.world.report import write_report
 from alignkit.world.stats import aggregate
 
 
-def test_second_experiments_reuse_the_ladders_base_and_sft(tmp_path, monkeypatch):
+def test_length_bias_reuses_the_ladders_base_and_sft(tmp_path, monkeypatch):
     assert EXPERIMENTS[length_bias.NAME] is length_bias and length_bias.NAME == "length-bias"
     calls = []
 
@@ -28,13 +29,6 @@ def test_second_experiments_reuse_the_ladders_base_and_sft(tmp_path, monkeypatch
     cli(["world", "run", "--stages", "sft", *flags])
     assert calls == ["world", "train-tokenizer", "init-model", "pretrain", "sft"]
     out = world / "seed-0"
-    calls.clear()
-    cli(["world", "run", "--experiment", "dpo-family", *flags])
-    assert calls == ["dpo", "dpo", "dpo"]  # DPO, SimPO, LN-DPO from the cached SFT model
-    family = json.loads((out / "results.json").read_text())["experiments"]["dpo-family"]
-    for method in dpo_family.METHODS:
-        assert "win_rate_vs_sft" in family[method]["far"] and "shifted" in family["token_shift"][method]["vs_sft"]
-    assert "| simpo |" in dpo_family.report(family)
     shared = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*")}
     calls.clear()
     cli(["world", "run", "--experiment", "length-bias", *flags])
@@ -46,7 +40,7 @@ def test_second_experiments_reuse_the_ladders_base_and_sft(tmp_path, monkeypatch
     commands = json.loads((out / "timings.json").read_text())["commands"]
     assert any(c.startswith("alignkit sft ") and c.endswith("(cached)") for c in commands)
     results = json.loads((out / "results.json").read_text())
-    assert set(results["experiments"]) == {"ladder", "dpo-family", "length-bias"}  # earlier sections are kept
+    assert set(results["experiments"]) == {"ladder", "length-bias"}  # the first experiment's section is kept
     section = results["experiments"]["length-bias"]
     strong = f"{length_bias.STRONG:g}"
     for method in length_bias.METHODS:
@@ -68,3 +62,51 @@ def test_second_experiments_reuse_the_ladders_base_and_sft(tmp_path, monkeypatch
     write_report(world, aggregate(world))
     md = (world / "report.md").read_text()
     assert "| DPO |" in md and "| best-of-n |" in md and "score per word" in md
+
+
+class StandInContext:
+    """What dpo_family.run asks of a world Context, recording the stages it asks to train."""
+
+    def __init__(self, tmp_path):
+        self.root, self.trained, self.budget = tmp_path, [], stages.PRESETS["smoke"]
+
+    def data(self):
+        return self.root / "data"
+
+    def sft(self):
+        return self.root / "sft"
+
+    at_once = 1
+
+    def stages_at_once(self, specs, at_once):
+        self.trained += [(label, command[command.index("--loss") + 1], command[command.index("--model") + 1])
+                         for label, (command, _) in specs.items()]
+        return {label: self.root / label for label in specs}
+
+    def evaluate(self, experiment, label, model, data, baseline=None):
+        assert experiment == "dpo-family" and (baseline == "sft") == (label != "sft")
+        metrics = {"win_rate_vs_sft": 0.5} if baseline else {}
+        return {d: {**metrics, "mean_length": 10.0} for d in ("near", "far")}
+
+    def time(self, label, fn, *args):
+        return {"shifted": 0.1, "shifted_at_end": 0.0}
+
+    def sets(self, data):
+        return {}
+
+    def answers(self, model, data):
+        return {}
+
+
+def test_dpo_family_trains_dpo_simpo_and_ln_dpo_from_sft_and_reports_them(tmp_path):
+    from alignkit.world.experiments import dpo_family
+
+    assert EXPERIMENTS["dpo-family"] is dpo_family
+    ctx = StandInContext(tmp_path)
+    section = dpo_family.run(ctx)
+    sft = str(tmp_path / "sft")
+    assert ctx.trained == [("dpo", "sigmoid", sft), ("simpo", "simpo", sft), ("ln_dpo", "ln_dpo", sft)]
+    assert set(section) == {"sft", "dpo", "simpo", "ln_dpo", "token_shift"}
+    assert set(section["token_shift"]) == {"dpo", "simpo", "ln_dpo"}
+    md = dpo_family.report(section)
+    assert all(f"| {m} |" in md for m in ("sft", "dpo", "simpo", "ln_dpo")) and "shifted vs SFT" in md
