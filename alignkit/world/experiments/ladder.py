@@ -143,7 +143,7 @@ def shift_vs(ctx, label: str, reference: Path, model: Path, data: Path) -> dict:
 
 
 def run(ctx) -> dict:
-    wanted = set(STAGES) if ctx.stages == "all" else set(ctx.stages.split(","))
+    wanted = set(STAGES) if ctx.stages == "all" else {s.strip() for s in ctx.stages.split(",")}
     data = ctx.data()
     sets = ctx.sets(data)
     section: dict = {}
