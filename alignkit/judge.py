@@ -229,25 +229,30 @@ class LLMJudge:
                                             batch_size=self.batch_size), dtype=torch.float64)
         return out, out.exp().sum(-1)
 
-    def pairwise(self, prompts: list, answers_a: list[str], answers_b: list[str], columns=None) -> Verdicts:
-        """Verdicts on pairs (a, b), asked in both orders (`columns` are for score judges; unused here)."""
+    def pairwise(self, prompts: list, answers_a: list[str], answers_b: list[str], columns=None,
+                 principles: list[str | None] | None = None) -> Verdicts:
+        """Verdicts on pairs (a, b), asked in both orders, each judged by its principle (default --principle);
+        `columns` are for score judges."""
         n = len(prompts)
+        principles = principles or [self.principle] * n
         texts = []
         for first, second in ((answers_a, answers_b), (answers_b, answers_a)):
-            texts += [self.pairwise_template.render(prompt=prompt_text(p), answer_a=x, answer_b=y,
-                                                    principle=self.principle, labels=self.labels, scores=self.scores)
-                      for p, x, y in zip(prompts, first, second)]
+            texts += [self.pairwise_template.render(prompt=prompt_text(p), answer_a=x, answer_b=y, principle=c,
+                                                    labels=self.labels, scores=self.scores)
+                      for p, x, y, c in zip(prompts, first, second, principles)]
         logps, mass = self.answer_logps(texts, self.label_ids)  # (2N, 2), (2N,)
         p_first = label_probs(logps)[:, 0]  # (2N,)
         combined = both_orders(p_first[:n], p_first[n:])
         return Verdicts(combined["prob"], combined["first"], combined["flip"], (mass[:n] + mass[n:]) / 2,
                         (p_first[:n], 1 - p_first[n:]))
 
-    def pointwise(self, prompts: list, answers: list[str], columns=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def pointwise(self, prompts: list, answers: list[str], columns=None,
+                  principles: list[str | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(N,) expected scores and (N,) the probability mass on the score labels."""
-        texts = [self.pointwise_template.render(prompt=prompt_text(p), answer=a, principle=self.principle,
-                                                labels=self.labels, scores=self.scores)
-                 for p, a in zip(prompts, answers)]
+        principles = principles or [self.principle] * len(prompts)
+        texts = [self.pointwise_template.render(prompt=prompt_text(p), answer=a, principle=c, labels=self.labels,
+                                                scores=self.scores)
+                 for p, a, c in zip(prompts, answers, principles)]
         logps, mass = self.answer_logps(texts, self.score_ids)
         return expected_score(logps, self.score_values), mass
 
@@ -271,7 +276,7 @@ class ScoreJudge:
         return total.double()
 
     def pairwise(self, prompts: list, answers_a: list[str], answers_b: list[str],
-                 columns: dict[str, list] | None = None) -> Verdicts:
+                 columns: dict[str, list] | None = None, principles=None) -> Verdicts:
         n = len(prompts)
         both = self.scores(list(prompts) * 2, list(answers_a) + list(answers_b),
                            {k: v * 2 for k, v in (columns or {}).items()})
@@ -280,7 +285,7 @@ class ScoreJudge:
         return Verdicts(prob, half, torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64),
                         (prob, prob))
 
-    def pointwise(self, prompts: list, answers: list[str], columns: dict[str, list] | None = None):
+    def pointwise(self, prompts: list, answers: list[str], columns: dict[str, list] | None = None, principles=None):
         return self.scores(prompts, answers, columns), torch.ones(len(prompts), dtype=torch.float64)
 
 
