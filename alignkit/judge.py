@@ -361,8 +361,11 @@ class JudgeConfig(JudgeOptions):
 
     data: Annotated[tuple[str, ...], Repeatable] = ()
     """Input file(s): pairs, lists or single answers (one kind per run)."""
-    output: str = "runs/judged.jsonl"
-    """Output JSONL; beside it STEM.metrics.jsonl (the summary as its final row) and STEM.config.yaml."""
+    output: str = "runs/judge"
+    """Output directory (judged.jsonl, metrics.jsonl with the summary as its final row, config.yaml), or a
+    FILE.jsonl for the records with FILE.metrics.jsonl and FILE.config.yaml beside it."""
+    overwrite: bool = False
+    """Replace the outputs of an earlier judge run at --output."""
     config: str | None = None
     """YAML file of defaults for these fields; command-line flags override it."""
     mode: Literal["auto", "pairwise", "pointwise"] = "auto"
@@ -579,8 +582,16 @@ def scored_rows(cfg: JudgeConfig, items: list[Item], scored: list[tuple[list[flo
     return rows, summary
 
 
+def output_paths(output: str) -> tuple[Path, Path, Path]:
+    """(records, metrics, config) paths of --output: a FILE.jsonl with sidecars, or a directory."""
+    out = Path(output)
+    if out.suffix.lower() in (".jsonl", ".json"):
+        stem = out.with_suffix("")
+        return out, Path(f"{stem}.metrics.jsonl"), Path(f"{stem}.config.yaml")
+    return out / "judged.jsonl", out / "metrics.jsonl", out / "config.yaml"
+
+
 def main(cfg: JudgeConfig) -> dict:
-    import json
 
     import yaml
 
@@ -593,9 +604,10 @@ def main(cfg: JudgeConfig) -> dict:
         raise UserError(f"--min-confidence must be in [0.5, 1), got {cfg.min_confidence}")
     if cfg.min_margin < 0:
         raise UserError(f"--min-margin must be >= 0, got {cfg.min_margin}")
-    out = Path(cfg.output)
-    if out.suffix.lower() not in (".jsonl", ".json"):
-        raise UserError(f"--output {out}: the judged records are JSON lines; give a FILE.jsonl")
+    out, metrics_path, config_path = output_paths(cfg.output)
+    if out.exists() and not cfg.overwrite:
+        raise UserError(f"--output {cfg.output} already holds judged records ({out}); replace them with --overwrite "
+                        "or choose another --output")
     judge = load_judge(cfg)
     items = read_items(cfg.data, cfg.max_items)
     kind = items[0].kind
@@ -618,12 +630,11 @@ def main(cfg: JudgeConfig) -> dict:
     seconds = time.perf_counter() - t0
     summary = {"items": len(items), "written": len(rows), "kind": kind, "mode": mode, "judge": judge.kind,
                **summary, "seconds": seconds, "items_per_s": len(items) / max(seconds, 1e-9)}
-    stem = out.with_suffix("")
     with writing(out, "judged records"):
         write_jsonl(str(out), rows)
-        Path(f"{stem}.config.yaml").write_text("# alignkit judge\n" + yaml.safe_dump(
-            {k: x for k, x in to_dict(cfg).items() if k != "config"}, sort_keys=False))
-        Path(f"{stem}.metrics.jsonl").write_text(json.dumps({"step": 1, "final": True, **summary}) + "\n")
+        config_path.write_text("# alignkit judge\n" + yaml.safe_dump(
+            {k: x for k, x in to_dict(cfg).items() if k not in ("config", "overwrite")}, sort_keys=False))
+        write_jsonl(str(metrics_path), [{"step": 1, "final": True, **summary}])
     shown = ", ".join(f"{k}={x:.3f}" if isinstance(x, float) else f"{k}={x}" for k, x in summary.items())
     print(f"judge: {len(rows)} of {len(items)} records -> {out} ({shown})")
     return summary

@@ -226,3 +226,15 @@ def test_bad_input_is_one_line(tiny_model, tmp_path):
     with pytest.raises(UserError, match="give a judge"):
         cli(["judge", "--data", str(mixed), "--output", str(tmp_path / "o.jsonl")])
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_directory_output_and_no_silent_overwrite(assets, tmp_path):
+    fn = tmp_path / "words.py"
+    fn.write_text("def words(prompts, completions, **kw):\n    return [float(len(c[0]['content'])) for c in completions]\n")
+    pairs = held_out_pairs(assets, tmp_path / "pairs.jsonl")
+    args = ["judge", "--reward", f"{fn}:words", "--data", str(pairs), "--output", str(tmp_path / "run"), "--no-progress"]
+    cli(args)
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"judged.jsonl", "metrics.jsonl", "config.yaml"}
+    with pytest.raises(UserError, match="already holds judged records"):
+        cli(args)
+    assert cli([*args, "--overwrite"])["written"] == len(read(tmp_path / "run" / "judged.jsonl"))
