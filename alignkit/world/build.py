@@ -8,6 +8,7 @@ OUT/pref_ranked.jsonl      the same kind of record: every pair of each prompt's 
 OUT/pref_eval.jsonl        held-out pairs, with the gold label, for the reward model
 OUT/rl_prompts.jsonl       {"prompt", meta}  prompts of every kind for PPO / best-of-n (gold-scored)
 OUT/arith_prompts.jsonl    {"prompt","answer"}  verifiable prompts for GRPO
+OUT/eft.jsonl, sft_helpful.jsonl, red_team.jsonl, constitution.yaml   AI-feedback files (alignkit.world.feedback)
 OUT/eval/*.jsonl           held-out evaluation sets, never trained on: each row's meta names its frame and its
                            distance, near (a trained frame, held-out content) or far (a frame no training file has)
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from alignkit.world.facts import (ANSWERS, ATTRIBUTES, BENIGN, IDK, REFUSAL, START, STATEMENTS, STEP, World,
                                   harmful_split, make_world, unknown_names, word_problem)
 from alignkit.world.frames import FACT_FRAMES, PROBLEM_FRAMES, REQUEST_FRAMES, Frame, far, trained, wrap
+from alignkit.world.feedback import write_feedback_files
 from alignkit.world.gold import annotator_pool, gold_score
 
 
@@ -380,12 +382,15 @@ def build(out_dir: str | Path, preset: str = "tiny", seed: int = 0, length_bias:
     write("arith_prompts.jsonl", [{"prompt": user(q), "answer": m["answer"]} for q, m in arith_prompts])
     for name, items in eval_sets.items():
         write(f"eval/{name}.jsonl", [{"prompt": user(q), "meta": m} for q, m in items])
+    feedback = write_feedback_files(out, seed, sft, train_prompts, lambda m, r: candidates(m, r, how_to),
+                                    [it for it in train_prompts if it[1]["kind"] == "harmful"],
+                                    [it for it in train_prompts if it[1]["kind"] == "benign"], how_to)
     agree = [r["gold_agrees"] for r in pref if not r["gold_tie"]]
     summary = {"preset": preset, "seed": seed, "people": len(world.people), "corpus_docs": len(corpus),
                "corpus_snippets": len(snippets),
                "sft_examples": len(sft), "pref_pairs": len(pref), "pref_ranked_pairs": len(pref_ranked),
                "annotator_length_bias": length_bias, "annotator_gold_agreement": sum(agree) / max(1, len(agree)),
                "eval_sets": {n: {d: sum(m["distance"] == d for _, m in v) for d in ("near", "far")}
-                             for n, v in eval_sets.items()}}
+                             for n, v in eval_sets.items()}, **feedback}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

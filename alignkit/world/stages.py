@@ -26,11 +26,11 @@ from alignkit.cli import run as alignkit
 # the pipeline end to end (CI) and shows no effects.
 PRESETS = {
     "smoke": dict(world="smoke", pretrain_steps=20, sft_steps=10, rm_steps=5, dpo_steps=3, ppo_steps=2,
-                  grpo_steps=2, bon_prompts=8, bon_n=4),
+                  grpo_steps=2, bon_prompts=8, bon_n=4, judge_sft_steps=10, feedback_prompts=8, judge_items=48),
     "tiny": dict(world="tiny", pretrain_steps=350, sft_steps=400, rm_steps=130, dpo_steps=75, ppo_steps=30,
-                 grpo_steps=50, bon_prompts=64, bon_n=32),
+                 grpo_steps=50, bon_prompts=64, bon_n=32, judge_sft_steps=500, feedback_prompts=96, judge_items=-1),
     "small": dict(world="small", pretrain_steps=6000, sft_steps=1200, rm_steps=350, dpo_steps=500, ppo_steps=150,
-                  grpo_steps=120, bon_prompts=200, bon_n=64),
+                  grpo_steps=120, bon_prompts=200, bon_n=64, judge_sft_steps=1500, feedback_prompts=300, judge_items=-1),
 }
 DEFAULT_LENGTH_BIAS = 0.6  # the annotator pool of `alignkit world build`
 
@@ -206,12 +206,40 @@ class Context:
                                   str(self.budget["sft_steps"]), "--batch-size", "16", "--max-length", "192",
                                   "--lr", "1e-3"], [base, data / "sft.jsonl"])
 
-    def reward_model(self, data: Path) -> Path:
-        """The proxy reward model on `data`'s annotator rankings, from the SFT model. Whole rankings (4 prompts
-        a batch, each answer scored once), as InstructGPT trained its reward model, beat singly labelled pairs
-        at the same cost (docs/world.md); the tiny budget is 1.3 epochs of them."""
-        sft, ranked = self.sft(), data / "pref_ranked.jsonl"
-        return self.stage("reward", ["reward", "--model", str(sft), "--data", str(ranked), "--max-steps",
+    def judge_sft(self) -> Path:
+        """SFT with judgement demonstrations (Yuan et al. 2024's IFT + EFT, from the base model): a policy that
+        can also judge, pairwise and pointwise, through `alignkit judge`'s default templates."""
+        base, data = self.base(), self.data()
+        sft, eft = data / "sft.jsonl", data / "eft.jsonl"
+        return self.stage("judge-sft", ["sft", "--model", str(base), "--data", str(sft), "--data", str(eft),
+                                        "--max-steps", str(self.budget["judge_sft_steps"]), "--batch-size", "16",
+                                        "--max-length", "256", "--lr", "1e-3"], [base, sft, eft])
+
+    def helpful_sft(self) -> Path:
+        """Helpful-only SFT (no refusals) that has seen critique/revision and harmlessness-judgement
+        demonstrations on half the training harmful requests: Constitutional AI's starting point."""
+        base, data = self.base(), self.data()
+        helpful = data / "sft_helpful.jsonl"
+        return self.stage("sft-helpful", ["sft", "--model", str(base), "--data", str(helpful), "--max-steps",
+                                          str(self.budget["sft_steps"]), "--batch-size", "16", "--max-length", "256",
+                                          "--lr", "1e-3"], [base, helpful])
+
+    def derived(self, experiment: str, name: str, rows: list[dict]) -> Path:
+        """A data file an experiment makes from stage outputs (DERIVED/EXPERIMENT/NAME), as a later stage's
+        input: it is keyed by its content like any other input."""
+        path = self.out / "derived" / experiment / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, path)
+        return path
+
+    def reward_model(self, data: Path, ranked: Path | None = None, label: str = "reward") -> Path:
+        """The proxy reward model on `data`'s annotator rankings (or another file of ranked pairs), from the SFT
+        model. Whole rankings (4 prompts a batch, each answer scored once), as InstructGPT trained its reward
+        model, beat singly labelled pairs at the same cost (docs/world.md); the tiny budget is 1.3 epochs of them."""
+        sft, ranked = self.sft(), ranked or data / "pref_ranked.jsonl"
+        return self.stage(label, ["reward", "--model", str(sft), "--data", str(ranked), "--max-steps",
                                      str(self.budget["rm_steps"]), "--group-by-prompt", "--batch-size", "4",
                                      "--max-length", "192", "--lr", "1e-3"], [sft, ranked])
 

@@ -98,14 +98,14 @@ def best_of_n_answers(policy: Path, rms: dict[float, Path], sets: dict, n: int, 
     return picks
 
 
-def write_rows(ctx, rows: list[dict], label_: str, sft_rows: list[dict]) -> dict:
+def write_rows(ctx, rows: list[dict], label_: str, sft_rows: list[dict], experiment: str = NAME) -> dict:
     """Best-of-n's rows beside the models' (with "win" against SFT on the same prompts) and its metrics."""
     from alignkit.world.evaluate import score, win_values
 
     mine = {(r["set"], r["prompt"]) for r in rows}
     baseline = [r for r in sft_rows if (r["set"], r["prompt"]) in mine]
     rows = [r | {"win": w} for r, w in zip(rows, win_values(rows, baseline))]
-    path = ctx.rows_path(NAME, label_)
+    path = ctx.rows_path(experiment, label_)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     metrics = score(rows)
