@@ -64,7 +64,8 @@ class CAIConfig(JudgeOptions):
     config: str | None = None
     """YAML file of defaults for these fields; command-line flags override it."""
     revisions: int = 1
-    """Critique -> revision rounds per prompt, each under a freshly drawn principle."""
+    """Critique -> revision rounds per prompt, each under a freshly drawn principle (0 with --pairs: only
+    the pairs, e.g. of an SL-CAI --pair-model judged by --model)."""
     critique_template: str | None = None
     """Jinja file of the critique user turn (variables request, prompt, answer); default
     alignkit/assets/cai/critique.jinja, the constitution's request as is."""
@@ -257,6 +258,8 @@ def run_chains(sample: Sampler, items: list[dict], cfg: CAIConfig, constitution:
         picks, _ = draw(cfg.seed, it["index"], cfg.revisions, constitution)
         chains.append({"index": it["index"], "prompt": it["prompt"], "answer": None, "answer_ended": None,
                        "rounds": [], "stopped": None, "_picks": picks})
+    if not cfg.revisions:  # pairs only
+        return chains
     answers = sample([sample.ids(as_messages(ch["prompt"])) for ch in chains])
     active = []
     for ch, (text, ended) in zip(chains, answers):
@@ -390,8 +393,8 @@ def check_flags(cfg: CAIConfig) -> None:
         raise UserError("alignkit cai needs --model DIR")
     if not cfg.data:
         raise UserError("alignkit cai needs --data FILE (records with a 'prompt' field)")
-    if cfg.revisions < 1:
-        raise UserError(f"--revisions must be >= 1, got {cfg.revisions}")
+    if cfg.revisions < 0 or cfg.revisions == 0 and not cfg.pairs:
+        raise UserError(f"--revisions must be >= 1 (0 only with --pairs: pairs without SL-CAI data), got {cfg.revisions}")
     if cfg.temperature < 0:
         raise UserError(f"--temperature must be >= 0 (0 = greedy), got {cfg.temperature}")
     if cfg.pairs and cfg.temperature == 0:
@@ -478,16 +481,16 @@ def summary(cfg: CAIConfig, chains: list[dict]) -> dict:
     finals = [ch["rounds"][-1]["revision"] for ch in chains if ch["rounds"]]
     revised = [ch for ch in chains if ch["rounds"]]
     stopped = [ch["stopped"]["reason"] for ch in chains if ch["stopped"]]
-    generations = [(ch["answer_ended"],) + tuple(x for r in ch["rounds"] for x in (r["critique_ended"], r["revision_ended"]))
-                   for ch in chains]
-    flat = [e for g in generations for e in g]
+    answered = [ch for ch in chains if ch["answer"] is not None]
+    flat = [ch["answer_ended"] for ch in answered] + [
+        x for ch in chains for r in ch["rounds"] for x in (r["critique_ended"], r["revision_ended"])]
     row = {"prompts": len(chains), "rounds": sum(len(ch["rounds"]) for ch in chains), "kept": len(finals),
            "unrevised": len(chains) - len(finals),
            "stopped_too_long": stopped.count("max_length"),
            "stopped_empty": sum(s.startswith("empty") for s in stopped),
            "empty_revisions": stopped.count("empty revision"),
            "truncated_generations": sum(not e for e in flat),
-           "answer_words": sum(len(ch["answer"].split()) for ch in chains) / max(1, len(chains)),
+           "answer_words": sum(len(ch["answer"].split()) for ch in answered) / max(1, len(answered)),
            "revision_words": sum(len(t.split()) for t in finals) / max(1, len(finals)),
            "revised_differs": sum(ch["rounds"][-1]["revision"] != ch["answer"] for ch in revised) / max(1, len(revised))}
     if cfg.pairs:
@@ -534,10 +537,12 @@ def merge(cfg: CAIConfig, out: Path, items: list[dict], constitution: Constituti
             write_jsonl(str(out / "pairs.jsonl"), pair_rows)
         write_jsonl(str(out / "metrics.jsonl"), rows + [final])
         save_config(cfg, out, "cai")
-        write_jsonl(str(out / "sl_cai.jsonl"), sl_rows)
+        if cfg.revisions:
+            write_jsonl(str(out / "sl_cai.jsonl"), sl_rows)
     notes = [f"{k.replace('_', ' ')} {total[k]}" for k in ("unrevised", "stopped_too_long", "stopped_empty")
-             if total[k]] + ([f"dropped {dropped} prompts too long"] if dropped else [])
-    print(f"cai: {total['kept']}/{total['prompts']} revised ({total['rounds']} rounds) -> {out / 'sl_cai.jsonl'}"
+             if total[k] and cfg.revisions] + ([f"dropped {dropped} prompts too long"] if dropped else [])
+    print(f"cai: {total['prompts']} prompts"
+          + (f", {total['kept']} revised ({total['rounds']} rounds) -> {out / 'sl_cai.jsonl'}" if cfg.revisions else "")
           + (f", {total['pairs']} pairs ({total['ties']} ties) -> {out / 'pairs.jsonl'}" if cfg.pairs else "")
           + (f" ({'; '.join(notes)})" if notes else ""))
     return final

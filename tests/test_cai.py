@@ -131,6 +131,15 @@ def test_sl_cai_keeps_the_revision(tiny_model, assets, toy, tmp_path):
     chains = read(out / "chains.jsonl")
     assert [(ch["answer"], ch["rounds"][0]["critique"]) for ch in chains] == [(ANSWER, CRITIQUE)] * 6
     assert final["revised_differs"] == 1.0
+    # --revisions 0 --pairs: only pairs, sampled from --pair-model (which answers every prompt with ANSWER)
+    # and judged by --model
+    pairs_only = tmp_path / "pairs-only"
+    final = cli(cai_args(tiny_model, toy, pairs_only, "--pairs", "--revisions", "0", "--pair-model", str(tmp_path / "m"),
+                         "--max-new-tokens", "32"))
+    assert not (pairs_only / "sl_cai.jsonl").exists() and final["rounds"] == 0
+    answers = [a for ch in read(pairs_only / "chains.jsonl") for a in ch["pair"]["answers"]]
+    assert answers.count(ANSWER) >= 10, answers
+    assert final["ties"] == sum(ch["pair"]["answers"] == [ANSWER, ANSWER] for ch in read(pairs_only / "chains.jsonl"))
 
 
 @pytest.mark.parametrize("text, match", [
