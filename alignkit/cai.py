@@ -22,6 +22,11 @@ The notes' point: the principles replace the human labellers, so the values move
 constitution. That is why it is a plain, editable YAML file (alignkit/assets/constitution.yaml paraphrases
 the paper's Appendix C), and why chains.jsonl records which principle each critique and revision followed.
 
+chains.jsonl has a line per prompt: the answer, per round {principle (index into the constitution's
+critiques), critique_request, critique, revision_request, revision}, whether each generation ended with a stop
+token, why a conversation stopped early ({reason: max_length | empty answer/critique/revision, round}; it stops
+at its last complete round, whose revision is the one kept), and with --pairs the two answers and P(first better).
+
 A string prompt is asked as a user turn; sl_cai.jsonl keeps the prompt as given, and `alignkit sft` reads a
 string prompt as plain text, so give message-list prompts to fine-tune through the chat template.
 
@@ -274,7 +279,8 @@ def run_chains(sample: Sampler, items: list[dict], cfg: CAIConfig, constitution:
             principle = constitution.critiques[ch["_picks"][r]]
             current = ch["rounds"][-1]["revision"] if ch["rounds"] else ch["answer"]
             request = critique_t.render(request=principle.critique, prompt=prompt_text(ch["prompt"]), answer=current)
-            ids = sample.ids(conversation(ch["prompt"], ch["answer"], ch["rounds"]) + [{"role": "user", "content": request}])
+            msgs = conversation(ch["prompt"], ch["answer"], ch["rounds"]) + [{"role": "user", "content": request}]
+            ids = sample.ids(msgs)
             if sample.fits(ids):
                 asking.append((ch, request, ids))
             else:
@@ -394,7 +400,8 @@ def check_flags(cfg: CAIConfig) -> None:
     if not cfg.data:
         raise UserError("alignkit cai needs --data FILE (records with a 'prompt' field)")
     if cfg.revisions < 0 or cfg.revisions == 0 and not cfg.pairs:
-        raise UserError(f"--revisions must be >= 1 (0 only with --pairs: pairs without SL-CAI data), got {cfg.revisions}")
+        raise UserError(f"--revisions must be >= 1 (0 only with --pairs: pairs without SL-CAI data), "
+                        f"got {cfg.revisions}")
     if cfg.temperature < 0:
         raise UserError(f"--temperature must be >= 0 (0 = greedy), got {cfg.temperature}")
     if cfg.pairs and cfg.temperature == 0:
@@ -457,7 +464,8 @@ def main(cfg: CAIConfig) -> dict:
             for b in progress_iter(mine, cfg.progress and d.is_main, "cai"):
                 torch.manual_seed(cfg.seed * 100003 + b)
                 chains = run_chains(sample, batches[b], cfg, constitution, critique_t, revision_t)
-                pairs = run_pairs(pair_sample, judge, batches[b], cfg, constitution) if cfg.pairs else [None] * len(chains)
+                pairs = (run_pairs(pair_sample, judge, batches[b], cfg, constitution) if cfg.pairs
+                         else [None] * len(chains))
                 for ch, pair in zip(chains, pairs):
                     f.write(json.dumps({**ch, "batch": b, "pair": pair}) + "\n")
         d.barrier()
@@ -492,7 +500,8 @@ def summary(cfg: CAIConfig, chains: list[dict]) -> dict:
            "truncated_generations": sum(not e for e in flat),
            "answer_words": sum(len(ch["answer"].split()) for ch in answered) / max(1, len(answered)),
            "revision_words": sum(len(t.split()) for t in finals) / max(1, len(finals)),
-           "revised_differs": sum(ch["rounds"][-1]["revision"] != ch["answer"] for ch in revised) / max(1, len(revised))}
+           "revised_differs": (sum(ch["rounds"][-1]["revision"] != ch["answer"] for ch in revised)
+                               / max(1, len(revised)))}
     if cfg.pairs:
         judged = [ch["pair"] for ch in chains if ch["pair"]["prob"] is not None]
         ties = [p for p in judged if max(p["prob"], 1 - p["prob"]) <= cfg.min_confidence + 1e-9]
