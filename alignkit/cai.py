@@ -82,6 +82,8 @@ class CAIConfig(JudgeOptions):
     preference principle (RL-CAI's AI feedback)."""
     pair_model: str | None = None
     """Model directory the pairs are sampled from (default --model; typically the SL-CAI model)."""
+    principle: str | None = None
+    """Pairs: judge every pair by this principle instead of one drawn from the constitution's preferences."""
     min_confidence: float = 0.5
     """Pairs: a verdict whose confidence max(P, 1 - P) is at most this is a tie, left out and counted."""
     batch_size: int = 8
@@ -421,7 +423,7 @@ def main(cfg: CAIConfig) -> dict:
 
     check_flags(cfg)
     constitution = load_constitution(cfg.constitution or default_constitution(), need_preferences=cfg.pairs)
-    if cfg.pairs and cfg.principle:  # one principle for every pair instead of the constitution's
+    if cfg.pairs and cfg.principle:
         constitution.preferences = [cfg.principle]
     critique_t = Template(cfg.critique_template or default_template("critique"), "--critique-template")
     revision_t = Template(cfg.revision_template or default_template("revision"), "--revision-template")

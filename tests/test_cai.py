@@ -94,8 +94,9 @@ def test_chains_continue_sl_cai_trains_in_sft_and_pairs_in_dpo(tiny_model, toy):
     # an output that holds a cai run is refused, and replaced with --overwrite
     with pytest.raises(UserError, match="already holds a run.*--overwrite"):
         cli(cai_args(tiny_model, toy, other, "--max-new-tokens", "4"))
-    cli(cai_args(tiny_model, toy, other, "--max-new-tokens", "4", "--overwrite"))
+    cli(cai_args(tiny_model, toy, other, "--max-new-tokens", "4", "--overwrite", "--pairs", "--principle", "Be brief."))
     assert all(len(ch["rounds"]) <= 1 for ch in read(other / "chains.jsonl"))
+    assert {p["principle"] for p in read(other / "pairs.jsonl")} == {"Be brief."}  # --principle replaces the drawn one
 
 
 def first_request(rnd):
