@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from alignkit.cai import conversation, draw, load_constitution
+from alignkit.cai import conversation, default_constitution, draw, load_constitution
 from alignkit.cli import run as cli
 from alignkit.errors import UserError
 from helpers import read_metrics
@@ -160,6 +160,12 @@ def test_bad_constitution_is_one_line_naming_the_entry(tiny_model, toy, text, ma
     with pytest.raises(UserError, match=match) as e:
         cli(cai_args(tiny_model, toy, toy / "out", "--pairs"))
     assert "\n" not in str(e.value) and not (toy / "out").exists()
+
+
+def test_the_shipped_constitution_loads():
+    c = load_constitution(default_constitution(), need_preferences=True)
+    assert len(c.critiques) == len(c.preferences) == 8
+    assert len({p.critique for p in c.critiques}) == 8 and len(set(c.preferences)) == 8
 
 
 def test_pairs_need_preference_principles_and_errors_write_nothing(tiny_model, toy):
