@@ -21,6 +21,7 @@ COMMANDS = {
     "grpo": ("alignkit.recipes.grpo", "GRPOConfig", "main", "GRPO with reward functions and/or a reward model"),
     "best-of-n": ("alignkit.recipes.best_of_n", "BestOfNConfig", "main", "Rejection sampling: keep the best of N samples"),
     "judge": ("alignkit.judge", "JudgeConfig", "main", "Label preferences with a model as judge (RLAIF), a reward model or reward functions"),
+    "cai": ("alignkit.cai", "CAIConfig", "main", "Constitutional AI: critique -> revision chains (SL-CAI) and AI-labelled pairs (RL-CAI)"),
     "world build": ("alignkit.world.cli", "WorldBuildConfig", "build_main", "Write the synthetic world's data files"),
     "world eval": ("alignkit.world.cli", "WorldEvalConfig", "eval_main", "Score a model on the world's held-out sets (gold judge)"),
     "world run": ("alignkit.world.run", "WorldRunConfig", "main", "The world's experiments (default: the ladder) over seeds, with a report"),
