@@ -7,6 +7,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from alignkit.world.experiments import cai, dpo_family, ladder, length_bias, rlaif
+from alignkit.world.experiments import cai, dpo_family, ladder, length_bias, rlaif, self_reward
 
-EXPERIMENTS: dict[str, ModuleType] = {m.NAME: m for m in (ladder, dpo_family, length_bias, rlaif, cai)}
+EXPERIMENTS: dict[str, ModuleType] = {m.NAME: m for m in (ladder, dpo_family, length_bias, rlaif, cai, self_reward)}
