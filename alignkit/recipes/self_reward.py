@@ -259,12 +259,14 @@ def sample_and_judge(cfg: SelfRewardConfig, k: int, policy, tokenizer, judge, pr
 
 def best_vs_worst(cfg: SelfRewardConfig, rec: dict) -> tuple[dict | None, str]:
     """The prompt's pair (best chosen, worst rejected, Yuan et al. §2.3), or None and why not: 'tie' or
-    'truncated' (fewer than two completions that ended at a stop token)."""
+    'too_few' (fewer than two non-empty completions that ended at a stop token, or with --keep-truncated at all;
+    an empty answer is no preference data)."""
     from alignkit.recipes.best_of_n import pair_record
 
-    ok = [j for j, e in enumerate(rec["ended"]) if e or cfg.keep_truncated]
+    ok = [j for j, (e, c) in enumerate(zip(rec["ended"], rec["completions"]))
+          if (e or cfg.keep_truncated) and c.strip()]
     if len(ok) < 2:
-        return None, "truncated"
+        return None, "too_few"
     scores = rec["scores"]
     best = max(ok, key=lambda j: scores[j])  # first of equals: deterministic
     worst = min(ok, key=lambda j: scores[j])
@@ -283,8 +285,9 @@ def summarize(recs: list[dict], reasons: list[str]) -> dict:
             "score_worst": sum(min(rec["scores"]) for rec in recs) / max(1, len(recs)),
             "label_mass": sum(rec["label_mass"] for rec in recs) / max(1, len(recs)),
             "pairs": reasons.count("pair"), "ties": reasons.count("tie"),
-            "no_pair_truncated": reasons.count("truncated"),
+            "no_pair": reasons.count("too_few"),
             "truncated": sum(not e for rec in recs for e in rec["ended"]),
+            "empty": sum(not c.strip() for rec in recs for c in rec["completions"]),
             "length_tokens": sum(t for rec in recs for t in rec["tokens"]) / n,
             "length_words": sum(len(c.split()) for rec in recs for c in rec["completions"]) / n}
 
@@ -350,7 +353,7 @@ def run_iteration(cfg: SelfRewardConfig, k: int, model_dir: str, prompts, d, ext
         (here / ".sampled.json").write_text(json.dumps(summary))
         if not summary["pairs"]:
             failure = (f"iteration {k}: no pairs from {summary['prompts']} prompts ({summary['ties']} ties, "
-                       f"{summary['no_pair_truncated']} with fewer than two completions that ended; see "
+                       f"{summary['no_pair']} with fewer than two non-empty completions that ended; see "
                        f"{here / 'samples.jsonl'}): raise --max-new-tokens or --group-size, or pass --keep-truncated")
     if d.any(failure is not None):
         raise UserError(failure or f"iteration {k}: no pairs (see process 0)")

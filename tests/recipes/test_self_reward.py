@@ -14,12 +14,12 @@ import torch
 from alignkit.cli import main as cli_main, run as cli
 from alignkit.data import load_preference
 from alignkit.models import load_causal_lm, load_tokenizer
-from helpers import read_metrics, run_cli
+from helpers import read_metrics
 
-CHARS = """
-def chars(prompts, completions, **kw):
+WORDS = """
+def words(prompts, completions, **kw):
     texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
-    return [float(len(t)) for t in texts]
+    return [float(len(t.split())) for t in texts]
 """
 
 
@@ -28,7 +28,7 @@ def toy(tmp_path):
     chat = [{"prompt": [{"role": "user", "content": f"Tell me about item {i}."}], "topic": f"item {i}"}
             for i in range(4)]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
-    (tmp_path / "rw.py").write_text(CHARS)
+    (tmp_path / "rw.py").write_text(WORDS)
     return tmp_path
 
 
@@ -69,7 +69,7 @@ def test_self_judged_iterations_chain(tiny_model, toy):
     assert final["judge"] == "self"
     for r in rows[:2]:  # the policy's own pointwise judgement: scores in [1, 5], label mass recorded
         assert 1 <= r["score_worst"] <= r["score_mean"] <= r["score_best"] <= 5 and 0 < r["label_mass"] <= 1
-        assert r["pairs"] + r["ties"] + r["no_pair_truncated"] == 4 and r["dpo_loss"] is not None
+        assert r["pairs"] + r["ties"] + r["no_pair"] == 4 and r["dpo_loss"] is not None
 
     samples = lines(out / "iter-1" / "samples.jsonl")
     assert len(samples) == 4 and all(len(s["completions"]) == len(s["scores"]) == len(s["ended"]) == 4
@@ -104,19 +104,22 @@ def test_self_judged_iterations_chain(tiny_model, toy):
 
 
 def test_reward_judge_is_learned(tiny_model, toy):
-    """With a judge that prefers longer texts (characters), three iterations raise the judged score and the
-    completions' length."""
+    """With a judge that prefers longer answers (more words in the same token budget), three iterations
+    raise the judged score and the completions' length."""
     out = toy / "out"
-    final = cli(sr_args(tiny_model, toy, out, 3, "--reward", f"{toy / 'rw.py'}:chars", "--group-size", "6",
-                        "--dpo.max-steps", "4", "--dpo.lr", "3e-3"))
+    chat = [{"prompt": [{"role": "user", "content": f"Tell me about item {i}."}]} for i in range(8)]
+    (toy / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    final = cli(sr_args(tiny_model, toy, out, 3, "--reward", f"{toy / 'rw.py'}:words", "--group-size", "8",
+                        "--dpo.max-steps", "30", "--dpo.lr", "1e-2"))
     rows = [r for r in read_metrics(out) if not r.get("final")]
     assert final["judge"] == "score" and len(rows) == 3
-    assert rows[-1]["score_mean"] > rows[0]["score_mean"] + 3, [r["score_mean"] for r in rows]
-    assert rows[-1]["length_words"] > rows[0]["length_words"], [r["length_words"] for r in rows]
+    assert rows[-1]["score_mean"] > rows[0]["score_mean"] + 1.5, [r["score_mean"] for r in rows]
+    assert rows[-1]["length_words"] > rows[0]["length_words"] + 1.5, [r["length_words"] for r in rows]
+    assert final["score_mean_last"] == rows[-1]["score_mean"] and final["score_mean_first"] == rows[0]["score_mean"]
     assert all(r["label_mass"] == 1 for r in rows)  # a reward function puts all its mass on its score
 
 
-def test_kill_and_resume(tiny_model, toy):
+def test_kill_and_resume(tiny_model, toy, capsys):
     """Killed after iteration 1 completes, the same command continues at iteration 2 and leaves iteration 1
     alone; metrics.jsonl reads as one run; other settings against the run are refused."""
     out = toy / "out"
@@ -134,21 +137,20 @@ def test_kill_and_resume(tiny_model, toy):
     assert not (out / "iter-3" / ".complete").exists(), "the run finished before it was killed"
     iter1 = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "iter-1").rglob("*") if p.is_file()}
 
-    bad = run_cli(*args[:-2], "--dpo.max-steps", "5")
-    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "dpo.max_steps 6 -> 5" in bad.stderr
+    assert cli_main([*args[:-2], "--dpo.max-steps", "5"]) == 1  # another setting against this run
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "dpo.max_steps 6 -> 5" in err, err
 
-    done = run_cli(*args)
-    assert done.returncode == 0, done.stderr
-    assert "continuing at iteration 2" in done.stdout
+    final = cli(args)  # the same command again, in this process
+    assert "continuing at iteration 2" in capsys.readouterr().out
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in iter1} == iter1  # iteration 1 not redone
     assert all((out / f"iter-{k}" / ".complete").exists() for k in (1, 2, 3))
     rows = read_metrics(out)
-    assert [r["step"] for r in rows] == [1, 2, 3, 3] and rows[-1]["final"] and rows[-1]["pairs"] == sum(
-        r["pairs"] for r in rows[:3])
+    assert [r["step"] for r in rows] == [1, 2, 3, 3] and rows[-1] == final
+    assert final["pairs"] == sum(r["pairs"] for r in rows[:3])
     assert rows[2]["start_model"] == str(out / "iter-2" / "dpo")
 
-    again = run_cli(*args)
-    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert cli(args) == final and "nothing to do" in capsys.readouterr().out
     assert read_metrics(out) == rows
 
 
