@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,21 +164,31 @@ def is_complete(out: Path, k: int) -> bool:
     return (iter_dir(out, k) / ".complete").is_file()
 
 
-def claim_output(cfg: SelfRewardConfig, out: Path) -> int:
-    """Lock OUTPUT, check that a run in it is this run (else --overwrite deletes it), write config.yaml, and
-    return the first iteration to run (K + 1 when all are done)."""
+def claim_output(cfg: SelfRewardConfig, out: Path):
+    """Lock OUTPUT, check that a run in it is this run (else --overwrite deletes it), write config.yaml.
+    Returns the lock (an open file) and the first iteration to run (K + 1 when all are done)."""
     import yaml
 
     from alignkit.config import save_config
-    from alignkit.train.run import lock_output, release_outputs
+    from alignkit.train import run
 
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite exclude each other: continue the run in --output, or replace it")
     with writing(out, "--output"):
         out.mkdir(parents=True, exist_ok=True)
-    if lock_output(out) is None:
+    lock = run.lock_output(out)
+    if lock is None:
         raise UserError(f"--output {out} is in use by another alignkit run; wait for it to finish or choose "
                         "another --output")
+    run._held.remove(lock)  # held for the whole loop: each DPO run releases the outputs it holds when it ends
+    try:
+        return lock, first_iteration(cfg, out, yaml, save_config)
+    except BaseException:
+        lock.close()
+        raise
+
+
+def first_iteration(cfg: SelfRewardConfig, out: Path, yaml, save_config) -> int:
     saved_path = out / "config.yaml"
     found = saved_path.is_file() or any(out.glob("iter-*")) or (out / "model").exists()
     if found and cfg.overwrite:
@@ -191,7 +200,6 @@ def claim_output(cfg: SelfRewardConfig, out: Path) -> int:
     elif found:
         saved = yaml.safe_load(saved_path.read_text()) if saved_path.is_file() else None
         if not isinstance(saved, dict) or "dpo" not in saved:
-            release_outputs()
             raise UserError(f"--output {out} holds files that are not a self-reward run; replace them with "
                             "--overwrite or choose another --output")
         saved = {k: v for k, v in saved.items() if k not in RUN_ONLY}
@@ -201,7 +209,6 @@ def claim_output(cfg: SelfRewardConfig, out: Path) -> int:
         diffs += [f"dpo.{k} {saved['dpo'].get(k)} -> {v}" for k, v in current["dpo"].items()
                   if saved["dpo"].get(k) != v]
         if diffs:
-            release_outputs()
             raise UserError(f"--output {out} holds a self-reward run with other settings ({'; '.join(diffs)}); "
                             "rerun with the same ones to continue it, or pass --overwrite to start over")
     with writing(saved_path, "config"):
@@ -360,8 +367,8 @@ def run_iteration(cfg: SelfRewardConfig, k: int, model_dir: str, prompts, d, ext
     if d.is_main:
         print(f"iteration {k}: {summary['pairs']} pairs, mean judge score {summary['score_mean']:.4f}, "
               f"{summary['length_words']:.1f} words per completion")
-    dpo.main(dpo_config(cfg, model_dir, here / "pairs.jsonl", here / "dpo"))
-    d = distributed.setup(cfg.device)  # dpo.main ends its process group; the loop goes on in a new one
+    with distributed.keep_group():
+        dpo.main(dpo_config(cfg, model_dir, here / "pairs.jsonl", here / "dpo"))
     if d.is_main:
         shutil.rmtree(here / "dpo" / "checkpoints", ignore_errors=True)  # the DPO run is never resumed
         summary = json.loads((here / ".sampled.json").read_text())
@@ -371,26 +378,42 @@ def run_iteration(cfg: SelfRewardConfig, k: int, model_dir: str, prompts, d, ext
         (here / ".complete").write_text("")
         write_metrics(out, completed_rows(out, k))
     d.barrier()
-    return d
 
 
 def main(cfg: SelfRewardConfig) -> dict:
-    from alignkit.data import load_prompts
-    from alignkit.judge import load_judge
-    from alignkit.models import load_tokenizer
     from alignkit.train import dist as distributed
-    from alignkit.train.run import release_outputs
 
     check_config(cfg)
     d = distributed.setup(cfg.device)
     out = Path(cfg.output)
-    start = claim_output(cfg, out) if d.is_main else 0
+    lock, start, failure = None, 0, None
+    if d.is_main:
+        try:
+            lock, start = claim_output(cfg, out)
+        except UserError as e:
+            failure = str(e)
+    if d.any(failure is not None):  # every process stops, not only the one that saw the error
+        distributed.teardown()
+        raise UserError(failure or "see process 0")
     start = int(d.all_reduce_sum(start).item())
+    try:
+        return loop(cfg, d, out, start)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def loop(cfg: SelfRewardConfig, d, out: Path, start: int) -> dict:
+    """Iterations start..K, then OUTPUT/model and the final metrics row."""
+    from alignkit.data import load_prompts
+    from alignkit.judge import load_judge
+    from alignkit.models import load_tokenizer
+    from alignkit.train import dist as distributed
+
     if start > cfg.iterations:
         if d.is_main:
             print(f"self-reward: all {cfg.iterations} iterations in {out} are complete; nothing to do")
         distributed.teardown()
-        release_outputs()
         return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     if start > 1 and d.is_main:
         print(f"self-reward: iterations 1-{start - 1} in {out} are complete; continuing at iteration {start}")
@@ -407,7 +430,7 @@ def main(cfg: SelfRewardConfig) -> dict:
     t0 = time.perf_counter()
     for k in range(start, cfg.iterations + 1):
         model_dir = cfg.model if k == 1 else str(iter_dir(out, k - 1) / "dpo")
-        d = run_iteration(cfg, k, model_dir, prompts, d, external)
+        run_iteration(cfg, k, model_dir, prompts, d, external)
     final = {}
     if d.is_main:
         # the last DPO run's model files, without its run files, so `--model OUTPUT/model` starts a fresh run
@@ -427,5 +450,4 @@ def main(cfg: SelfRewardConfig) -> dict:
               f"{final['score_mean_last']:.4f} -> {out / 'model'}")
     d.barrier()
     distributed.teardown()
-    release_outputs()
     return final

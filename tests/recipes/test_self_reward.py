@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignkit.cli import main as cli_main, run as cli
+from alignkit.cli import main as cli_main
+from alignkit.cli import run as cli
 from alignkit.data import load_preference
 from alignkit.models import load_causal_lm, load_tokenizer
 from helpers import read_metrics
@@ -178,3 +179,20 @@ def test_yaml_config_sets_dpo_options(tmp_path):
     (tmp_path / "bad.yaml").write_text("dpo:\n  lrr: 0.01\n")
     with pytest.raises(SystemExit, match="unknown key.*dpo.lrr"):
         parse(SelfRewardConfig, ["--config", str(tmp_path / "bad.yaml")])
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_sample_as_one(tiny_model, toy):
+    """Under torchrun, prompt batches are sampled and judged across 2 processes with the same seeds as one
+    process, and the DPO step runs in the same process group (the loop goes on to iteration 2)."""
+    one, two = toy / "one", toy / "two"
+    cli(sr_args(tiny_model, toy, one, 1, "--dpo.batch-size", "2"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                           "alignkit.cli", *sr_args(tiny_model, toy, two, 2, "--dpo.batch-size", "2")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (two / "iter-1" / "samples.jsonl").read_text() == (one / "iter-1" / "samples.jsonl").read_text()
+    assert (two / "iter-1" / "pairs.jsonl").read_text() == (one / "iter-1" / "pairs.jsonl").read_text()
+    assert [r["step"] for r in read_metrics(two)] == [1, 2, 2] and (two / "model" / "config.json").is_file()
+    assert not list((two / "iter-1").glob(".shard-*"))
