@@ -119,8 +119,9 @@ class SelfRewardConfig(JudgeOptions):
     """The DPO step: every `alignkit dpo` option as --dpo.NAME (e.g. --dpo.lr, --dpo.loss, --dpo.max-steps)."""
 
 
-# Settings that do not change what the loop computes: a run may be continued with other values of these.
-RUN_ONLY = {"output", "config", "resume", "overwrite", "progress", "device", "trust_remote_code"}
+# Settings that do not change what the loop computes: a run may be continued with other values of these
+# (a larger --iterations adds iterations to a finished run).
+RUN_ONLY = {"output", "config", "resume", "overwrite", "progress", "device", "trust_remote_code", "iterations"}
 DPO_RUN_ONLY = {"log_every", "save_every", "save_total_limit", "compile", "report_to"}
 
 

@@ -97,11 +97,35 @@ def test_self_judged_iterations_chain(tiny_model, toy):
     assert [r["completions"] for r in again] != [s["completions"] for s in lines(out / "iter-2" / "samples.jsonl")]
     assert Dist().world_size == 1
 
+    # OUTPUT/config.yaml is reusable with --config (the DPO options under dpo:)
+    again_cfg = parse(SelfRewardConfig, ["--config", str(out / "config.yaml")])
+    assert again_cfg.dpo == cfg.dpo and again_cfg.iterations == cfg.iterations == 2
+
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     final2 = cli(sr_args(tiny_model, toy, out))
     assert final2 == final  # done: the final row, nothing redone
     assert {p: p.stat().st_mtime_ns for p in before if p.name != "config.yaml"} == \
         {p: t for p, t in before.items() if p.name != "config.yaml"}
+
+    final3 = cli(sr_args(tiny_model, toy, out, 3))  # a larger --iterations adds iterations to the finished run
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 3] and final3["iterations"] == 3
+    assert read_metrics(out)[:2] == rows[:2] and read_metrics(out)[2]["start_model"] == str(out / "iter-2" / "dpo")
+    assert all(torch.equal(v, weights(out / "iter-3" / "dpo")[k]) for k, v in weights(out / "model").items())
+
+
+def test_external_judges_pairwise_and_overwrite(tiny_model, toy):
+    """A fixed --judge-model judges pairwise (round robin: scores are mean P(better) in [0, 1]); a run with
+    other settings replaces the old one only with --overwrite."""
+    out = toy / "out"
+    final = cli(sr_args(tiny_model, toy, out, 1, "--judge-model", str(tiny_model), "--judge-mode", "pairwise"))
+    assert final["judge"] == "llm"
+    for s in lines(out / "iter-1" / "samples.jsonl"):
+        assert all(0 <= x <= 1 for x in s["scores"]) and abs(sum(s["scores"]) - 2) < 1e-6  # 4 answers, 6 games
+    first = (out / "iter-1" / "samples.jsonl").read_text()
+    final = cli(sr_args(tiny_model, toy, out, 2, "--reward", f"{toy / 'rw.py'}:words", "--overwrite"))
+    assert final["judge"] == "score" and [r["step"] for r in read_metrics(out)] == [1, 2, 2]
+    assert (out / "iter-1" / "samples.jsonl").read_text() != first
+    assert all(float(x).is_integer() for s in lines(out / "iter-1" / "samples.jsonl") for x in s["scores"])
 
 
 def test_reward_judge_is_learned(tiny_model, toy):
