@@ -195,7 +195,7 @@ def first_iteration(cfg: SelfRewardConfig, out: Path, yaml, save_config) -> int:
     if found and cfg.overwrite:
         for path in [*out.glob("iter-*"), out / "model"]:
             shutil.rmtree(path, ignore_errors=True)
-        for name in ("metrics.jsonl", "config.yaml", ".fingerprint.json"):
+        for name in ("metrics.jsonl", "config.yaml", ".files.json"):
             (out / name).unlink(missing_ok=True)
         print(f"--overwrite: deleted the previous run in {out}")
     elif found:
@@ -209,15 +209,28 @@ def first_iteration(cfg: SelfRewardConfig, out: Path, yaml, save_config) -> int:
         diffs = [f"{k} {saved.get(k)} -> {v}" for k, v in current.items() if k != "dpo" and saved.get(k) != v]
         diffs += [f"dpo.{k} {saved['dpo'].get(k)} -> {v}" for k, v in current["dpo"].items()
                   if saved["dpo"].get(k) != v]
+        files = json.loads((out / ".files.json").read_text()) if (out / ".files.json").is_file() else {}
+        now = input_files(cfg)
+        diffs += [f"{key.replace('=', ' ', 1)} changed since the run started (content hash)"
+                  for key in sorted(set(files) & set(now)) if files[key] != now[key]]
         if diffs:
             raise UserError(f"--output {out} holds a self-reward run with other settings ({'; '.join(diffs)}); "
                             "rerun with the same ones to continue it, or pass --overwrite to start over")
     with writing(saved_path, "config"):
         save_config(cfg, out, "self-reward")
+        (out / ".files.json").write_text(json.dumps(input_files(cfg)))
     k = 1
     while k <= cfg.iterations and is_complete(out, k):
         k += 1
     return k
+
+
+def input_files(cfg: SelfRewardConfig) -> dict[str, str]:
+    """Content hashes of the files and model directories the config names (as `alignkit.train.run` checks a
+    resumed run's), so a continued run is refused if its data or starting model changed."""
+    from alignkit.train import checkpoint
+
+    return checkpoint.fingerprint(cfg, 1)["files"]
 
 
 def write_metrics(out: Path, rows: list[dict]) -> None:
@@ -411,12 +424,15 @@ def loop(cfg: SelfRewardConfig, d, out: Path, start: int) -> dict:
     from alignkit.models import load_tokenizer
     from alignkit.train import dist as distributed
 
-    if start > cfg.iterations:
+    rows = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
+    last = json.loads(rows[-1]) if rows else {}
+    finished = last.get("final") and last.get("iterations") == cfg.iterations and (out / "model").is_dir()
+    if start > cfg.iterations and finished:  # else a kill came between the last iteration and the final row
         if d.is_main:
             print(f"self-reward: all {cfg.iterations} iterations in {out} are complete; nothing to do")
         distributed.teardown()
-        return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    if start > 1 and d.is_main:
+        return last
+    if 1 < start <= cfg.iterations and d.is_main:
         print(f"self-reward: iterations 1-{start - 1} in {out} are complete; continuing at iteration {start}")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     prompts, stats = load_prompts(list(cfg.data), tokenizer, cfg.max_length - cfg.max_new_tokens, strict=cfg.strict)

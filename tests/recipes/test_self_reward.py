@@ -3,6 +3,7 @@ learned over iterations, the policy judges itself by default, and a killed run c
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -104,8 +105,9 @@ def test_self_judged_iterations_chain(tiny_model, toy):
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     final2 = cli(sr_args(tiny_model, toy, out))
     assert final2 == final  # done: the final row, nothing redone
-    assert {p: p.stat().st_mtime_ns for p in before if p.name != "config.yaml"} == \
-        {p: t for p, t in before.items() if p.name != "config.yaml"}
+    launch = ("config.yaml", ".files.json")  # each launch records its settings and input hashes
+    assert {p: p.stat().st_mtime_ns for p in before if p.name not in launch} == \
+        {p: t for p, t in before.items() if p.name not in launch}
 
     final3 = cli(sr_args(tiny_model, toy, out, 3))  # a larger --iterations adds iterations to the finished run
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 3] and final3["iterations"] == 3
@@ -177,6 +179,20 @@ def test_kill_and_resume(tiny_model, toy, capsys):
 
     assert cli(args) == final and "nothing to do" in capsys.readouterr().out
     assert read_metrics(out) == rows
+
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))  # killed before the final row
+    shutil.rmtree(out / "model")
+    again = cli(args)  # finishes the run: OUTPUT/model and the final row, no iteration redone
+    assert {k: v for k, v in again.items() if k != "seconds_this_launch"} == \
+        {k: v for k, v in final.items() if k != "seconds_this_launch"}
+    assert read_metrics(out) == rows[:3] + [again] and (out / "model" / "config.json").is_file()
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in iter1} == iter1
+
+    with (toy / "prompts.jsonl").open("a") as f:  # the data changed under the run
+        f.write(json.dumps({"prompt": "Another prompt"}) + "\n")
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err
+    assert "data " in err and "changed since the run started" in err and err.strip().count("\n") == 0, err
 
 
 @pytest.mark.parametrize("flags, message", [
