@@ -123,6 +123,10 @@ class SelfRewardConfig(JudgeOptions):
 # (a larger --iterations adds iterations to a finished run).
 RUN_ONLY = {"output", "config", "resume", "overwrite", "progress", "device", "trust_remote_code", "iterations"}
 DPO_RUN_ONLY = {"log_every", "save_every", "save_total_limit", "compile", "report_to"}
+HIDDEN_DPO = {"model", "data", "output", "config", "resume", "overwrite", "ref_model", "device", "dtype",
+              "trust_remote_code", "progress"}  # set by the loop, not by --dpo.* flags
+# What a DPO run writes besides its model: left out of the copy that is OUTPUT/model.
+DPO_RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoints", ".lock", "tensorboard", "wandb", "trackio")
 
 
 def settings(cfg: SelfRewardConfig) -> dict:
@@ -131,10 +135,6 @@ def settings(cfg: SelfRewardConfig) -> dict:
     d["dpo"] = {k: v for k, v in d["dpo"].items() if k not in DPO_RUN_ONLY and k not in HIDDEN_DPO}
     return d
 
-
-DPO_RUN_FILES = ("metrics.jsonl", "config.yaml", "checkpoints", ".lock", "tensorboard", "wandb", "trackio")
-HIDDEN_DPO = {"model", "data", "output", "config", "resume", "overwrite", "ref_model", "device", "dtype",
-              "trust_remote_code", "progress"}
 
 
 def check_config(cfg: SelfRewardConfig) -> None:
@@ -272,7 +272,7 @@ def sample_and_judge(cfg: SelfRewardConfig, k: int, policy, tokenizer, judge, pr
         scored = score_items(judge, items, cfg.judge_mode, max(1, cfg.judge_batch_size), False)
         for g, (i, (scores, mass)) in enumerate(zip(idx, scored)):
             rows = range(g * G, (g + 1) * G)
-            recs.append({"index": i, "prompt": prompts[i].prompt, **prompts[i].columns,
+            recs.append({"_index": i, "prompt": prompts[i].prompt, **prompts[i].columns,
                          "completions": [texts[j] for j in rows], "scores": scores, "label_mass": mass,
                          "ended": [ended[j] for j in rows], "tokens": [len(comp_ids[j]) for j in rows]})
     return recs
@@ -364,10 +364,10 @@ def run_iteration(cfg: SelfRewardConfig, k: int, model_dir: str, prompts, d, ext
             shard = here / f".shard-{r}.jsonl"
             recs += [json.loads(line) for line in shard.read_text().splitlines()]
             shard.unlink()
-        recs.sort(key=lambda rec: rec["index"])
+        recs.sort(key=lambda rec: rec["_index"])
         made = [best_vs_worst(cfg, rec) for rec in recs]
         for rec in recs:
-            del rec["index"]
+            del rec["_index"]
         write_jsonl(str(here / "samples.jsonl"), recs)
         write_jsonl(str(here / "pairs.jsonl"), [p for p, _ in made if p is not None])
         summary = summarize(recs, [why for _, why in made])
