@@ -463,8 +463,8 @@ def loop(cfg: SelfRewardConfig, d, out: Path, start: int) -> dict:
                  "judge": "self" if external is None else external.kind, "model": str(out / "model"),
                  "seconds": sum(r["seconds"] for r in rows), "seconds_this_launch": time.perf_counter() - t0}
         write_metrics(out, rows + [final])
-        print(f"self-reward: {cfg.iterations} iterations, mean judge score {final['score_mean_first']:.4f} -> "
-              f"{final['score_mean_last']:.4f} -> {out / 'model'}")
+        print(f"self-reward: {cfg.iterations} iteration{'s' * (cfg.iterations != 1)}, mean judge score "
+              f"{final['score_mean_first']:.4f} -> {final['score_mean_last']:.4f} -> {out / 'model'}")
     d.barrier()
     distributed.teardown()
     return final
