@@ -251,7 +251,7 @@ def completed_rows(out: Path, upto: int) -> list[dict]:
 
 
 def sample_and_judge(cfg: SelfRewardConfig, k: int, policy, tokenizer, judge, prompts, batches: list[list[int]],
-                     mine: list[int]) -> list[dict]:
+                     mine: list[int], show: bool = True) -> list[dict]:
     """This process's prompt batches: --group-size completions each from the policy, judged. Returns one
     record per prompt (its completions, their scores, whether each ended at a stop token)."""
     from alignkit.generation import sample_groups
@@ -259,7 +259,7 @@ def sample_and_judge(cfg: SelfRewardConfig, k: int, policy, tokenizer, judge, pr
     from alignkit.train.tracking import progress_iter
 
     recs = []
-    for b in progress_iter(mine, cfg.progress, f"iteration {k}: sample + judge"):
+    for b in progress_iter(mine, cfg.progress and show, f"iteration {k}: sample + judge"):
         idx = batches[b]
         torch.manual_seed(cfg.seed * 1000003 + k * 10007 + b)
         with torch.no_grad():
@@ -353,7 +353,7 @@ def run_iteration(cfg: SelfRewardConfig, k: int, model_dir: str, prompts, d, ext
     judge = external_judge or load_judge(cfg, model=policy, tokenizer=tokenizer)
     batches = [list(range(s, min(s + cfg.batch_size, len(prompts)))) for s in range(0, len(prompts), cfg.batch_size)]
     mine = list(range(d.rank, len(batches), d.world_size))
-    recs = sample_and_judge(cfg, k, policy, tokenizer, judge, prompts, batches, mine)
+    recs = sample_and_judge(cfg, k, policy, tokenizer, judge, prompts, batches, mine, show=d.is_main)
     del policy, judge
     (here / f".shard-{d.rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     d.barrier()
