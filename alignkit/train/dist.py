@@ -88,7 +88,7 @@ _keep_group = False
 @contextlib.contextmanager
 def keep_group():
     """Run a command inside another command's process group (self-reward's DPO step): its teardown leaves
-    the group to the outer command, since a group destroyed under torchrun cannot be joined again."""
+    the group to the outer command (re-creating a destroyed group under torchrun is not reliable)."""
     global _keep_group
     kept, _keep_group = _keep_group, True
     try:
