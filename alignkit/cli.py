@@ -20,6 +20,7 @@ COMMANDS = {
     "ppo": ("alignkit.recipes.ppo", "PPOConfig", "main", "RLHF with PPO against a reward model"),
     "grpo": ("alignkit.recipes.grpo", "GRPOConfig", "main", "GRPO with reward functions and/or a reward model"),
     "best-of-n": ("alignkit.recipes.best_of_n", "BestOfNConfig", "main", "Rejection sampling: keep the best of N samples"),
+    "self-reward": ("alignkit.recipes.self_reward", "SelfRewardConfig", "main", "Self-rewarding / online iterative DPO: sample, judge, best-vs-worst pairs, DPO, repeat"),
     "judge": ("alignkit.judge", "JudgeConfig", "main", "Label preferences with a model as judge (RLAIF), a reward model or reward functions"),
     "cai": ("alignkit.cai", "CAIConfig", "main", "Constitutional AI: critique -> revision chains (SL-CAI) and AI-labelled pairs (RL-CAI)"),
     "world build": ("alignkit.world.cli", "WorldBuildConfig", "build_main", "Write the synthetic world's data files"),

@@ -146,18 +146,22 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def validate(cfg) -> None:
-    """Every numeric field is finite and within its LIMITS; the message names the flag."""
+def validate(cfg, prefix: str = "") -> None:
+    """Every numeric field is finite and within its LIMITS; the message names the flag (a nested config's
+    fields as --NESTED.NAME)."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{prefix}{f.name}.")
+            continue
         numbers = value if isinstance(value, tuple) else (value,)
         if not numbers or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
             continue
         if not all(math.isfinite(v) for v in numbers):
-            raise UserError(f"{flag(f.name)} must be a finite number (got {value})")
+            raise UserError(f"{flag(prefix + f.name)} must be a finite number (got {value})")
         check, rule = LIMITS.get(f.name, (None, ""))
         if check is not None and not check(value):
-            raise UserError(f"{flag(f.name)} {rule} (got {value})")
+            raise UserError(f"{flag(prefix + f.name)} {rule} (got {value})")
 
 
 def require(cfg) -> None:
@@ -195,15 +199,29 @@ def load_yaml_overrides(cls, path: str) -> dict[str, Any]:
             raise SystemExit(f"error: {path}: invalid YAML: {e}") from None
     if not isinstance(values, dict):
         raise SystemExit(f"error: {path}: expected a mapping of field: value, got {type(values).__name__}")
+    return _checked_values(cls, values, path)
+
+
+def _checked_values(cls, values: dict, path: str, prefix: str = "") -> dict[str, Any]:
+    """YAML values -> constructor arguments of `cls`: unknown keys are an error, lists become tuples, and a
+    mapping under a nested config field (e.g. `dpo:`) becomes that config."""
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k.replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - names)
     if unknown:
         raise SystemExit(
-            f"error: {path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}"
+            f"error: {path}: unknown key(s) {', '.join(prefix + k for k in unknown)}; valid keys: "
+            f"{', '.join(prefix + k for k in sorted(names))}"
         )
     for k, v in values.items():
-        if isinstance(v, list):
+        nested = hints[k] if dataclasses.is_dataclass(hints[k]) else None
+        if nested is not None and isinstance(v, dict):
+            try:
+                values[k] = nested(**_checked_values(nested, v, path, f"{prefix}{k}."))
+            except TypeError as e:
+                raise SystemExit(f"error: {path}: {prefix}{k}: {e}") from None
+        elif isinstance(v, list):
             values[k] = tuple(v)
     return values
 
@@ -237,8 +255,9 @@ def parse(cls, args: list[str] | None = None, prog: str | None = None):
 
 
 def to_dict(cfg) -> dict[str, Any]:
-    d = dataclasses.asdict(cfg)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    def plain(v):  # YAML-safe: tuples as lists, a nested config as a mapping
+        return list(v) if isinstance(v, tuple) else {k: plain(x) for k, x in v.items()} if isinstance(v, dict) else v
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
 
 
 def save_config(cfg, out_dir: str | Path, command: str | None = None) -> None:

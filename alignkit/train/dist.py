@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -81,6 +82,21 @@ def setup(device: str = "auto") -> Dist:
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
+_keep_group = False
+
+
+@contextlib.contextmanager
+def keep_group():
+    """Run a command inside another command's process group (self-reward's DPO step): its teardown leaves
+    the group to the outer command (re-creating a destroyed group under torchrun is not reliable)."""
+    global _keep_group
+    kept, _keep_group = _keep_group, True
+    try:
+        yield
+    finally:
+        _keep_group = kept
+
+
 def teardown() -> None:
-    if torch_dist.is_initialized():
+    if torch_dist.is_initialized() and not _keep_group:
         torch_dist.destroy_process_group()
