@@ -65,7 +65,9 @@ def run(ctx) -> dict:
         "self-reward", "--model", str(start), "--data", str(prompts), "--iterations", str(ITERATIONS),
         "--max-prompts", str(b["feedback_prompts"]), "--group-size", str(GROUP), "--max-new-tokens", "48",
         "--max-length", "192", "--temperature", "1.0", "--dpo.max-steps", str(DPO_STEPS[ctx.preset]),
-        "--dpo.batch-size", "16", "--dpo.lr", "3e-4", "--dpo.beta", "0.1", "--dpo.rpo-alpha", "1.0"], [start, prompts])
+        "--dpo.batch-size", "16", "--dpo.lr", "3e-4", "--dpo.beta", "0.1", "--dpo.rpo-alpha", "1.0",
+        # the smoke models never stop: let their cut answers pair so the pipeline still runs
+        *(["--keep-truncated"] if ctx.preset == "smoke" else [])], [start, prompts])
     metrics = [r for r in read_jsonl(loop / "metrics.jsonl") if not r.get("final")]
     section["garbled"] = {"judge_sft": garbled_rate(ctx.rows(NAME, "judge_sft"))}
     for k in range(1, ITERATIONS + 1):
