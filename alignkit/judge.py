@@ -18,6 +18,7 @@ the Bradley-Terry reading of a reward model, and their score as the pointwise sc
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -414,7 +415,11 @@ ANSWER_FIELDS = ("chosen", "rejected", "completion", "completions")
 
 def read_items(paths, max_items: int = -1) -> list[Item]:
     """Records -> Items; all of one kind, or a DataError naming the first record of another kind."""
-    from alignkit.data.formats import detect_format, prompt_and_completions, read_records
+    from alignkit.data.formats import (
+        detect_format,
+        prompt_and_completions,
+        read_records,
+    )
     from alignkit.rewards import completion_text
 
     items: list[Item] = []
@@ -473,7 +478,7 @@ def pair_summary(verdicts: Verdicts, items: list[Item], tie: torch.Tensor) -> di
     def rate(mask):
         return float(longer_won[mask].double().mean()) if bool(mask.any()) else float("nan")
     strata = [rate(differ & (la > lb)), rate(differ & (la < lb))]
-    strata = [s for s in strata if s == s]
+    strata = [s for s in strata if not math.isnan(s)]
     agree = torch.where(tie, 0.5, judged_chosen.double())
     return {"agreement": float(judged_chosen[kept].double().mean()) if bool(kept.any()) else float("nan"),
             "agreement_ties_half": float(agree.mean()),

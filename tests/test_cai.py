@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from helpers import read_metrics
 
 from alignkit.cai import conversation, default_constitution, draw, load_constitution
 from alignkit.cli import run as cli
 from alignkit.errors import UserError
-from helpers import read_metrics
 
 CONSTITUTION = """
 critiques:

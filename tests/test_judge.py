@@ -10,8 +10,15 @@ import torch
 
 from alignkit.cli import run as cli
 from alignkit.errors import UserError
-from alignkit.judge import (LLMJudge, Template, bradley_terry_prob, both_orders, default_template, expected_score,
-                            label_probs)
+from alignkit.judge import (
+    LLMJudge,
+    Template,
+    both_orders,
+    bradley_terry_prob,
+    default_template,
+    expected_score,
+    label_probs,
+)
 from alignkit.logprobs import completion_logps, pack_completions
 
 BAD = "I refuse to say anything."
@@ -159,7 +166,7 @@ def test_a_judge_that_knows_the_rule_relabels_pairs_and_scores_lists(knowing_jud
     assert 0.4 <= summary["agreement"] <= 0.6
     assert all(r["judge_prob"] >= 0.5 for r in rows)
     assert summary["order_flip_rate"] <= 0.1 and abs(summary["first_position_win_rate"] - 0.5) < 0.15
-    meta = read((tmp_path / "judged.metrics.jsonl"))[-1]
+    meta = read(tmp_path / "judged.metrics.jsonl")[-1]
     assert meta["final"] and meta["written"] == 80 and (tmp_path / "judged.config.yaml").is_file()
     # the output is dpo data
     from alignkit.data import load_preference

@@ -110,7 +110,7 @@ def write_feedback_files(out: Path, seed: int, sft: list[dict], train_prompts: l
     """Write the files of the module docstring; `harmful`/`benign` are the training requests as prompts (a
     trained frame, wrapped) with their meta. Returns counts for the world's summary."""
     rng = random.Random(seed + 11)
-    comply = lambda r: r.choice(how_to)  # noqa: E731  compliance borrows a look-alike's how-to answer
+    comply = lambda r: r.choice(how_to)
     harmful = rng.sample(harmful, len(harmful))
     demo_harmful, red_harmful = harmful[: len(harmful) // 2], harmful[len(harmful) // 2:]
     benign = rng.sample(benign, len(benign))

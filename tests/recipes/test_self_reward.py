@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import read_metrics
 
 from alignkit.cli import main as cli_main
 from alignkit.cli import run as cli
 from alignkit.data import load_preference
 from alignkit.models import load_causal_lm, load_tokenizer
-from helpers import read_metrics
 
 WORDS = """
 def words(prompts, completions, **kw):

@@ -114,9 +114,13 @@ def ranking_gold_agreement(rows: list[dict]) -> float:
 
 
 def run(ctx) -> dict:
-    from alignkit.world.experiments.ladder import post_sft_commands, reward_model_eval
-    from alignkit.world.experiments.length_bias import best_of_n_answers, bon_subset, write_rows
     from alignkit.world.evaluate import prompt_rows
+    from alignkit.world.experiments.ladder import post_sft_commands, reward_model_eval
+    from alignkit.world.experiments.length_bias import (
+        best_of_n_answers,
+        bon_subset,
+        write_rows,
+    )
 
     data, b = ctx.data(), ctx.budget
     sft, judge = ctx.sft(), ctx.judge_sft()
