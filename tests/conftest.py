@@ -53,7 +53,11 @@ XDIST_GROUPS = {
     "tests/world/test_world_run.py::test_world_run_smoke": "smoke_ladder",
     "tests/world/test_length_bias.py::test_length_bias_reuses_the_ladders_base_and_sft": "smoke_ladder",
 }
-LONGEST_FIRST = ("tests/world/test_world_experiments.py::test_same_seed_rerun_is_bit_identical[sft]",)
+LONGEST_FIRST = ("tests/world/test_world_experiments.py::test_same_seed_rerun_is_bit_identical[sft]",
+                 "tests/invariants/test_speed_paths.py::test_compile_follows_the_eager_trajectory",
+                 "tests/bench/test_bench.py::test_bench_end_to_end",
+                 "tests/invariants/test_trajectories.py::test_sigkill_then_resume_matches_uninterrupted[sft]",
+                 "tests/invariants/test_trajectories.py::test_sigkill_then_resume_matches_uninterrupted[pretrain]")
 
 
 @pytest.hookimpl(optionalhook=True)

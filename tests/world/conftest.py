@@ -1,6 +1,6 @@
 """The smoke ladder, the suite's longest run, run once per session and shared: tests/world/test_world_run.py
 checks its results and tests/world/test_length_bias.py runs a second experiment on a copy of it. The tests
-that use it carry `xdist_group("smoke_ladder")`, so with `--dist loadgroup` one worker runs it once."""
+that use it run on one worker (tests/conftest.py's XDIST_GROUPS), so it is built once."""
 
 import pytest
 
