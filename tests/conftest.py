@@ -44,3 +44,35 @@ def tiny_model(tmp_path_factory) -> Path:
                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
     save_model(model, tok, root / "model")
     return root / "model"
+
+
+# Tests sharing a session fixture too costly to build twice (pytest-xdist builds one per worker) and the
+# longest tests. This pytest no longer lets pytest-xdist read the `xdist_group` mark (it renames node ids
+# through an attribute pytest 9 dropped), so the scheduler below groups these ids itself.
+XDIST_GROUPS = {
+    "tests/world/test_world_run.py::test_world_run_smoke": "smoke_ladder",
+    "tests/world/test_length_bias.py::test_length_bias_reuses_the_ladders_base_and_sft": "smoke_ladder",
+}
+LONGEST_FIRST = ("tests/world/test_world_experiments.py::test_same_seed_rerun_is_bit_identical[sft]",
+                 "tests/invariants/test_speed_paths.py::test_compile_follows_the_eager_trajectory",
+                 "tests/bench/test_bench.py::test_bench_end_to_end",
+                 "tests/invariants/test_trajectories.py::test_sigkill_then_resume_matches_uninterrupted[sft]",
+                 "tests/invariants/test_trajectories.py::test_sigkill_then_resume_matches_uninterrupted[pretrain]")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Load scheduling by work unit, a group of XDIST_GROUPS being one unit; units of more tests go first (so
+    the shared smoke ladder starts at once rather than running alone at the end)."""
+    from xdist.scheduler import LoadGroupScheduling
+
+    class Grouped(LoadGroupScheduling):
+        def _split_scope(self, nodeid):
+            return XDIST_GROUPS.get(nodeid) or super()._split_scope(nodeid)
+
+    return Grouped(config, log) if config.getvalue("dist") in ("load", "loadgroup") else None
+
+
+def pytest_collection_modifyitems(items):
+    """LONGEST_FIRST before the rest (a stable sort), so that no worker runs one of them alone at the end."""
+    items.sort(key=lambda item: item.nodeid not in LONGEST_FIRST)

@@ -45,7 +45,7 @@ SIZES = {
     "small": WorldSize(people=240, sft_word_problems=800, pref_pairs=4000, arith_prompts=1000, eval_rows=50, noise_docs=1500),
 }
 SIZES["smoke"] = SIZES["tiny"]  # the pipeline check runs on the tiny world, under its own name
-SMOKE_EVAL = 8  # the smoke preset's eval sets keep the first 8 near and 8 far rows: its figures mean nothing
+SMOKE_EVAL = 4  # the smoke preset's eval sets keep the first 4 near and 4 far rows: its figures mean nothing
 SFT_FACT_FRAMES = 8  # trained frames each seen person's attribute is asked in
 SFT_REQUEST_FRAMES = 5  # trained frames each trained harmful request and look-alike is asked in
 ATTRS = list(ATTRIBUTES)

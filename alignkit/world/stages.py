@@ -23,10 +23,12 @@ from pathlib import Path
 from alignkit.cli import run as alignkit
 
 # Optimizer-step budgets per preset. tiny is sized for <= 10 minutes on 2 CPU cores; smoke only checks
-# the pipeline end to end (CI) and shows no effects.
+# the pipeline end to end (CI) and shows no effects, so it also trains DPO and PPO on smaller batches
+# (pref_batch; the others train at the ladder's 16).
 PRESETS = {
-    "smoke": dict(world="smoke", pretrain_steps=20, sft_steps=10, rm_steps=5, dpo_steps=3, ppo_steps=2,
-                  grpo_steps=2, bon_prompts=8, bon_n=4, judge_sft_steps=10, feedback_prompts=8, judge_items=48),
+    "smoke": dict(world="smoke", pretrain_steps=10, sft_steps=10, rm_steps=5, dpo_steps=3, ppo_steps=2,
+                  grpo_steps=2, bon_prompts=8, bon_n=4, pref_batch=4, judge_sft_steps=10, feedback_prompts=8,
+                  judge_items=48),
     "tiny": dict(world="tiny", pretrain_steps=350, sft_steps=400, rm_steps=130, dpo_steps=75, ppo_steps=30,
                  grpo_steps=50, bon_prompts=64, bon_n=32, judge_sft_steps=500, feedback_prompts=96, judge_items=-1),
     "small": dict(world="small", pretrain_steps=6000, sft_steps=1200, rm_steps=350, dpo_steps=500, ppo_steps=150,

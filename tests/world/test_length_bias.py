@@ -7,6 +7,9 @@ stand-in context (it trains nothing the ladder and length-bias runs do not)."""
 
 import json
 import math
+import shutil
+
+import pytest
 
 from alignkit.cli import run as cli
 from alignkit.world import stages
@@ -15,8 +18,13 @@ from alignkit.world.report import write_report
 from alignkit.world.stats import aggregate
 
 
-def test_length_bias_reuses_the_ladders_base_and_sft(tmp_path, monkeypatch):
+@pytest.mark.xdist_group("smoke_ladder")
+def test_length_bias_reuses_the_ladders_base_and_sft(smoke_ladder, tmp_path, monkeypatch):
     assert EXPERIMENTS[length_bias.NAME] is length_bias and length_bias.NAME == "length-bias"
+    ladder_world, ladder_calls = smoke_ladder  # the smoke ladder's run, shared with test_world_run.py (conftest.py)
+    assert ladder_calls[:5] == ("world", "train-tokenizer", "init-model", "pretrain", "sft")
+    world = tmp_path / "world"
+    shutil.copytree(ladder_world, world)  # a moved world directory keeps its cache; the shared run stays as it was
     calls = []
 
     def counting(argv):
@@ -24,13 +32,9 @@ def test_length_bias_reuses_the_ladders_base_and_sft(tmp_path, monkeypatch):
         return cli(argv)
 
     monkeypatch.setattr(stages, "alignkit", counting)
-    world = tmp_path / "world"
     flags = ["--preset", "smoke", "--output", str(world), "--no-progress", "--threads", "1", "--no-aggregate"]
-    cli(["world", "run", "--stages", "sft", *flags])
-    assert calls == ["world", "train-tokenizer", "init-model", "pretrain", "sft"]
     out = world / "seed-0"
     shared = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*")}
-    calls.clear()
     cli(["world", "run", "--experiment", "length-bias", *flags])
 
     assert not {"train-tokenizer", "init-model", "pretrain", "sft"} & set(calls), calls

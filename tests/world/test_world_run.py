@@ -61,9 +61,10 @@ def check_results(out, preset):
     return ladder, timings
 
 
-def test_world_run_smoke(tmp_path):
-    out = tmp_path / "world"
-    cli(["world", "run", "--preset", "smoke", "--output", str(out), "--no-progress", "--threads", "1"])
+@pytest.mark.xdist_group("smoke_ladder")
+def test_world_run_smoke(smoke_ladder, tmp_path):
+    out, calls = smoke_ladder  # `world run --preset smoke`, run once for the session (conftest.py)
+    assert calls == ("world", "train-tokenizer", "init-model", "pretrain", "sft", "reward", "dpo", "ppo", "grpo")
     ladder, timings = check_results(out, "smoke")
     assert len(ladder["overoptimization"]["kl"]) == 3  # n = 1, 2, 4
     assert all(f"alignkit {c}" in " ".join(timings["commands"]) for c in ("pretrain", "sft", "reward", "dpo", "ppo", "grpo"))

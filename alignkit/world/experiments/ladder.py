@@ -115,16 +115,17 @@ def post_sft_commands(ctx, data: Path, sft: Path, rm: Path | None) -> dict[str, 
     rate; LN-DPO takes Tulu 3's beta = 5), and the RPO term keeps them from degenerating on these off-policy
     pairs (docs/world.md has the measurements)."""
     b, pref = ctx.budget, data / "pref.jsonl"
+    batch = str(b.get("pref_batch", 16))
     commands = {}
     for name, loss, beta, lr in (("dpo", "sigmoid", "0.1", "3e-4"), ("simpo", "simpo", "2.0", "5e-5"),
                                  ("ln_dpo", "ln_dpo", "5.0", "3e-4")):
         commands[name] = (["dpo", "--loss", loss, "--beta", beta, "--model", str(sft), "--data", str(pref),
-                           "--max-steps", str(b["dpo_steps"]), "--batch-size", "16", "--max-length", "192",
+                           "--max-steps", str(b["dpo_steps"]), "--batch-size", batch, "--max-length", "192",
                            "--lr", lr, "--rpo-alpha", "1.0"], [sft, pref])
     if rm is not None:
         prompts = data / "rl_prompts.jsonl"
         commands["ppo"] = (["ppo", "--model", str(sft), "--reward-model", str(rm), "--data", str(prompts),
-                            "--max-steps", str(b["ppo_steps"]), "--batch-size", "16", "--max-new-tokens", "48",
+                            "--max-steps", str(b["ppo_steps"]), "--batch-size", batch, "--max-new-tokens", "48",
                             "--kl-coef", "0.05", "--missing-eos-penalty", "1.0", "--lr", "3e-5"], [sft, rm, prompts])
     # lr 1e-4 is where the policy moves to the worked style of answer (slower rates barely move it, faster
     # ones shorten the samples again; docs/world.md).
