@@ -394,8 +394,6 @@ class JudgeConfig(JudgeOptions):
     """Allow model code shipped inside the model directory to run."""
     progress: bool = True
     """Show progress: a bar on a terminal, else a plain line every few steps or 30 s."""
-    seed: int = 0
-    """Unused by the judge itself (it is deterministic); recorded for the run's config."""
 
 
 @dataclass

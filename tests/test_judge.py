@@ -222,6 +222,12 @@ def test_a_reward_function_stands_in_for_the_judge(assets, tmp_path):
     assert summary["longer_win_rate"] == 1.0
     rows = read(tmp_path / "j.jsonl")
     assert all(len(r["chosen"][0]["content"].split()) >= len(r["rejected"][0]["content"].split()) for r in rows)
+    # scored pointwise, each pair's better-scored answer is chosen
+    cli(["judge", "--reward", f"{fn}:words", "--data", str(pairs), "--output", str(tmp_path / "p.jsonl"), "--mode",
+         "pointwise", "--no-progress"])
+    points = read(tmp_path / "p.jsonl")
+    assert points and all(r["score_chosen"] > r["score_rejected"] for r in points)
+    assert all(len(r["chosen"][0]["content"].split()) > len(r["rejected"][0]["content"].split()) for r in points)
 
 
 def test_bad_input_is_one_line(tiny_model, tmp_path):

@@ -171,10 +171,13 @@ class Context:
                 (out / ".complete").write_text(key + "\n")
         return {label: plan[0] for label, plan in plans.items()}
 
-    def stage(self, label: str, command: list[str], inputs: list[Path], trains: bool = True) -> Path:
-        """A training command's output directory, trained now or found in the cache (see the module doc)."""
+    def stage(self, label: str, command: list[str], inputs: list[Path], trains: bool = True,
+              seeded: bool = True) -> Path:
+        """A command's output directory, run now or found in the cache (see the module doc); `seeded=False`
+        for a deterministic command that takes no --seed (the key holds the seed all the same)."""
         quiet = [] if self.progress or not trains else ["--no-progress"]
-        return self._cached(label, command, inputs, ["--seed", str(self.seed), "--overwrite"], quiet)
+        tail = ["--seed", str(self.seed), "--overwrite"] if seeded else ["--overwrite"]
+        return self._cached(label, command, inputs, tail, quiet)
 
     def data(self, length_bias: float = DEFAULT_LENGTH_BIAS) -> Path:
         """The world's data files for these build options (built once)."""

@@ -130,7 +130,7 @@ def run(ctx) -> dict:
 
     def label(stage: str, source: Path, *flags: str) -> Path:
         return ctx.stage(stage, ["judge", "--judge-model", str(judge), "--data", str(source), *items, *flags],
-                         [judge, source])
+                         [judge, source], seeded=False)
 
     pairs = label("rlaif-pairs", data / "pref.jsonl", "--no-relabel", "--ties", "mark")
     held_out = label("rlaif-heldout", data / "pref_eval.jsonl", "--no-relabel", "--ties", "mark")
