@@ -6,19 +6,11 @@ import json
 import pytest
 
 from alignkit.judge import DEFAULT_LABELS, Template, default_template
-from alignkit.world.build import build
 from alignkit.world.evaluate import load_eval_sets
 from alignkit.world.experiments import EXPERIMENTS, cai, rlaif, self_reward
 from alignkit.world.facts import REFUSAL
 from alignkit.world.feedback import CONSTITUTION, CRITIQUE_HARMFUL, score_label
 from alignkit.world.gold import gold_score
-
-
-@pytest.fixture(scope="module")
-def world_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    build(out, "tiny", seed=0)
-    return out
 
 
 def rows(path):

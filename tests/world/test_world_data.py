@@ -19,13 +19,6 @@ from alignkit.world.frames import (
 from alignkit.world.gold import Annotator, gold_score, is_refusal
 
 
-@pytest.fixture(scope="module")
-def world_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    build(out, "tiny", seed=0)
-    return out
-
-
 def rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 

@@ -9,8 +9,9 @@ SFT model trained on human-written refusals."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from alignkit.world.experiments.outputs import final_metrics, mean, read_jsonl, text
 
 NAME = "cai"
 SUMMARY = ("helpful-only SFT -> SL-CAI (critique/revision by a constitution) -> RL-CAI (DPO on AI labels by "
@@ -21,17 +22,7 @@ SL_STEPS = {"smoke": 3, "tiny": 30, "small": 80}
 RL_STEPS = {"smoke": 3, "tiny": 30, "small": 80}
 
 
-def mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def text(message) -> str:
-    return message if isinstance(message, str) else message[-1]["content"]
 
 
 def revision_quality(sl_cai: Path, metrics: dict) -> dict:
@@ -56,9 +47,6 @@ def pair_quality(pairs: Path, metrics: dict) -> dict:
             "judge_gold_agreement": mean(float(c > j) for c, j in golds if c != j),
             "gold_ties": mean(float(c == j) for c, j in golds)}
 
-
-def final_metrics(run_dir: Path) -> dict:
-    return read_jsonl(run_dir / "metrics.jsonl")[-1]
 
 
 def run(ctx) -> dict:

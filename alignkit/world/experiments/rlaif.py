@@ -11,6 +11,8 @@ import json
 import random
 from pathlib import Path
 
+from alignkit.world.experiments.outputs import final_metrics, mean, read_jsonl
+
 NAME = "rlaif"
 SUMMARY = ("a world model trained to judge labels the annotators' pairs: its agreement with gold and annotators, "
            "position and length bias, and DPO / reward model + best-of-n on AI vs annotator labels")
@@ -19,17 +21,7 @@ ESTIMATED = {"smoke", "tiny", "small"}
 BON_N = 16  # best-of-n samples per prompt for the two reward models
 
 
-def mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def final_metrics(run_dir: Path) -> dict:
-    return read_jsonl(run_dir / "metrics.jsonl")[-1]
 
 
 def words(message) -> int:

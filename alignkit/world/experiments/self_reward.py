@@ -7,8 +7,9 @@ does, mean length and the garbled-answer rate (the loop amplifying its early err
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from alignkit.world.experiments.outputs import mean, read_jsonl
 
 NAME = "self-reward"
 SUMMARY = ("3 self-rewarding iterations from SFT + judgement demos: gold win rate, the self-judge's agreement "
@@ -20,13 +21,6 @@ GROUP = 4
 DPO_STEPS = {"smoke": 2, "tiny": 25, "small": 80}
 
 
-def mean(xs) -> float:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def garbled(text: str, ended: bool) -> bool:
