@@ -16,8 +16,8 @@ from alignkit.world.experiments.outputs import final_metrics, mean, read_jsonl, 
 NAME = "cai"
 SUMMARY = ("helpful-only SFT -> SL-CAI (critique/revision by a constitution) -> RL-CAI (DPO on AI labels by "
            "principle): harmful refusal and benign over-refusal with no human harmlessness labels")
-MINUTES = {"smoke": 1.5, "tiny": 6.0, "small": 25.0}
-ESTIMATED = {"smoke", "tiny", "small"}
+MINUTES = {"smoke": 1.5, "tiny": 2.0, "small": 25.0}
+ESTIMATED = {"smoke", "small"}
 SL_STEPS = {"smoke": 3, "tiny": 30, "small": 80}
 RL_STEPS = {"smoke": 3, "tiny": 30, "small": 80}
 

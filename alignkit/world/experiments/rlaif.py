@@ -16,8 +16,8 @@ from alignkit.world.experiments.outputs import final_metrics, mean, read_jsonl
 NAME = "rlaif"
 SUMMARY = ("a world model trained to judge labels the annotators' pairs: its agreement with gold and annotators, "
            "position and length bias, and DPO / reward model + best-of-n on AI vs annotator labels")
-MINUTES = {"smoke": 1.5, "tiny": 8.0, "small": 35.0}
-ESTIMATED = {"smoke", "tiny", "small"}
+MINUTES = {"smoke": 1.5, "tiny": 7.2, "small": 35.0}
+ESTIMATED = {"smoke", "small"}
 BON_N = 16  # best-of-n samples per prompt for the two reward models
 
 

@@ -14,8 +14,8 @@ from alignkit.world.experiments.outputs import mean, read_jsonl
 NAME = "self-reward"
 SUMMARY = ("3 self-rewarding iterations from SFT + judgement demos: gold win rate, the self-judge's agreement "
            "with gold, length and garbled answers per iteration")
-MINUTES = {"smoke": 1.5, "tiny": 6.0, "small": 30.0}
-ESTIMATED = {"smoke", "tiny", "small"}
+MINUTES = {"smoke": 1.5, "tiny": 3.0, "small": 30.0}
+ESTIMATED = {"smoke", "small"}
 ITERATIONS = 3
 GROUP = 4
 DPO_STEPS = {"smoke": 2, "tiny": 25, "small": 80}
