@@ -266,6 +266,8 @@ def run_chains(sample: Sampler, items: list[dict], cfg: CAIConfig, constitution:
         chains.append({"index": it["index"], "prompt": it["prompt"], "answer": None, "answer_ended": None,
                        "rounds": [], "stopped": None, "_picks": picks})
     if not cfg.revisions:  # pairs only
+        for ch in chains:
+            del ch["_picks"]
         return chains
     answers = sample([sample.ids(as_messages(ch["prompt"])) for ch in chains])
     active = []

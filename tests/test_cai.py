@@ -143,6 +143,7 @@ def test_sl_cai_keeps_the_revision(tiny_model, assets, toy, tmp_path):
     answers = [a for ch in read(pairs_only / "chains.jsonl") for a in ch["pair"]["answers"]]
     assert answers.count(ANSWER) >= 10, answers
     assert final["ties"] == sum(ch["pair"]["answers"] == [ANSWER, ANSWER] for ch in read(pairs_only / "chains.jsonl"))
+    assert not any(k.startswith("_") for ch in read(pairs_only / "chains.jsonl") for k in ch)  # no internal fields
 
 
 @pytest.mark.parametrize("text, match", [
