@@ -22,6 +22,7 @@ COMMANDS = {
     "best-of-n": ("alignkit.recipes.best_of_n", "BestOfNConfig", "main", "Rejection sampling: keep the best of N samples"),
     "self-reward": ("alignkit.recipes.self_reward", "SelfRewardConfig", "main", "Self-rewarding / online iterative DPO: sample, judge, best-vs-worst pairs, DPO, repeat"),
     "judge": ("alignkit.judge", "JudgeConfig", "main", "Label preferences with a model as judge (RLAIF), a reward model or reward functions"),
+    "probe-knowledge": ("alignkit.probe", "ProbeConfig", "main", "SliCK knowledge categories of QA pairs: what the model knows, from few-shot answers"),
     "cai": ("alignkit.cai", "CAIConfig", "main", "Constitutional AI: critique -> revision chains (SL-CAI) and AI-labelled pairs (RL-CAI)"),
     "world build": ("alignkit.world.cli", "WorldBuildConfig", "build_main", "Write the synthetic world's data files"),
     "world eval": ("alignkit.world.cli", "WorldEvalConfig", "eval_main", "Score a model on the world's held-out sets (gold judge)"),
