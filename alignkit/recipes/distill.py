@@ -114,14 +114,19 @@ def check_same_tokenizer(cfg: DistillConfig, tokenizer, teacher_tokenizer) -> No
                         "sequence level: alignkit generate with the teacher, then alignkit sft)")
 
 
+def check_vocab_rows(model, n_vocab: int, flag: str, path: str) -> None:
+    """A model scores every token of the tokenizer: at least one output row per token."""
+    if model.config.vocab_size < n_vocab:
+        raise UserError(f"{flag} {path} has {model.config.vocab_size} embedding rows for a tokenizer of {n_vocab} "
+                        "tokens")
+
+
 def load_teacher(cfg: DistillConfig, device, n_vocab: int):
     try:
         teacher = load_causal_lm(cfg.teacher, cfg.dtype, cfg.trust_remote_code, device)
     except ModelDirError as e:
         raise UserError(f"--teacher: {e}") from None
-    if teacher.config.vocab_size < n_vocab:
-        raise UserError(f"--teacher {cfg.teacher} has {teacher.config.vocab_size} embedding rows for a tokenizer of "
-                        f"{n_vocab} tokens")
+    check_vocab_rows(teacher, n_vocab, "--teacher", cfg.teacher)
     return prepare(teacher, cfg).eval().requires_grad_(False)
 
 
@@ -204,6 +209,7 @@ def main(cfg: DistillConfig) -> dict:
     lengths = [len(ex.input_ids) for ex in examples]
 
     model = lora.load_trainable(cfg, run.checkpoint, run.device)
+    check_vocab_rows(model, n_vocab, "--model", cfg.model)
     model.train()
     teacher = load_teacher(cfg, run.device, n_vocab)
     ddp_model = DDP(model) if run.world_size > 1 else model
@@ -222,7 +228,7 @@ def main(cfg: DistillConfig) -> dict:
         # Counted over every process before any backward: every micro-batch divides by the same number.
         counts = run.dist.reduce_sums({"label_tokens": sum(sum(m[1:]) for _, ms in batches for m in ms),
                                        "tokens": sum(len(s) for seqs, _ in batches for s in seqs)})
-        n_tokens = counts["label_tokens"]
+        n_tokens = int(counts["label_tokens"])
         sums = accumulate(ddp_model, batches, lambda b: train_micro_batch(
             cfg, ddp_model, teacher, b, n_tokens, run.world_size, tokenizer.pad_token_id, n_vocab, run.device))
         totals = run.dist.reduce_sums(sums)
@@ -232,7 +238,7 @@ def main(cfg: DistillConfig) -> dict:
         step_tokens = int(counts["tokens"])
         run.count(tokens=step_tokens, on_policy_steps=int(on_policy))
         run.log(step + 1, {"epoch": (step + 1) / plan.steps_per_epoch, "loss": step_loss,
-                           "kl_teacher_student": totals["kl"] / max(n_tokens, 1.0), "on_policy": int(on_policy),
+                           "kl_teacher_student": totals["kl"] / max(n_tokens, 1), "on_policy": int(on_policy),
                            "lr": lr, "grad_norm": grad_norm, "label_tokens": n_tokens}, tokens=step_tokens)
         run.end_step(step + 1)
     return run.finish({"examples": len(examples), "truncated": stats.truncated, "dropped": stats.dropped,

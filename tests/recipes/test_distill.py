@@ -138,9 +138,8 @@ def test_a_stopped_and_resumed_on_policy_run_follows_the_uninterrupted_one(tiny_
 def test_the_prompt_of_an_example_is_the_context_of_its_last_response(tiny_model):
     tok = load_tokenizer(tiny_model)
     path = tiny_model.parent / "two_turns.jsonl"
-    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."},
-                                             {"role": "user", "content": "Sky?"},
-                                             {"role": "assistant", "content": "Blue."}]}) + "\n")
+    turns = [("user", "Hi?"), ("assistant", "Hello."), ("user", "Sky?"), ("assistant", "Blue.")]
+    path.write_text(json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]}) + "\n")
     (ex,), _ = load_sft([str(path)], tok, 128)
     prompt = prompt_of(ex)
     assert tok.decode(prompt).endswith("Sky?<|im_end|>\n<|im_start|>assistant\n")
@@ -164,7 +163,8 @@ def other_tokenizer_model(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("case", ["other_tokenizer", "fraction", "missing_teacher", "no_teacher", "temperature", "beta"])
+@pytest.mark.parametrize("case", ["other_tokenizer", "fraction", "missing_teacher", "no_teacher", "temperature",
+                                  "beta"])
 def test_bad_input_is_a_one_line_error(case, tiny_model, other_tokenizer_model, assets, tmp_path, capsys):
     out = tmp_path / "o"
     teacher, extra, expected = {
