@@ -14,6 +14,7 @@ COMMANDS = {
     "init-model": ("alignkit.commands", "InitModelConfig", "init_model_main", "Create a randomly initialised Llama/Qwen2 model"),
     "pretrain": ("alignkit.recipes.pretrain", "PretrainConfig", "main", "Next-token prediction on text (cosine or WSD + midtraining)"),
     "sft": ("alignkit.recipes.sft", "SFTConfig", "main", "Supervised fine-tuning on assistant tokens"),
+    "distill": ("alignkit.recipes.distill", "DistillConfig", "main", "Token-level distillation from a teacher: forward/reverse KL, GKD's JSD, on-policy samples"),
     "reward": ("alignkit.recipes.reward", "RewardConfig", "main", "Bradley-Terry reward model on preference pairs"),
     "dpo": ("alignkit.recipes.dpo", "DPOConfig", "main", "Offline preference optimisation: DPO, IPO, robust, hinge, LN-DPO, SimPO"),
     "kto": ("alignkit.recipes.kto", "KTOConfig", "main", "KTO on unpaired (or auto-unpaired) preferences"),

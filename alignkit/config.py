@@ -139,6 +139,8 @@ LIMITS = {
     "gamma": _FRACTION,
     "lam": _FRACTION,
     "vocab_size": _AT_LEAST_ONE,
+    "on_policy_fraction": _FRACTION,
+    "sampling_temperature": _NON_NEGATIVE,
 }
 
 

@@ -17,6 +17,8 @@ Conventions
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -36,6 +38,9 @@ __all__ = [
     "simpo_loss",
     "kto_loss",
     "kl_penalty",
+    "forward_kl",
+    "reverse_kl",
+    "generalized_jsd",
     "gae",
     "whiten",
     "ppo_policy_loss",
@@ -639,6 +644,100 @@ def kl_penalty(logps: Tensor, ref_logps: Tensor, estimator: str) -> Tensor:
     if estimator == "k2":
         return 0.5 * d**2  # (B, T)
     return torch.exp(-d) + d - 1  # (B, T)  = exp(ref - logp) - (ref - logp) - 1
+
+
+# ---------------------------------------------------------------------------------------
+# Distillation (full-vocabulary divergences between teacher and student)
+# ---------------------------------------------------------------------------------------
+
+
+def _check_distributions(fn: str, logps: Tensor, teacher_logps: Tensor) -> None:
+    if logps.dim() != 3:
+        raise ValueError(f"{fn}: expected log-probabilities (B, T, V), got {tuple(logps.shape)}")
+    _check_shapes(fn, 3, logps=logps, teacher_logps=teacher_logps)
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``sum_v p_v (log p_v - log q_v)`` over the last dim, with ``0 log 0 = 0`` (a -inf log p_v adds
+    nothing instead of NaN)."""
+    cdt = _compute_dtype(log_p.dtype)
+    log_p, log_q = log_p.to(cdt), log_q.to(cdt)
+    p = log_p.exp()  # (B, T, V)
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)  # (B, T)
+
+
+def forward_kl(logps: Tensor, teacher_logps: Tensor) -> Tensor:
+    """Forward KL from the teacher to the student at each position: ``KL(p_T || p_S)``.
+
+    Formula: ``KL[b, t] = sum_v p_T(v) (log p_T(v) - log p_S(v))``. Token-level knowledge
+    distillation (Hinton, Vinyals & Dean 2015, arXiv 1503.02531; word-level KD for sequence models:
+    Kim & Rush 2016, §3.1, arXiv 1606.07947): the cross-entropy to the teacher's whole next-token
+    distribution less the teacher's entropy (a constant), so its gradient is the soft-target
+    cross-entropy's.
+    Mode covering: the student is punished wherever the teacher has mass and it has none.
+
+    Args:
+        logps: (B, T, V) student log-probabilities over the whole vocabulary (log_softmax of
+            logits / temperature; the caller applies the temperature).
+        teacher_logps: (B, T, V) teacher log-probabilities, same vocabulary and temperature.
+
+    Returns:
+        (B, T) divergences in nats, >= 0, 0 where the distributions are equal (reduce with
+        :func:`aggregate`).
+    """
+    _check_distributions("forward_kl", logps, teacher_logps)
+    return _kl(teacher_logps, logps)  # (B, T)
+
+
+def reverse_kl(logps: Tensor, teacher_logps: Tensor) -> Tensor:
+    """Reverse KL from the student to the teacher at each position: ``KL(p_S || p_T)``.
+
+    Formula: ``KL[b, t] = sum_v p_S(v) (log p_S(v) - log p_T(v))``, computed exactly over the
+    vocabulary. Mode seeking: the student is punished for mass where the teacher has little, not
+    for missing some of the teacher's modes, which suits a student too small to cover them all
+    (MiniLLM, Gu et al. 2024, arXiv 2306.08543).
+
+    Args and returns as :func:`forward_kl`.
+    """
+    _check_distributions("reverse_kl", logps, teacher_logps)
+    return _kl(logps, teacher_logps)  # (B, T)
+
+
+def generalized_jsd(logps: Tensor, teacher_logps: Tensor, beta: float) -> Tensor:
+    """Generalised Jensen-Shannon divergence of GKD at each position.
+
+    Formula (Agarwal et al. 2024, "On-Policy Distillation of Language Models", eq. 1,
+    arXiv 2306.13649, with P = teacher, Q = student)::
+
+        M = beta p_T + (1 - beta) p_S
+        JSD(beta) = beta KL(p_T || M) + (1 - beta) KL(p_S || M)
+
+    ``beta`` weighs the teacher, as in TRL's ``GKDTrainer.generalized_jsd_loss``. ``log M`` is a
+    logsumexp of ``log beta + log p_T`` and ``log(1 - beta) + log p_S``. At beta = 0.5 this is the
+    symmetric Jensen-Shannon divergence, bounded by ln 2. As beta -> 0, JSD(beta) / beta -> KL(p_T
+    || p_S), and as beta -> 1, JSD(beta) / (1 - beta) -> KL(p_S || p_T); the divergence itself goes
+    to 0 at both ends. So, like TRL, beta = 0 returns :func:`forward_kl` and beta = 1 returns
+    :func:`reverse_kl` (the divergences whose gradients JSD(beta) follows near the ends), which puts
+    the loss scale at the endpoints 1 / beta times above that of a nearby beta.
+
+    Args:
+        logps, teacher_logps: (B, T, V) student and teacher log-probabilities (see :func:`forward_kl`).
+        beta: teacher weight in [0, 1].
+
+    Returns:
+        (B, T) divergences in nats, >= 0, 0 where the distributions are equal.
+    """
+    _check_distributions("generalized_jsd", logps, teacher_logps)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"generalized_jsd: beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return _kl(teacher_logps, logps)  # (B, T) forward KL
+    if beta == 1.0:
+        return _kl(logps, teacher_logps)  # (B, T) reverse KL
+    cdt = _compute_dtype(logps.dtype)
+    logps, teacher_logps = logps.to(cdt), teacher_logps.to(cdt)
+    log_m = torch.logaddexp(teacher_logps + math.log(beta), logps + math.log1p(-beta))  # (B, T, V)
+    return beta * _kl(teacher_logps, log_m) + (1 - beta) * _kl(logps, log_m)  # (B, T)
 
 
 # ---------------------------------------------------------------------------------------

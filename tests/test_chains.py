@@ -11,8 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from alignkit.cli import run as cli
+from alignkit.data import load_sft
 from alignkit.models import load_causal_lm, load_reward_model, load_tokenizer
-from helpers import read_metrics, run_cli, toy_preferences
+from helpers import read_metrics, run_cli, spans, toy_preferences
 
 peft = pytest.importorskip("peft")
 
@@ -222,3 +223,41 @@ def test_generate_leaves_out_empty_completions_and_says_so(tiny_model, tmp_path,
     assert [row["prompt"][0]["content"] for row in rows] == ["b"]
     assert rows[0]["completion"] == [{"role": "assistant", "content": tok.decode(words)}]
     assert "2 of 3 completions were empty" in capsys.readouterr().err
+
+
+def test_sequence_level_distillation_is_generate_then_sft(tiny_model, assets, runs, tmp_path):
+    """Sequence-level KD (Kim & Rush 2016): the teacher (here the LoRA SFT run, an adapter directory) answers the
+    prompts, `generate --output` writes its answers as prompt-completion records, `sft` trains the student on
+    them: on exactly the teacher's answer tokens (and their end of turn), with a falling loss."""
+    prompts = tmp_path / "prompts.jsonl"
+    lines = (assets / "instructions.jsonl").read_text().splitlines()[:16]
+    conversations = [json.loads(line)["messages"] for line in lines]
+    prompts.write_text("".join(json.dumps({"prompt": conv[:1]}) + "\n" for conv in conversations))
+    teacher_data = tmp_path / "teacher.jsonl"
+    cli(["generate", "--model", str(runs["sft"]), "--data", str(prompts), "--output", str(teacher_data),
+         "--max-new-tokens", "12", "--temperature", "1"])
+    records = [json.loads(line) for line in teacher_data.read_text().splitlines()]
+    assert [r["prompt"] for r in records] == [conv[:1] for conv in conversations]  # sampled: none empty
+    tok = load_tokenizer(tiny_model)
+    examples, _ = load_sft([str(teacher_data)], tok, 64)
+    assert [spans(tok, ex) for ex in examples] == [[r["completion"][0]["content"] + "<|im_end|>"] for r in records]
+    out = tmp_path / "student"
+    final = cli(["sft", "--model", str(tiny_model), "--data", str(teacher_data), "--output", str(out),
+                 "--max-steps", "10", "--batch-size", "8", "--max-length", "64", "--lr", "1e-2", "--warmup-steps", "0",
+                 "--no-progress"])
+    assert final["examples"] == len(records) and final["dropped"] == 0
+    losses = [r["loss"] for r in read_metrics(out) if not r.get("final")]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_distill_takes_an_adapter_dir_as_teacher(tiny_model, assets, runs, tmp_path):
+    """Token-level distillation from the LoRA SFT run (its adapters merged into its base): the first step's KL,
+    measured before any update, is > 0, where the base itself as teacher gives exactly 0."""
+    def first_kl(teacher, out):
+        cli(["distill", "--model", str(tiny_model), "--teacher", str(teacher), "--output", str(out),
+             "--data", str(assets / "instructions.jsonl"), "--max-steps", "1", "--batch-size", "4",
+             "--max-length", "64", "--no-progress"])
+        return first_row(out)["kl_teacher_student"]
+
+    assert first_kl(tiny_model, tmp_path / "self") == 0
+    assert first_kl(runs["sft"], tmp_path / "adapter") > 1e-3

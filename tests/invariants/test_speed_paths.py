@@ -107,6 +107,7 @@ def test_shared_prompt_option_logps_equal_whole_sequences(tiny_model):
         option_logps(model, prompts, [options[0], [[]]], tok.pad_token_id)
 
 
+@pytest.mark.slow  # torch.compile's first compilation alone is most of a minute on 2 cores
 def test_compile_follows_the_eager_trajectory(tiny_model, assets, tmp_path):
     data = sixteen_sft(assets, tmp_path / "d.jsonl")
     got = {flag: sft_losses(tiny_model, data, tmp_path / flag, 4, flag) for flag in ("--compile", "--no-compile")}

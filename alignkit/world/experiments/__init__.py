@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from alignkit.world.experiments import cai, dpo_family, ladder, length_bias, rlaif, self_reward
+from alignkit.world.experiments import (cai, data_selection, distillation, dpo_family, knowledge_categories, ladder,
+                                       length_bias, rlaif, safety_dose, self_reward, unknown_facts)
 
-EXPERIMENTS: dict[str, ModuleType] = {m.NAME: m for m in (ladder, dpo_family, length_bias, rlaif, cai, self_reward)}
+EXPERIMENTS: dict[str, ModuleType] = {m.NAME: m for m in (ladder, dpo_family, length_bias, rlaif, cai, self_reward,
+                                                          unknown_facts, knowledge_categories, data_selection,
+                                                          safety_dose, distillation)}
