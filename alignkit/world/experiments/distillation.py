@@ -1,10 +1,11 @@
-"""Distillation from a stronger model (the notes: Alpaca, Vicuna and s1 distil a stronger model cheaply). The
-teacher is the world's model with a larger budget: the base model pretrained further, then SFT. The student
-starts from the ordinary base model and gets equal student compute (the SFT step budget) three ways: SFT on
-the human demonstrations (the ladder's SFT), sequence-level distillation (Kim & Rush 2016: SFT on the
-teacher's greedy answers to the same prompts, `alignkit generate` then `alignkit sft`), and token-level
-distillation on the teacher's next-token distributions over the human demonstrations (`alignkit distill`,
-forward KL, Hinton et al. 2015). Held out by the gold judge, with win rates against the SFT student."""
+"""Distillation from a stronger model (the notes: Alpaca, Vicuna and s1 distil a stronger model cheaply; DeepSeek-R1
+distils an RL-trained reasoner into small models). The teacher has the larger budget: the ladder's GRPO model (SFT,
+then RL with a verifier on word problems, which finds the worked style of answer). The student starts from the
+base model and gets the SFT step budget four ways: SFT on the human demonstrations (the ladder's SFT),
+sequence-level distillation (Kim & Rush 2016: SFT on the teacher's greedy answers to the same prompts, `alignkit
+generate` then `alignkit sft`), token-level distillation on the teacher's next-token distributions over the human
+demonstrations (`alignkit distill`, forward KL, Hinton et al. 2015), and GKD (Agarwal et al. 2024: generalised JSD,
+half the steps on the student's own samples). Held out by the gold judge, with win rates against the SFT student."""
 
 from __future__ import annotations
 
@@ -19,16 +20,14 @@ SUMMARY = ("a teacher with a larger budget; student by SFT on human demos vs seq
            "distillation at equal student steps: gold reward, accuracy, win rate")
 MINUTES = {"smoke": 2.0, "tiny": 8.0, "small": 45.0}
 ESTIMATED = {"smoke", "tiny", "small"}
-TEACHER_PRETRAIN = {"smoke": 5, "tiny": 250, "small": 4000}  # pretraining steps beyond the base model's
-TEACHER_SFT = {"smoke": 10, "tiny": 400, "small": 1200}
 
 
 def teacher(ctx, data: Path) -> Path:
-    base, corpus, demos = ctx.base(), data / "corpus.jsonl", data / "sft.jsonl"
-    more = ctx.stage("teacher-pretrain", ["pretrain", "--model", str(base), "--data", str(corpus), "--max-steps",
-                                          str(TEACHER_PRETRAIN[ctx.preset]), "--batch-size", "16", "--max-length",
-                                          "128", "--lr", "1e-3", "--warmup-steps", "20"], [base, corpus])
-    return sft_data.sft(ctx, "teacher-sft", more, demos, TEACHER_SFT[ctx.preset])
+    """The ladder's GRPO stage (the same command, so a ladder run of this seed has it cached)."""
+    from alignkit.world.experiments.ladder import post_sft_commands
+
+    command, inputs = post_sft_commands(ctx, data, ctx.sft(), None)["grpo"]
+    return ctx.stage("grpo", command, inputs)
 
 
 def teacher_answers(ctx, model: Path, data: Path) -> Path:
@@ -64,20 +63,26 @@ def run(ctx) -> dict:
                                   "mean_words": mean(len(text(r["completion"]).split()) for r in rows)}
     seq = sft_data.sft(ctx, "seq-kd", base, answers, steps)
     section["seq_kd"] = ctx.evaluate(NAME, "seq_kd", seq, data, baseline="sft")
-    tok = ctx.stage("token-kd", ["distill", "--teacher", str(big), "--model", str(base), "--data", str(demos),
-                                 "--loss", "forward_kl", "--max-steps", str(steps), "--batch-size", "16",
-                                 "--max-length", "192", "--lr", "1e-3"], [big, base, demos])
-    section["token_kd"] = ctx.evaluate(NAME, "token_kd", tok, data, baseline="sft")
-    kl = [r.get("kl_teacher_student") for r in read_jsonl(tok / "metrics.jsonl") if not r.get("final")]
-    kl = [x for x in kl if x is not None]
-    section["token_kd_kl"] = {"first": kl[0] if kl else float("nan"), "last": kl[-1] if kl else float("nan")}
+    section["kl_teacher_student"] = {}
+    for name, flags in (("token_kd", ["--loss", "forward_kl"]),
+                        ("gkd", ["--loss", "jsd", "--beta", "0.5", "--on-policy-fraction", "0.5", "--max-new-tokens",
+                                 "64"])):
+        student = ctx.stage(name.replace("_", "-"), ["distill", "--teacher", str(big), "--model", str(base), "--data",
+                                                     str(demos), *flags, "--max-steps", str(steps), "--batch-size", "16",
+                                                     "--max-length", "192", "--lr", "1e-3"], [big, base, demos])
+        section[name] = ctx.evaluate(NAME, name, student, data, baseline="sft")
+        kl = [r["kl_teacher_student"] for r in read_jsonl(student / "metrics.jsonl")
+              if not r.get("final") and "kl_teacher_student" in r]
+        section["kl_teacher_student"][name] = {"first": kl[0] if kl else float("nan"),
+                                               "last": kl[-1] if kl else float("nan")}
     return section
 
 
 # ---- report -----------------------------------------------------------------------------------------------
 
-STUDENTS = {"teacher": "teacher (more pretraining, SFT)", "sft": "student: SFT on human demos",
-            "seq_kd": "student: sequence-level KD", "token_kd": "student: token-level KD (forward KL)"}
+STUDENTS = {"teacher": "teacher (SFT, then GRPO)", "sft": "student: SFT on human demos",
+            "seq_kd": "student: sequence-level KD", "token_kd": "student: token-level KD (forward KL)",
+            "gkd": "student: GKD (JSD, half on-policy)"}
 COLUMNS = ["win_rate_vs_sft", "gold_reward", "qa_accuracy_seen", "qa_accuracy_unseen_multi", "arith_accuracy",
            "harmful_refusal", "benign_overrefusal", "eos_rate"]
 
@@ -85,12 +90,12 @@ COLUMNS = ["win_rate_vs_sft", "gold_reward", "qa_accuracy_seen", "qa_accuracy_un
 def report(section: dict) -> str:
     from alignkit.world.report import fmt, near_far_table
 
-    kl = section.get("token_kd_kl", {})
-    md = ["Students from the same base model at the same SFT step budget; the teacher had more pretraining. Held "
-          "out by the gold judge; win rates against the SFT student on the same prompts.", "",
+    kl = section.get("kl_teacher_student", {})
+    md = ["Students from the same base model at the same SFT step budget; the teacher is SFT followed by GRPO on word "
+          "problems. Held out by the gold judge; win rates against the SFT student on the same prompts.", "",
           *near_far_table({v: section[k] for k, v in STUDENTS.items() if k in section}, COLUMNS), "",
           f"Teacher answers used for sequence-level KD: {fmt(section.get('teacher_answers', {}).get('records'), 0)} "
-          f"(mean {fmt(section.get('teacher_answers', {}).get('mean_words'), 1)} words). Token-level KD's "
-          f"KL(teacher || student) per token: {fmt(kl.get('first'))} at the first step, {fmt(kl.get('last'))} at "
-          "the last.", ""]
+          f"(mean {fmt(section.get('teacher_answers', {}).get('mean_words'), 1)} words). KL(teacher || student) per "
+          "trained token, first -> last step: " + "; ".join(f"{k} {fmt(v.get('first'))} -> {fmt(v.get('last'))}"
+                                                            for k, v in kl.items()) + ".", ""]
     return "\n".join(md)
