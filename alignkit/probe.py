@@ -70,6 +70,13 @@ def first_line(completion: str) -> str:
     return completion.strip().split("\n", 1)[0].strip()
 
 
+def first_sentence(completion: str) -> str:
+    """The answer part of a cloze completion: its first line up to the end of its first sentence."""
+    line = first_line(completion)
+    end = re.search(r"[.!?](\s|$)", line)
+    return line[:end.start() + 1] if end else line
+
+
 def matches(answer: str, references: list[str], how: Literal["normalized", "exact", "contains"]) -> bool:
     """Whether `answer` is correct for any of the reference aliases (see the module doc for `how`)."""
     if how == "exact":
@@ -226,6 +233,13 @@ def plain_prompt(exemplars: list[Question], question: str) -> str:
     return "".join(f"Q: {e.text}\nA: {e.shown}\n\n" for e in exemplars) + f"Q: {question}\nA:"
 
 
+def cloze_prompt(exemplars: list[Question], question: str) -> str:
+    """Few-shot text in a pretraining corpus's own form (LAMA-style cloze probing, Petroni et al. 2019): each
+    exemplar's question (a statement to complete) and answer, then the question; for base models too small to
+    take up a "Q: / A:" format."""
+    return " ".join(f"{e.text} {e.shown}" for e in exemplars) + f" {question}"
+
+
 def chat_prompt(exemplars: list[Question], question: str) -> list[dict]:
     """Few-shot conversation: each exemplar a previous user/assistant exchange, the question the last user turn."""
     turns = []
@@ -234,7 +248,7 @@ def chat_prompt(exemplars: list[Question], question: str) -> list[dict]:
     return turns + [{"role": "user", "content": question}]
 
 
-def resolve_format(fmt: str, tokenizer) -> Literal["chat", "plain"]:
+def resolve_format(fmt: str, tokenizer) -> Literal["chat", "plain", "cloze"]:
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if fmt == "auto":
         return "chat" if has_template else "plain"
@@ -275,9 +289,10 @@ class ProbeConfig:
     shots: int = 4
     """Exemplars per prompt variant, drawn from the other records (never the question itself or a record with
     the same question). Fewer available is an error."""
-    format: Literal["auto", "chat", "plain"] = "auto"
+    format: Literal["auto", "chat", "plain", "cloze"] = "auto"
     """chat: exemplars as earlier user/assistant turns under the tokenizer's chat template; plain: "Q: ...\\nA:
-    ..." blocks for base models; auto: chat if the tokenizer has a chat template, else plain."""
+    ..." blocks for base models; cloze: statements to complete ("Ada Brook lives in") with their answers, the
+    answer being the completion's first sentence; auto: chat if the tokenizer has a chat template, else plain."""
     samples: int = 8
     """Sampled answers per variant at --temperature, drawn only for questions whose greedy answers are never
     correct (Gekhman et al. draw 16 per question; fewer keeps CPU runs short)."""
@@ -341,6 +356,7 @@ class Answerer:
 
         self.model, self.tok, self.cfg = model, tokenizer, cfg
         self.stops = set(stop_token_ids(tokenizer, model))
+        self.extract = first_sentence if cfg.format == "cloze" else first_line
         self.cut = 0
 
     def __call__(self, prompts: list[list[int]], temperature: float, what: str) -> list[str]:
@@ -352,8 +368,9 @@ class Answerer:
             ids = generate(self.model, self.tok, prompts[s:s + step], self.cfg.max_new_tokens, temperature,
                            1.0, self.cfg.batch_size)
             decoded = self.tok.batch_decode(ids, skip_special_tokens=True)
-            self.cut += sum(not (c and c[-1] in self.stops) and "\n" not in d.strip() for c, d in zip(ids, decoded))
-            texts += [first_line(d) for d in decoded]
+            answers = [self.extract(d) for d in decoded]
+            self.cut += sum(not (c and c[-1] in self.stops) and a == d.strip() for c, d, a in zip(ids, decoded, answers))
+            texts += answers
         return texts
 
 
@@ -426,7 +443,7 @@ def render_all(tokenizer, fmt: str, questions: list[Question], sets: list[list[l
     """Token ids of every question's prompt variants."""
     from alignkit.data import render_prompt
 
-    build: Callable = chat_prompt if fmt == "chat" else plain_prompt
+    build: Callable = {"chat": chat_prompt, "plain": plain_prompt, "cloze": cloze_prompt}[fmt]
     return [[render_prompt(tokenizer, build(ex, q.text)) for ex in variants] for q, variants in zip(questions, sets)]
 
 

@@ -266,3 +266,14 @@ def test_no_silent_overwrite(tiny_model, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="already holds a probe"):
         cli(args)
     assert cli([*args, "--overwrite"])["questions"] == 5
+
+
+def test_cloze_prompt_and_first_sentence():
+    from alignkit.probe import Question, cloze_prompt, first_sentence
+
+    ex = [Question("f:1", {}, "Ada Brook lives in", ["Marlow"], "Marlow.", None),
+          Question("f:2", {}, "Bruno Pell plays the", ["harp"], "harp.", None)]
+    assert cloze_prompt(ex, "Cora Rook lives in") == "Ada Brook lives in Marlow. Bruno Pell plays the harp. Cora Rook lives in"
+    assert first_sentence(" Fenwick. Cora Rook plays the flute.") == "Fenwick."
+    assert first_sentence("Fenwick\nQ: next") == "Fenwick"
+    assert first_sentence("3.5 km away") == "3.5 km away"

@@ -24,24 +24,29 @@ FRAMES = 8
 MIN_QUESTIONS = {"smoke": 1, "tiny": 8, "small": 20}  # a category with fewer seen questions gets no SFT run
 MAX_QUESTIONS = 40
 HELD_OUT = ("qa_unseen_multi", "qa_unseen_single", "unknown")
-PROBE = ["--format", "plain", "--variants", "4", "--shots", "4", "--samples", "4", "--temperature", "0.5",
-         "--max-new-tokens", "16", "--match", "contains"]
+PROBE = ["--variants", "4", "--shots", "4", "--samples", "4", "--temperature", "0.5", "--max-new-tokens", "16",
+         "--match", "contains"]
 
 
-def probe_file(ctx, data: Path) -> Path:
-    """Every world fact as a question (a trained frame, unwrapped) with its answer sentence and value."""
+def probe_files(ctx, data: Path) -> dict[str, Path]:
+    """Every world fact twice: as a question (a trained frame, unwrapped) with its answer sentence, for the
+    "Q: / A:" probe, and as a statement to complete in the bios' own words ("Ada Brook lives in") for the
+    cloze probe; both with the value as the reference."""
     from alignkit.world.build import ATTRS, assistant, fact_prompt, user
     from alignkit.world.facts import ANSWERS
     from alignkit.world.frames import FACT_FRAMES, trained
 
     rng, frames = random.Random(ctx.seed + 23), trained(FACT_FRAMES)
-    rows = []
+    qa, cloze = [], []
     for p in sft_data.world_of(data).people:
         for attr in ATTRS:
             q, meta = fact_prompt(p, attr, rng.choice(frames), rng, False)
-            rows.append({"messages": user(q) + assistant(ANSWERS[attr].format(**vars(p))), "answer": getattr(p, attr),
-                         "meta": {**meta, "bio_style": p.bio_style, "seen": p.seen}})
-    return ctx.derived(NAME, "probe.jsonl", rows)
+            meta = {**meta, "bio_style": p.bio_style, "seen": p.seen}
+            value = getattr(p, attr)
+            qa.append({"messages": user(q) + assistant(ANSWERS[attr].format(**vars(p))), "answer": value, "meta": meta})
+            stem = ANSWERS[attr].split("{" + attr + "}")[0].format(name=p.name).strip()
+            cloze.append({"prompt": stem, "completion": f"{value}.", "answer": value, "meta": meta})
+    return {"plain": ctx.derived(NAME, "probe_qa.jsonl", qa), "cloze": ctx.derived(NAME, "probe_cloze.jsonl", cloze)}
 
 
 def shares(rows: list[dict], keep=lambda r: True) -> dict:
@@ -64,14 +69,18 @@ def heldout_by_category(ctx, name: str, probed: dict) -> dict:
 
 def run(ctx) -> dict:
     data, base = ctx.data(), ctx.base()
-    questions = probe_file(ctx, data)
-    probe = ctx.stage("probe-base", ["probe-knowledge", "--model", str(base), "--data", str(questions), *PROBE],
-                      [base, questions], trains=False)
-    rows = read_jsonl(probe / "categories.jsonl")
-    section: dict = {"probe": {
-        "all": shares(rows), "multi": shares(rows, lambda r: r["meta"]["bio_style"] == "multi"),
-        "single": shares(rows, lambda r: r["meta"]["bio_style"] == "single"),
-        "questions": {c: sum(r["category"] == c for r in rows) for c in CATEGORIES}}}
+    section: dict = {}
+    categorised = {}
+    for probe_fmt, questions in probe_files(ctx, data).items():
+        probe = ctx.stage(f"probe-base-{probe_fmt}", ["probe-knowledge", "--model", str(base), "--data",
+                                                      str(questions), "--format", probe_fmt, *PROBE],
+                          [base, questions], trains=False)
+        rows = categorised[probe_fmt] = read_jsonl(probe / "categories.jsonl")
+        section[f"probe_{probe_fmt}"] = {
+            "all": shares(rows), "multi": shares(rows, lambda r: r["meta"]["bio_style"] == "multi"),
+            "single": shares(rows, lambda r: r["meta"]["bio_style"] == "single"),
+            "questions": {c: sum(r["category"] == c for r in rows) for c in CATEGORIES}}
+    rows = categorised["cloze"]
     probed = {(r["meta"]["name"], r["meta"]["attr"]): r["category"] for r in rows}
 
     world = {p.name: p for p in sft_data.world_of(data).people}
@@ -104,13 +113,16 @@ COLUMNS = ["qa_accuracy_unseen_multi", "qa_accuracy_unseen_single", "wrong_fact_
 def report(section: dict) -> str:
     from alignkit.world.report import fmt, near_far_table
 
-    probe = section.get("probe", {})
-    md = ["The base model probed few-shot in plain text (4 prompt variants of 4 exemplars, greedy; 4 samples at "
-          "T = 0.5 per variant where greedy is never right), every fact of every person:", "",
-          "| bios | " + " | ".join(CATEGORIES) + " |", "|---" * (len(CATEGORIES) + 1) + "|"]
-    for key, title in (("all", "all"), ("multi", "three phrasings"), ("single", "one phrasing")):
-        md.append(f"| {title} | " + " | ".join(fmt(probe.get(key, {}).get(c)) for c in CATEGORIES) + " |")
-    md += ["", f"Questions per category: {fmt(probe.get('questions'))}; SFT on each category with at least the "
+    md = ["The base model probed few-shot on every fact of every person (4 prompt variants of 4 exemplars, greedy; "
+          "4 samples at T = 0.5 per variant where greedy is never right), as questions in a \"Q: / A:\" format "
+          "(plain) and as statements to complete in the bios' words (cloze; its categories choose the SFT data):", "",
+          "| probe | bios | " + " | ".join(CATEGORIES) + " |", "|---" * (len(CATEGORIES) + 2) + "|"]
+    for probe_fmt in ("plain", "cloze"):
+        probe = section.get(f"probe_{probe_fmt}", {})
+        for key, title in (("all", "all"), ("multi", "three phrasings"), ("single", "one phrasing")):
+            md.append(f"| {probe_fmt} | {title} | " + " | ".join(fmt(probe.get(key, {}).get(c)) for c in CATEGORIES) + " |")
+    probe = section.get("probe_cloze", {})
+    md += ["", f"Cloze questions per category: {fmt(probe.get('questions'))}; SFT on each category with at least the "
            f"preset's minimum of seen questions, {fmt(section.get('sft_questions_per_category'), 0)} questions each "
            "(8 frames), plus the world's other SFT data.", ""]
     runs = {k: v for k, v in section.items() if k.startswith("sft_") and isinstance(v, dict) and "near" in v}
