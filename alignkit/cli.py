@@ -22,6 +22,7 @@ COMMANDS = {
     "grpo": ("alignkit.recipes.grpo", "GRPOConfig", "main", "GRPO with reward functions and/or a reward model"),
     "best-of-n": ("alignkit.recipes.best_of_n", "BestOfNConfig", "main", "Rejection sampling: keep the best of N samples"),
     "self-reward": ("alignkit.recipes.self_reward", "SelfRewardConfig", "main", "Self-rewarding / online iterative DPO: sample, judge, best-vs-worst pairs, DPO, repeat"),
+    "curate": ("alignkit.curate", "CurateConfig", "main", "Deduplicate, filter, decontaminate and select SFT data (LIMA, longest-k, IFD, diverse)"),
     "judge": ("alignkit.judge", "JudgeConfig", "main", "Label preferences with a model as judge (RLAIF), a reward model or reward functions"),
     "probe-knowledge": ("alignkit.probe", "ProbeConfig", "main", "SliCK knowledge categories of QA pairs: what the model knows, from few-shot answers"),
     "cai": ("alignkit.cai", "CAIConfig", "main", "Constitutional AI: critique -> revision chains (SL-CAI) and AI-labelled pairs (RL-CAI)"),

@@ -167,9 +167,10 @@ def validate(cfg, prefix: str = "") -> None:
 
 
 def require(cfg) -> None:
-    """Flags without a usable default: a command's --model, and a training command's --data."""
+    """Flags without a usable default: a command's --model (unless its config says OPTIONAL_MODEL), and a
+    training command's --data."""
     names = {f.name for f in dataclasses.fields(cfg)}
-    if "model" in names and not cfg.model:
+    if "model" in names and not cfg.model and not getattr(cfg, "OPTIONAL_MODEL", False):
         raise UserError("--model is required (a local model directory)")
     if isinstance(cfg, TrainConfig) and not cfg.data:
         raise UserError("--data is required (a training data file; repeat the flag for several)")

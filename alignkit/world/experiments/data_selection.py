@@ -24,6 +24,7 @@ PLANTED = {"wrong_fact": 150, "truncated": 120, "garbled": 100, "duplicate": 120
            "off_format": 80}
 K = {"smoke": 200, "tiny": 800, "small": 2000}
 STEPS = {"smoke": 4, "tiny": 300, "small": 1000}
+WARMUP = {"smoke": (40, 2), "tiny": (200, 40), "small": (500, 100)}  # (records, steps) of the IFD scorer's warm-up
 SELECTORS = ("random", "longest", "ifd", "reward", "diverse")
 HELD_OUT = ("qa_seen", "qa_unseen_multi", "arith", "harmful", "benign", "unknown")
 
@@ -89,21 +90,34 @@ def noisy_pool(data: Path, seed: int) -> tuple[list[dict], list[str]]:
     return [r for r, _ in pool], [k for _, k in pool]
 
 
+def _index(source: str) -> int:
+    return int(source.rsplit(":", 1)[1]) - 1
+
+
 def removal_quality(curated: Path, kinds: list[str]) -> dict:
-    """curate's removals against the planted records: precision, recall, and recall per planted kind."""
-    removed = {int(r["source"].rsplit(":", 1)[1]) - 1: r["reason"] for r in read_jsonl(curated / "removed.jsonl")}
-    planted = {i for i, k in enumerate(kinds) if k != "clean"}
-    hits = planted & set(removed)
-    out = {"removed": len(removed), "planted": len(planted),
-           "precision": len(hits) / len(removed) if removed else float("nan"),
-           "recall": len(hits) / len(planted) if planted else float("nan"),
-           "recall_by_kind": {k: mean(float(i in removed) for i, kk in enumerate(kinds) if kk == k) for k in PLANTED},
-           "clean_removed": sum(1 for i in removed if kinds[i] == "clean")}
+    """curate's removals against the planted records: precision, recall, and recall per planted kind. Of a
+    planted record and the record it duplicates, removing either one removes the duplication: a clean record
+    removed as the duplicate of a planted duplicate counts as catching it (not so for a planted wrong fact,
+    truncated or off-format copy: removing the clean original leaves the defect in)."""
+    removed = {_index(r["source"]): r for r in read_jsonl(curated / "removed.jsonl")}
+    caught, wrong = set(), set()
+    for i, r in removed.items():
+        twin = r["detail"].get("duplicate_of")
+        if kinds[i] != "clean":
+            caught.add(i)
+        elif twin is not None and kinds[_index(twin)] in ("duplicate", "near_duplicate"):
+            caught.add(_index(twin))
+        else:
+            wrong.add(i)
+    planted = [i for i, k in enumerate(kinds) if k != "clean"]
     reasons: dict[str, int] = {}
-    for reason in removed.values():
-        reasons[reason.split(":")[0]] = reasons.get(reason.split(":")[0], 0) + 1
-    out["reasons"] = reasons
-    return out
+    for r in removed.values():
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    return {"removed": len(removed), "planted": len(planted),
+            "precision": 1 - len(wrong) / len(removed) if removed else float("nan"),
+            "recall": len(caught) / len(planted) if planted else float("nan"),
+            "recall_by_kind": {k: mean(float(i in caught) for i in planted if kinds[i] == k) for k in PLANTED},
+            "clean_removed": len(wrong), "reasons": reasons}
 
 
 def selected_quality(curated_kinds: list[str], chosen: Path, kept: Path) -> dict:
@@ -123,11 +137,15 @@ def run(ctx) -> dict:
     curated = ctx.stage("curate", ["curate", "--data", str(pool)], [pool])
     section["curation"] = removal_quality(curated, kinds)
     kept = curated / "kept.jsonl"
-    removed = {int(r["source"].rsplit(":", 1)[1]) - 1 for r in read_jsonl(curated / "removed.jsonl")}
+    removed = {_index(r["source"]) for r in read_jsonl(curated / "removed.jsonl")}
     kept_kinds = [k for i, k in enumerate(kinds) if i not in removed]
 
     runs = {"all": pool, "curated": kept}
-    scorers = {"ifd": ["--model", str(base)], "diverse": ["--model", str(base)], "random": [], "longest": [],
+    # IFD is scored by a "pre-experienced" model (Li et al. 2024): briefly fine-tuned on a small random sample of
+    # the pool, so that it reads the chat format; the base model's perplexities do not condition on it.
+    sample = ctx.derived(NAME, "warmup.jsonl", random.Random(ctx.seed).sample(read_jsonl(kept), WARMUP[preset][0]))
+    warm = sft_data.sft(ctx, "sft-ifd-warmup", base, sample, WARMUP[preset][1])
+    scorers = {"ifd": ["--model", str(warm)], "diverse": ["--model", str(base)], "random": [], "longest": [],
                "reward": ["--reward-model", str(ctx.reward_model(data))]}
     section["selected"] = {}
     for selector in SELECTORS:
@@ -158,7 +176,8 @@ def report(section: dict) -> str:
           "demonstrations and the rest planted (" + ", ".join(f"{k} {fmt(pool.get(k), 0)}" for k in PLANTED) + ").", "",
           f"`alignkit curate` (defaults: exact and MinHash near-duplicates, heuristic filters) removed "
           f"{fmt(cur.get('removed'), 0)}: precision {fmt(cur.get('precision'))}, recall {fmt(cur.get('recall'))} "
-          f"on the planted records; clean records removed {fmt(cur.get('clean_removed'), 0)}.", "",
+          f"on the planted records (removing either copy of a planted duplicate counts); clean records removed "
+          f"{fmt(cur.get('clean_removed'), 0)}. Removals by reason: {fmt(cur.get('reasons'))}.", "",
           "| planted kind | " + " | ".join(PLANTED) + " |", "|---" * (len(PLANTED) + 1) + "|",
           "| recall | " + " | ".join(fmt(cur.get("recall_by_kind", {}).get(k)) for k in PLANTED) + " |", "",
           "SFT at equal steps on each choice (k records for the selectors, from the curated pool); held out by the "
