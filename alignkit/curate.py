@@ -323,13 +323,19 @@ def read_evals(paths) -> list[Record]:
 
 
 def categories(records: list[Record], keep: tuple[str, ...], name: str) -> None:
+    seen = set()
     for r in records:
         if name not in r.record:
             path, line = r.source.rsplit(":", 1)
             raise DataError(path, int(line), f"no {name!r} field for --keep-category (write it with "
                                              "`alignkit probe-knowledge`, or name the field with --category-field)")
+        seen.add(r.record[name])
         if r.record[name] not in keep:
             remove(r, "category", category=r.record[name])
+    missing = [c for c in keep if c not in seen]
+    if missing:
+        raise UserError(f"--keep-category {' '.join(missing)}: no record has that {name!r} (found: "
+                        f"{', '.join(sorted(map(str, seen))) or 'none'})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,22 +344,25 @@ def categories(records: list[Record], keep: tuple[str, ...], name: str) -> None:
 
 
 def _examples(tok, r: Record, max_length: int):
-    """(conditioned ids, their loss mask, response-alone ids with its mask): the response scored after the
-    instruction, and alone (after the tokenizer's BOS or EOS token only)."""
+    """(ids, loss mask) of the response after the instruction, and of the same response tokens alone (after the
+    tokenizer's BOS, else EOS, token): IFD compares the perplexities of the same tokens (Li et al. 2024)."""
     from alignkit.data import render_prompt_completion
 
     if r.conversational:
         ex = render_prompt_completion(tok, r.prompt or [{"role": "user", "content": ""}],
                                       [{"role": "assistant", "content": r.response}])
-    else:
-        ex = render_prompt_completion(tok, r.prompt, r.response) if r.prompt else None
-    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    alone = ([start] if start is not None else []) + tok(r.response, add_special_tokens=False)["input_ids"]
-    alone_mask = [0] * (1 if start is not None else 0) + [1] * (len(alone) - (1 if start is not None else 0))
-    if ex is None:
-        ids, mask = alone, alone_mask
-    else:
         ids, mask = list(ex.input_ids), list(ex.loss_mask)
+    elif r.prompt:
+        ex = render_prompt_completion(tok, r.prompt, r.response)
+        ids, mask = list(ex.input_ids), list(ex.loss_mask)
+    else:
+        ids = tok(r.response, add_special_tokens=False)["input_ids"]
+        mask = [1] * len(ids)
+    response = [t for t, m in zip(ids, mask) if m]
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    alone, alone_mask = [start] + response, [0] + [1] * len(response)
+    if not r.conversational and not r.prompt:  # no instruction: conditioned on the start token as well
+        ids, mask = alone, alone_mask
     return ids[:max_length], mask[:max_length], alone[:max_length], alone_mask[:max_length]
 
 

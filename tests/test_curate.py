@@ -119,7 +119,8 @@ def test_ifd_is_the_ratio_of_conditioned_to_unconditioned_perplexity(tiny_model,
         ex = render_prompt_completion(tok, row["messages"][:1], row["messages"][1:])
         ids, mask = torch.tensor([ex.input_ids]), torch.tensor(ex.loss_mask)
         start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        alone = torch.tensor([[start] + tok(row["messages"][1]["content"], add_special_tokens=False)["input_ids"]])
+        # The same response tokens (the assistant turn the SFT loss counts), after the start token alone.
+        alone = torch.tensor([[start] + [t for t, m in zip(ex.input_ids, ex.loss_mask) if m]])
         with torch.no_grad():
             lp = torch.log_softmax(model(ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
             la = torch.log_softmax(model(alone).logits[0, :-1], -1).gather(-1, alone[0, 1:, None])[:, 0]
@@ -156,9 +157,11 @@ def test_kept_records_train_with_sft(tiny_model, tmp_path):
     (["--k", "3"], "--k 3 needs --select"),
     (["--near-dup-threshold", "1.5"], "--near-dup-threshold must be in [0, 1]"),
     (["--keep-category", "MaybeKnown"], "no 'category' field"),
+    (["--keep-category", "Maybe"], "--keep-category Maybe: no record has that 'category'"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, flags, message):
-    data = write(tmp_path / "d.jsonl", FACTS)
+    rows = [{**r, "category": "MaybeKnown"} for r in FACTS] if "Maybe" in flags else FACTS
+    data = write(tmp_path / "d.jsonl", rows)
     argv = ["curate", "--output", str(tmp_path / "out")] + (flags if "--data" in flags else ["--data", data, *flags])
     assert cli_main(argv) == 1
     err = capsys.readouterr().err.strip()
