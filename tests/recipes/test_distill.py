@@ -164,7 +164,7 @@ def other_tokenizer_model(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["other_tokenizer", "fraction", "missing_teacher", "no_teacher", "temperature",
-                                  "beta"])
+                                  "beta", "negative_beta"])
 def test_bad_input_is_a_one_line_error(case, tiny_model, other_tokenizer_model, assets, tmp_path, capsys):
     out = tmp_path / "o"
     teacher, extra, expected = {
@@ -175,6 +175,7 @@ def test_bad_input_is_a_one_line_error(case, tiny_model, other_tokenizer_model, 
         "no_teacher": ("", (), ["--teacher is required"]),
         "temperature": (tiny_model, ("--temperature", "0"), ["--temperature must be > 0"]),
         "beta": (tiny_model, ("--loss", "jsd", "--beta", "1.5"), ["--beta must be between 0 and 1"]),
+        "negative_beta": (tiny_model, ("--loss", "jsd", "--beta", "-0.5"), ["--beta must be >= 0"]),
     }[case]
     assert alignkit_cli.main(distill_args(tiny_model, teacher, assets, out, "--max-steps", "1", *extra)) == 1
     err = capsys.readouterr().err

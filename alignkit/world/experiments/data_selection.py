@@ -18,8 +18,8 @@ from alignkit.world.experiments.outputs import mean, read_jsonl
 NAME = "data-selection"
 SUMMARY = ("SFT on a noisy pool vs curated vs k chosen by random / longest / IFD / reward / diverse; curate's "
            "precision and recall on the planted bad records")
-MINUTES = {"smoke": 2.0, "tiny": 9.0, "small": 45.0}
-ESTIMATED = {"smoke", "tiny", "small"}
+MINUTES = {"smoke": 2.0, "tiny": 2.8, "small": 45.0}
+ESTIMATED = {"smoke", "small"}
 PLANTED = {"wrong_fact": 150, "truncated": 120, "garbled": 100, "duplicate": 120, "near_duplicate": 80,
            "off_format": 80}
 K = {"smoke": 200, "tiny": 800, "small": 2000}
@@ -177,7 +177,8 @@ def report(section: dict) -> str:
           f"`alignkit curate` (defaults: exact and MinHash near-duplicates, heuristic filters) removed "
           f"{fmt(cur.get('removed'), 0)}: precision {fmt(cur.get('precision'))}, recall {fmt(cur.get('recall'))} "
           f"on the planted records (removing either copy of a planted duplicate counts); clean records removed "
-          f"{fmt(cur.get('clean_removed'), 0)}. Removals by reason: {fmt(cur.get('reasons'))}.", "",
+          f"{fmt(cur.get('clean_removed'), 0)}. Removals by reason: "
+          + ", ".join(f"{k} {fmt(v, 0)}" for k, v in cur.get("reasons", {}).items()) + ".", "",
           "| planted kind | " + " | ".join(PLANTED) + " |", "|---" * (len(PLANTED) + 1) + "|",
           "| recall | " + " | ".join(fmt(cur.get("recall_by_kind", {}).get(k)) for k in PLANTED) + " |", "",
           "SFT at equal steps on each choice (k records for the selectors, from the curated pool); held out by the "

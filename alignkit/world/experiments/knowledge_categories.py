@@ -16,8 +16,8 @@ from alignkit.world.experiments.outputs import mean, read_jsonl
 NAME = "knowledge-categories"
 SUMMARY = ("probe-knowledge's SliCK categories of the base model by bio phrasing; SFT on each category alone: "
            "held-out accuracy and made-up answers")
-MINUTES = {"smoke": 1.5, "tiny": 7.0, "small": 40.0}
-ESTIMATED = {"smoke", "tiny", "small"}
+MINUTES = {"smoke": 1.5, "tiny": 2.1, "small": 40.0}
+ESTIMATED = {"smoke", "small"}
 CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
 STEPS = {"smoke": 4, "tiny": 400, "small": 1200}
 FRAMES = 8
@@ -122,7 +122,8 @@ def report(section: dict) -> str:
         for key, title in (("all", "all"), ("multi", "three phrasings"), ("single", "one phrasing")):
             md.append(f"| {probe_fmt} | {title} | " + " | ".join(fmt(probe.get(key, {}).get(c)) for c in CATEGORIES) + " |")
     probe = section.get("probe_cloze", {})
-    md += ["", f"Cloze questions per category: {fmt(probe.get('questions'))}; SFT on each category with at least the "
+    counts = ", ".join(f"{c} {fmt(probe.get('questions', {}).get(c), 0)}" for c in CATEGORIES)
+    md += ["", f"Cloze questions per category: {counts}; SFT on each category with at least the "
            f"preset's minimum of seen questions, {fmt(section.get('sft_questions_per_category'), 0)} questions each "
            "(8 frames), plus the world's other SFT data.", ""]
     runs = {k: v for k, v in section.items() if k.startswith("sft_") and isinstance(v, dict) and "near" in v}

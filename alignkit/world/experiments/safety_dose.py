@@ -13,8 +13,8 @@ from alignkit.world.experiments import sft_data
 NAME = "safety-dose"
 SUMMARY = ("SFT with 0 to 300 refusal demonstrations, with and without benign look-alikes: held-out harmful "
            "refusal and over-refusal against the dose")
-MINUTES = {"smoke": 1.5, "tiny": 6.0, "small": 35.0}
-ESTIMATED = {"smoke", "tiny", "small"}
+MINUTES = {"smoke": 1.5, "tiny": 2.0, "small": 35.0}
+ESTIMATED = {"smoke", "small"}
 DOSES = (0, 30, 100, 300)
 STEPS = {"smoke": 4, "tiny": 250, "small": 800}
 HELD_OUT = ("harmful", "benign")

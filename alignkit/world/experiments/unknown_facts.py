@@ -15,8 +15,8 @@ from alignkit.world.experiments import sft_data
 NAME = "unknown-facts"
 SUMMARY = ("SFT whose fact questions are 0-100% about people absent from pretraining: held-out accuracy, "
            "made-up answers, and known vs unknown facts fitted per epoch")
-MINUTES = {"smoke": 1.5, "tiny": 7.0, "small": 40.0}
-ESTIMATED = {"smoke", "tiny", "small"}
+MINUTES = {"smoke": 1.5, "tiny": 2.0, "small": 40.0}
+ESTIMATED = {"smoke", "small"}
 SHARES = (0.0, 0.25, 0.5, 1.0)
 STEPS = {"smoke": 6, "tiny": 400, "small": 1200}
 FRAMES = 8  # trained frames per fact, as the world's SFT asks each seen fact
