@@ -360,7 +360,10 @@ def _examples(tok, r: Record, max_length: int):
         mask = [1] * len(ids)
     response = [t for t, m in zip(ids, mask) if m]
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    alone, alone_mask = [start] + response, [0] + [1] * len(response)
+    if start is None:  # nothing to condition on: the first response token goes unscored
+        alone, alone_mask = response, [0] + [1] * (len(response) - 1)
+    else:
+        alone, alone_mask = [start] + response, [0] + [1] * len(response)
     if not r.conversational and not r.prompt:  # no instruction: conditioned on the start token as well
         ids, mask = alone, alone_mask
     return ids[:max_length], mask[:max_length], alone[:max_length], alone_mask[:max_length]
