@@ -161,7 +161,20 @@ def as_record(rec: dict, source: str) -> Record:
                      "or text records)")
 
 
-def read(paths, flag: str = "--data") -> list[Record]:
+def eval_record(rec: dict, source: str) -> Record:
+    """An eval record of any prompt or SFT format (a prompt-only record has no response)."""
+    try:
+        return as_record(rec, source)
+    except ValueError:
+        prompt = rec.get("prompt") if isinstance(rec, dict) else None
+        if prompt is None:
+            raise ValueError("an eval record needs a prompt or a conversation") from None
+        text = prompt if isinstance(prompt, str) else "\n".join(m.get("content", "") for m in prompt)
+        answer = rec.get("answer", rec.get("completion", ""))
+        return Record(source, rec, prompt, text, answer if isinstance(answer, str) else "", False)
+
+
+def read(paths, flag: str = "--data", parse=as_record) -> list[Record]:
     from alignkit.data import read_records
 
     out = []
@@ -170,7 +183,7 @@ def read(paths, flag: str = "--data") -> list[Record]:
             raise UserError(f"{flag} {path}: no such file")
         for line, rec in read_records(path):
             try:
-                out.append(as_record(rec, f"{path}:{line}"))
+                out.append(parse(rec, f"{path}:{line}"))
             except ValueError as e:
                 raise DataError(path, line, str(e)) from None
     return out
@@ -299,27 +312,6 @@ def decontaminate(records: list[Record], evals: list[Record], n: int) -> None:
         hit = next((g for g in ngrams(r.instruction + " " + r.response, n) if g in index), None)
         if hit is not None:
             remove(r, "contaminated", eval_record=index[hit], ngram=hit)
-
-
-def read_evals(paths) -> list[Record]:
-    """Eval records of any prompt or SFT format (a prompt-only record has no response)."""
-    from alignkit.data import read_records
-
-    out = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise UserError(f"--decontaminate {path}: no such file")
-        for line, rec in read_records(path):
-            try:
-                out.append(as_record(rec, f"{path}:{line}"))
-            except ValueError:
-                prompt = rec.get("prompt") if isinstance(rec, dict) else None
-                if prompt is None:
-                    raise DataError(path, line, "an eval record needs a prompt or a conversation") from None
-                text = prompt if isinstance(prompt, str) else "\n".join(m.get("content", "") for m in prompt)
-                answer = rec.get("answer", rec.get("completion", ""))
-                out.append(Record(f"{path}:{line}", rec, prompt, text, answer if isinstance(answer, str) else "", False))
-    return out
 
 
 def categories(records: list[Record], keep: tuple[str, ...], name: str) -> None:
@@ -569,7 +561,7 @@ def main(cfg: CurateConfig) -> dict:
     check_flags(cfg)
     t0 = time.perf_counter()
     records = read(cfg.data)
-    evals = read_evals(cfg.decontaminate) if cfg.decontaminate else []
+    evals = read(cfg.decontaminate, "--decontaminate", eval_record) if cfg.decontaminate else []
     steps: list[dict] = []
 
     def step(name: str, fn, *args) -> None:

@@ -262,21 +262,28 @@ class Context:
     def rows(self, experiment: str, label: str) -> list[dict]:
         return [json.loads(line) for line in self.rows_path(experiment, label).read_text().splitlines()]
 
-    def evaluate(self, experiment: str, label: str, model_dir: Path, data: Path, baseline: str | None = None) -> dict:
+    def evaluate(self, experiment: str, label: str, model_dir: Path, data: Path, baseline: str | None = None,
+                 sets: tuple[str, ...] | None = None) -> dict:
         """The gold judge's metrics of a model on near and far held-out frames; its per-prompt rows are written
-        to rows/EXPERIMENT/LABEL.jsonl (with "win" against the baseline label's rows when given)."""
-        from alignkit.world.evaluate import option_calibration, prompt_rows, score, win_values
+        to rows/EXPERIMENT/LABEL.jsonl (with "win" against the baseline label's rows when given). `sets`: only
+        these held-out sets, answered on their own and without the option calibration (cheaper)."""
+        from alignkit.world.evaluate import answer_all, option_calibration, prompt_rows, score, win_values
 
-        sets = self.sets(data)
-        answers = self.time(f"eval {label}", self.answers, model_dir, data)
-        if (model_dir, data) not in self._evaluations:
-            rows = prompt_rows(sets, answers)
-            self._evaluations[model_dir, data] = {
-                "rows": rows, "score": score(rows),
-                "calibration": self.time(f"eval {label}", option_calibration, model_dir, sets)}
-        done = self._evaluations[model_dir, data]
-        rows = [dict(r) for r in done["rows"]]
-        metrics = {d: {**done["score"][d], **done["calibration"][d]} for d in ("near", "far")}
+        if sets is not None:
+            chosen = {name: self.sets(data)[name] for name in sets}
+            rows = prompt_rows(chosen, self.time(f"eval {label}", answer_all, model_dir, chosen))
+            metrics = {d: {k: v for k, v in m.items() if v == v} for d, m in score(rows).items()}  # NaN: no such rows
+        else:
+            all_sets = self.sets(data)
+            answers = self.time(f"eval {label}", self.answers, model_dir, data)
+            if (model_dir, data) not in self._evaluations:
+                done_rows = prompt_rows(all_sets, answers)
+                self._evaluations[model_dir, data] = {
+                    "rows": done_rows, "score": score(done_rows),
+                    "calibration": self.time(f"eval {label}", option_calibration, model_dir, all_sets)}
+            done = self._evaluations[model_dir, data]
+            rows = [dict(r) for r in done["rows"]]
+            metrics = {d: {**done["score"][d], **done["calibration"][d]} for d in ("near", "far")}
         if baseline is not None:
             for r, win in zip(rows, win_values(rows, self.rows(experiment, baseline))):
                 r["win"] = win

@@ -158,7 +158,7 @@ def run(ctx) -> dict:
         section["selected"][selector] = selected_quality(kept_kinds, chosen / "kept.jsonl", kept)
     for name, path in runs.items():
         model = sft_data.sft(ctx, f"sft-{name}", base, path, STEPS[preset])
-        section[name] = sft_data.evaluate_sets(ctx, NAME, name, model, data, HELD_OUT)
+        section[name] = ctx.evaluate(NAME, name, model, data, sets=HELD_OUT)
     return section
 
 

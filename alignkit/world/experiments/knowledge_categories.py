@@ -99,7 +99,7 @@ def run(ctx) -> dict:
         demos = sft_data.question_demos(picked, FRAMES, ctx.seed)
         path = ctx.derived(NAME, f"{name}.jsonl", sft_data.shuffled(rest + demos, ctx.seed))
         model = sft_data.sft(ctx, f"sft-{c.lower()}", base, path, STEPS[ctx.preset])
-        section[name] = sft_data.evaluate_sets(ctx, NAME, name, model, data, HELD_OUT)
+        section[name] = ctx.evaluate(NAME, name, model, data, sets=HELD_OUT)
         section["heldout_by_category"][name] = heldout_by_category(ctx, name, probed)
     return section
 

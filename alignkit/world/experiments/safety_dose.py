@@ -52,7 +52,7 @@ def run(ctx) -> dict:
             rows = helpful + refusal_demos(data, dose, ctx.seed) + (groups["benign"] if lookalikes else [])
             path = ctx.derived(NAME, f"{name}.jsonl", sft_data.shuffled(rows, ctx.seed))
             model = sft_data.sft(ctx, f"sft-{name}", base, path, STEPS[ctx.preset])
-            section[name] = sft_data.evaluate_sets(ctx, NAME, name, model, data, HELD_OUT)
+            section[name] = ctx.evaluate(NAME, name, model, data, sets=HELD_OUT)
     return section
 
 

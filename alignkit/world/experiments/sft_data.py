@@ -1,7 +1,6 @@
 """SFT data variants for the experiments about what SFT should be fed, built from a world's own files: the
 world's SFT demonstrations by kind, fact demonstrations about any people (including people the pretraining
-corpus never mentions), and a held-out evaluation on a subset of the sets (cheaper than Context.evaluate,
-with the same rows and metrics)."""
+corpus never mentions), and how well a model fits its training facts."""
 
 from __future__ import annotations
 
@@ -96,24 +95,6 @@ def sft(ctx, label: str, model: Path, data: Path, steps: int, extra: list[str] =
     """The world's SFT recipe (Context.sft's settings) on another data file."""
     return ctx.stage(label, ["sft", "--model", str(model), "--data", str(data), "--max-steps", str(steps),
                              "--batch-size", "16", "--max-length", "192", "--lr", "1e-3", *extra], [model, data])
-
-
-def evaluate_sets(ctx, experiment: str, label: str, model_dir: Path, data: Path, names: tuple[str, ...],
-                  rows_label: str | None = None) -> dict:
-    """Context.evaluate's gold metrics (near and far) on the named held-out sets only, without the option
-    calibration; rows to rows/EXPERIMENT/LABEL.jsonl so the aggregate bootstraps over prompts."""
-    from alignkit.world.evaluate import answer_all, prompt_rows, score
-
-    sets = {name: ctx.sets(data)[name] for name in names}
-    answers = ctx.time(f"eval {label}", answer_all, model_dir, sets)
-    rows = prompt_rows(sets, answers)
-    metrics = {d: {k: v for k, v in m.items() if v == v} for d, m in score(rows).items()}  # NaN: no such rows
-    path = ctx.rows_path(experiment, rows_label or label)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for d in ("near", "far"):
-        print(f"-- {label} ({d}): " + ", ".join(f"{k}={v:.3f}" for k, v in metrics[d].items()), flush=True)
-    return metrics
 
 
 def answer_accuracy(model_dir: Path, demos: list[dict]) -> float:

@@ -73,7 +73,7 @@ def run(ctx) -> dict:
         n = len(sft_data.read_jsonl(path))
         model = sft_data.sft(ctx, f"sft-{name}", base, path, steps,
                              ["--save-every", str(math.ceil(n / 16)), "--save-total-limit", "0"])
-        section[name] = sft_data.evaluate_sets(ctx, NAME, name, model, data, HELD_OUT)
+        section[name] = ctx.evaluate(NAME, name, model, data, sets=HELD_OUT)
         section["fit"][name] = ctx.time(f"fit {name}", fit_per_epoch, model, n, known, absent, ctx, data)
     return section
 
