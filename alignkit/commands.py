@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 import torch
 
 from alignkit.config import Repeatable
+from alignkit.decoding import DecodingOptions, SamplingOptions, context_prompt, decode_completion, decoding_rules
 from alignkit.generation import generate
 from alignkit.models import init_model, load_causal_lm, load_tokenizer, save_model, stop_token_ids
 
@@ -43,8 +44,9 @@ def init_model_main(cfg: InitModelConfig) -> None:
 
 
 @dataclass
-class GenerateConfig:
-    """Generate completions for prompts given as flags or in a JSONL file."""
+class GenerateConfig(DecodingOptions):
+    """Generate completions for prompts given as flags or in a JSONL file, with any decoding rules and an
+    in-context prefix (--system-prompt, --demonstrations)."""
 
     model: str = ""
     """Local Hugging Face model directory (or a LoRA run's adapter directory)."""
@@ -61,10 +63,6 @@ class GenerateConfig:
     keep their own format: a string prompt there is plain text, as sft and the other commands read it."""
     max_new_tokens: int = 64
     """Tokens to generate at most per prompt."""
-    temperature: float = 0.0
-    """0 = greedy; > 0 samples."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold when sampling."""
     batch_size: int = 32
     """Prompts per generate call."""
     seed: int = 0
@@ -126,14 +124,18 @@ def generate_main(cfg: GenerateConfig) -> list[dict]:
         shown += [ex.prompt for ex in examples]
     if not ids:
         raise SystemExit("error: give --prompt TEXT or --data FILE")
+    if cfg.system_prompt or cfg.demonstrations:  # the same prompts behind the in-context prefix
+        ids = [context_prompt(tok, r["prompt"], cfg) for r in records]
     model = load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    completions = generate(model, tok, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
-    texts = [tok.decode(c, skip_special_tokens=True) for c in completions]
-    stops = set(stop_token_ids(tok, model))
-    cut = sum(not c or c[-1] not in stops for c in completions)
+    rules = decoding_rules(cfg, tok, model)
+    completions = generate(model, tok, ids, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size, rules)
+    stops = stop_token_ids(tok, model)
+    decoded = [decode_completion(tok, c, rules, stops) for c in completions]
+    texts = [text for text, _ in decoded]
+    cut = sum(not ended for _, ended in decoded)
     if cut:
         print(f"note: {cut} of {len(completions)} completions reached --max-new-tokens {cfg.max_new_tokens} "
-              "without a stop token", file=sys.stderr)
+              "without a stop token or stop string", file=sys.stderr)
     if not cfg.output:
         rows = [{"prompt": p, "completion": t} for p, t in zip(shown, texts)]
         for r in rows:
@@ -155,7 +157,7 @@ def generate_main(cfg: GenerateConfig) -> list[dict]:
 
 
 @dataclass
-class ChatConfig:
+class ChatConfig(SamplingOptions):
     """Talk to a model in the terminal through its chat template (empty line or Ctrl-D to quit)."""
 
     model: str = ""
@@ -164,10 +166,6 @@ class ChatConfig:
     """Optional system message."""
     max_new_tokens: int = 128
     """Tokens to generate at most per reply."""
-    temperature: float = 0.0
-    """0 = greedy; > 0 samples."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold when sampling."""
     trust_remote_code: bool = False
     """Allow model code shipped inside the model directory to run."""
 
@@ -178,6 +176,7 @@ def chat_main(cfg: ChatConfig) -> None:
     tok = load_tokenizer(cfg.model, cfg.trust_remote_code)
     model = load_causal_lm(cfg.model, trust_remote_code=cfg.trust_remote_code)
     messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    rules = decoding_rules(cfg, tok, model)
     while True:
         try:
             line = input("you> ").strip()
@@ -187,7 +186,8 @@ def chat_main(cfg: ChatConfig) -> None:
         if not line:
             break
         messages.append({"role": "user", "content": line})
-        reply_ids = generate(model, tok, [render_prompt(tok, messages)], cfg.max_new_tokens, cfg.temperature, cfg.top_p)[0]
+        reply_ids = generate(model, tok, [render_prompt(tok, messages)], cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                             rules=rules)[0]
         reply = tok.decode(reply_ids, skip_special_tokens=True).strip()
         messages.append({"role": "assistant", "content": reply})
         print(f"model> {reply}", flush=True)

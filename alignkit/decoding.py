@@ -439,5 +439,5 @@ def decode_completion(tokenizer, completion: list[int], rules: DecodingRules | N
     if rules is not None and rules.stop_strings:
         cuts = [text.find(s) for s in rules.stop_strings if s in text]
         if cuts:
-            return text[:min(cuts)].strip(), True
-    return text.strip(), bool(completion) and completion[-1] in set(stops)
+            return text[:min(cuts)], True
+    return text, bool(completion) and completion[-1] in set(stops)

@@ -196,7 +196,7 @@ def test_in_context_prefix_chat_and_plain(tiny_model, tmp_path):
     rules = decoding_rules(plain, tok)  # the plain layout stops where the model closes its answer
     assert rules.stop_strings == ("```",)
     ids = tok.encode("Because.\n```\n\n# Query", add_special_tokens=False)
-    assert decode_completion(tok, ids, rules, []) == ("Because.", True)
+    assert decode_completion(tok, ids, rules, []) == ("Because.\n", True)
     assert context_prompt(tok, "plain text", DecodingOptions()) == tok("plain text")["input_ids"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "q"}) + "\n")

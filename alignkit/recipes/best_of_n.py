@@ -25,6 +25,7 @@ import tyro
 
 from alignkit.config import Repeatable, save_config
 from alignkit.data import load_prompts
+from alignkit.decoding import SamplingOptions, decoding_rules
 from alignkit.generation import sample_groups
 from alignkit.models import load_causal_lm, load_tokenizer
 from alignkit.rewards import load_rewards, score_samples
@@ -33,7 +34,7 @@ from alignkit.train.tracking import MetricsWriter, progress_iter
 
 
 @dataclass
-class BestOfNConfig:
+class BestOfNConfig(SamplingOptions):
     """Rejection sampling: keep the best of --group-size samples per prompt as SFT data (and best/worst pairs)."""
 
     model: str = ""
@@ -56,8 +57,6 @@ class BestOfNConfig:
     """Longest prompt + completion: prompts longer than max_length - max_new_tokens are dropped (counted)."""
     temperature: float = 1.0
     """Sampling temperature (> 0)."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold."""
     generation_batch_size: int = 64
     """Sequences per generate call."""
     reward: Annotated[tuple[str, ...], Repeatable] = ()
@@ -128,6 +127,7 @@ def main(cfg: BestOfNConfig) -> dict:
     if cfg.reward_weights and len(cfg.reward_weights) != len(reward_fns):
         raise SystemExit(f"error: {len(cfg.reward_weights)} --reward-weights for {len(reward_fns)} rewards")
 
+    rules = decoding_rules(cfg, tokenizer, model)
     batches = [list(range(s, min(s + cfg.batch_size, len(prompts)))) for s in range(0, len(prompts), cfg.batch_size)]
     mine = list(range(d.rank, len(batches), d.world_size))
     t0 = time.perf_counter()
@@ -137,7 +137,7 @@ def main(cfg: BestOfNConfig) -> dict:
             idx = batches[b]
             torch.manual_seed(cfg.seed * 100003 + b)
             comp_ids, ended = sample_groups(model, tokenizer, [prompts[i].prompt_ids for i in idx], cfg.group_size,
-                                            cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.generation_batch_size)
+                                            cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.generation_batch_size, rules)
             exs = [prompts[i] for i in idx for _ in range(cfg.group_size)]
             # A failing or hanging reward function, or a NaN/inf reward, stops the run naming the function and sample.
             rewards, per_function, texts = score_samples(reward_fns, exs, comp_ids, tokenizer, cfg.reward_weights,

@@ -33,6 +33,7 @@ import torch
 import tyro
 
 from alignkit.config import Repeatable, to_dict
+from alignkit.decoding import SamplingOptions, decoding_rules
 from alignkit.errors import UserError, writing
 from alignkit.judge import JudgeOptions
 from alignkit.recipes.dpo import DPOConfig
@@ -59,7 +60,7 @@ class IterationDPOConfig(DPOConfig):
 
 
 @dataclass
-class SelfRewardConfig(JudgeOptions):
+class SelfRewardConfig(JudgeOptions, SamplingOptions):
     """Self-rewarding / online iterative DPO: sample, judge (the policy itself by default), best-vs-worst pairs,
     DPO, repeat from the new model."""
 
@@ -94,8 +95,6 @@ class SelfRewardConfig(JudgeOptions):
     """Longest prompt + completion: prompts longer than max_length - max_new_tokens are dropped (counted)."""
     temperature: float = 1.0
     """Sampling temperature (> 0)."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold."""
     generation_batch_size: int = 64
     """Sequences per generate call."""
     seed: int = 0
@@ -259,12 +258,13 @@ def sample_and_judge(cfg: SelfRewardConfig, k: int, policy, tokenizer, judge, pr
     from alignkit.train.tracking import progress_iter
 
     recs = []
+    rules = decoding_rules(cfg, tokenizer, policy)
     for b in progress_iter(mine, cfg.progress and show, f"iteration {k}: sample + judge"):
         idx = batches[b]
         torch.manual_seed(cfg.seed * 1000003 + k * 10007 + b)
         with torch.no_grad():
             comp_ids, ended = sample_groups(policy, tokenizer, [prompts[i].prompt_ids for i in idx], cfg.group_size,
-                                            cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.generation_batch_size)
+                                            cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.generation_batch_size, rules)
         texts = tokenizer.batch_decode(comp_ids, skip_special_tokens=True)
         G = cfg.group_size
         items = [Item(f"prompt {i}", {}, "list", prompts[i].prompt, texts[g * G:(g + 1) * G], prompts[i].columns)

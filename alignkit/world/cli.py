@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
+from alignkit.decoding import DecodingOptions
+
 
 @dataclass
 class WorldBuildConfig:
@@ -30,8 +32,9 @@ def build_main(cfg: WorldBuildConfig) -> dict:
 
 
 @dataclass
-class WorldEvalConfig:
-    """Score a model on the world's held-out sets with the gold judge, on near and on far frames apart."""
+class WorldEvalConfig(DecodingOptions):
+    """Score a model on the world's held-out sets with the gold judge, on near and on far frames apart; the
+    model answers with the decoding rules and in-context prefix given (the baseline without them)."""
 
     model: str = ""
     """Model directory to evaluate."""
@@ -49,7 +52,7 @@ def eval_main(cfg: WorldEvalConfig) -> dict:
 
     if not cfg.model:
         raise SystemExit("error: alignkit world eval needs --model DIR")
-    metrics = evaluate(cfg.model, cfg.world, cfg.baseline)
+    metrics = evaluate(cfg.model, cfg.world, cfg.baseline, cfg)
     text = json.dumps(metrics, indent=1)
     print(text)
     if cfg.output:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from alignkit.data import render_prompt, render_prompt_completion
+from alignkit.decoding import DecodingOptions, context_prompt, decode_completion, decoding_rules
 from alignkit.errors import DataError
 from alignkit.eval.calibration import expected_calibration_error
 from alignkit.eval.token_shift import answer_ranks, shift_summary
@@ -39,8 +40,10 @@ def load_eval_sets(world_dir: str | Path) -> dict[str, list[dict]]:
     return sets
 
 
-def answer_all(model_dir: str | Path, sets: dict[str, list[dict]], max_new_tokens: int = 48) -> dict[str, list[dict]]:
-    """Greedy completions for every prompt: [{"text", "ended", "tokens", "ids"}] per set, in order."""
+def answer_all(model_dir: str | Path, sets: dict[str, list[dict]], max_new_tokens: int = 48,
+               decoding: DecodingOptions | None = None) -> dict[str, list[dict]]:
+    """Completions for every prompt (greedy unless `decoding` samples; with its rules and in-context prefix):
+    [{"text", "ended", "tokens", "ids"}] per set, in order."""
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir)
     # Stopping cleanly means closing the assistant turn; a base model that ends a document with
@@ -49,10 +52,14 @@ def answer_all(model_dir: str | Path, sets: dict[str, list[dict]], max_new_token
     turn_end = {im_end} if isinstance(im_end, int) and tok.convert_ids_to_tokens(im_end) == "<|im_end|>" \
         else set(stop_token_ids(tok, model))
     flat = [row for rows in sets.values() for row in rows]
-    ids = [render_prompt(tok, row["prompt"]) for row in flat]
-    completions = generate(model, tok, ids, max_new_tokens, batch_size=64)
-    answers = [{"text": tok.decode(c, skip_special_tokens=True).strip(), "ended": bool(c) and c[-1] in turn_end,
-                "tokens": len(c), "ids": c} for c in completions]
+    decoding = decoding or DecodingOptions()
+    ids = [context_prompt(tok, row["prompt"], decoding) for row in flat]
+    rules = decoding_rules(decoding, tok, model)
+    completions = generate(model, tok, ids, max_new_tokens, decoding.temperature, decoding.top_p, 64, rules)
+    answers = []
+    for c in completions:
+        text, ended = decode_completion(tok, c, rules, turn_end)
+        answers.append({"text": text.strip(), "ended": ended, "tokens": len(c), "ids": c})
     out, i = {}, 0
     for name, rows in sets.items():
         out[name] = answers[i:i + len(rows)]
@@ -228,11 +235,13 @@ def token_shift(base_dir: str | Path, sets: dict[str, list[dict]], answers: dict
     return shift_summary(ranks, ids, set(stop_token_ids(tok, model)), tok.decode)
 
 
-def evaluate(model_dir: str | Path, world_dir: str | Path, baseline_dir: str | Path | None = None) -> dict:
+def evaluate(model_dir: str | Path, world_dir: str | Path, baseline_dir: str | Path | None = None,
+             decoding: DecodingOptions | None = None) -> dict:
     """`world eval`: {"near": {...}, "far": {...}} of score and calibration (and win rate against a
-    baseline), plus "token_shift_vs_baseline" over all prompts when a baseline is given."""
+    baseline, which answers greedily without `decoding`'s rules), plus "token_shift_vs_baseline" over all
+    prompts when a baseline is given."""
     sets = load_eval_sets(world_dir)
-    answers = answer_all(model_dir, sets)
+    answers = answer_all(model_dir, sets, decoding=decoding)
     rows = prompt_rows(sets, answers)
     scores, calibration = score(rows), option_calibration(model_dir, sets)
     metrics: dict = {d: {**scores[d], **calibration[d]} for d in DISTANCES}
