@@ -78,6 +78,35 @@ def source_version() -> str:
     return h.hexdigest()
 
 
+def set_metrics(rows: list[dict]) -> dict:
+    """Figures of a whole answer set rather than of each answer: distinct-n and self-BLEU (output diversity)."""
+    from alignkit.eval.metrics import distinct_n, self_bleu
+
+    texts = [r["text"] for r in rows]
+    return {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2), "self_bleu": self_bleu(texts)} \
+        if texts else {}
+
+
+def compare(rows: list[dict], baseline_rows: list[dict], name: str, metrics: dict, first: bool) -> None:
+    """Per-prompt gold verdicts against a baseline's rows ("win_vs_NAME", and "win" for the first baseline), and
+    per distance the win rate and the length-controlled win rate (AlpacaEval 2's, on word lengths)."""
+    from alignkit.eval.metrics import length_controlled_win_rate
+    from alignkit.world.evaluate import win_values
+
+    for r, b, win in zip(rows, baseline_rows, win_values(rows, baseline_rows)):
+        r[f"win_vs_{name}"] = win
+        r[f"words_vs_{name}"] = len(b["text"].split())
+        if first:
+            r["win"] = win
+    for d in ("near", "far"):
+        side = [r for r in rows if r["distance"] == d]
+        wins = [r[f"win_vs_{name}"] for r in side]
+        metrics[d][f"win_rate_vs_{name}"] = sum(wins) / len(wins) if wins else float("nan")
+        if wins:
+            metrics[d][f"lc_win_rate_vs_{name}"] = length_controlled_win_rate(
+                wins, [len(r["text"].split()) for r in side], [r[f"words_vs_{name}"] for r in side])
+
+
 class Context:
     """One seed of a world run: its directory, budget and the cached stages every experiment shares."""
 
@@ -262,16 +291,22 @@ class Context:
     def rows(self, experiment: str, label: str) -> list[dict]:
         return [json.loads(line) for line in self.rows_path(experiment, label).read_text().splitlines()]
 
-    def evaluate(self, experiment: str, label: str, model_dir: Path, data: Path, baseline: str | None = None,
-                 sets: tuple[str, ...] | None = None) -> dict:
+    def evaluate(self, experiment: str, label: str, model_dir: Path, data: Path,
+                 baseline: str | tuple[str, ...] | None = None, sets: tuple[str, ...] | None = None,
+                 decoding=None) -> dict:
         """The gold judge's metrics of a model on near and far held-out frames; its per-prompt rows are written
-        to rows/EXPERIMENT/LABEL.jsonl (with "win" against the baseline label's rows when given). `sets`: only
-        these held-out sets, answered on their own and without the option calibration (cheaper)."""
-        from alignkit.world.evaluate import answer_all, option_calibration, prompt_rows, score, win_values
+        to rows/EXPERIMENT/LABEL.jsonl (with "win_vs_B" against each baseline label B's rows when given, and "win"
+        against the first). `sets`: only these held-out sets, answered on their own and without the option
+        calibration (cheaper). `decoding` (alignkit.decoding.DecodingOptions): the model answers with these
+        rules and in-context prefix, on the sets given (default all) and without calibration."""
+        from alignkit.world.evaluate import EVAL_SETS, answer_all, option_calibration, prompt_rows, score
 
+        if decoding is not None and sets is None:
+            sets = EVAL_SETS
         if sets is not None:
             chosen = {name: self.sets(data)[name] for name in sets}
-            rows = prompt_rows(chosen, self.time(f"eval {label}", answer_all, model_dir, chosen))
+            answers = self.time(f"eval {label}", answer_all, model_dir, chosen, decoding=decoding)
+            rows = prompt_rows(chosen, answers)
             metrics = {d: {k: v for k, v in m.items() if v == v} for d, m in score(rows).items()}  # NaN: no such rows
         else:
             all_sets = self.sets(data)
@@ -284,12 +319,10 @@ class Context:
             done = self._evaluations[model_dir, data]
             rows = [dict(r) for r in done["rows"]]
             metrics = {d: {**done["score"][d], **done["calibration"][d]} for d in ("near", "far")}
-        if baseline is not None:
-            for r, win in zip(rows, win_values(rows, self.rows(experiment, baseline))):
-                r["win"] = win
-            for d in ("near", "far"):
-                wins = [r["win"] for r in rows if r["distance"] == d]
-                metrics[d][f"win_rate_vs_{baseline}"] = sum(wins) / len(wins) if wins else float("nan")
+        for d in ("near", "far"):
+            metrics[d] |= set_metrics([r for r in rows if r["distance"] == d])
+        for i, name in enumerate((baseline,) if isinstance(baseline, str) else baseline or ()):
+            compare(rows, self.rows(experiment, name), name, metrics, first=i == 0)
         path = self.rows_path(experiment, label)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -138,7 +138,8 @@ class _Aggregator:
                     counts, value = self.metrics[metric]
                     merged[key][metric] = bootstrap_leaf([[value(r) for r in s if counts(r)] for s in side])
                 elif metric.startswith("win_rate_vs_"):
-                    merged[key][metric] = bootstrap_leaf([[r["win"] for r in s] for s in side])
+                    column = f"win_vs_{metric.removeprefix('win_rate_vs_')}"
+                    merged[key][metric] = bootstrap_leaf([[r.get(column, r.get("win")) for r in s] for s in side])
                 else:
                     merged[key][metric] = self.merge([v[metric] for v in here if metric in v])
         return merged

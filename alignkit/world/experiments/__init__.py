@@ -8,8 +8,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from alignkit.world.experiments import (cai, data_selection, distillation, dpo_family, knowledge_categories, ladder,
-                                       length_bias, rlaif, safety_dose, self_reward, unknown_facts)
+                                       length_bias, rlaif, safety_dose, self_reward, training_free,
+                                       unknown_facts)
 
 EXPERIMENTS: dict[str, ModuleType] = {m.NAME: m for m in (ladder, dpo_family, length_bias, rlaif, cai, self_reward,
                                                           unknown_facts, knowledge_categories, data_selection,
-                                                          safety_dose, distillation)}
+                                                          safety_dose, distillation, training_free)}
