@@ -1,5 +1,6 @@
-"""Batched generation: greedy or temperature/top-p sampling, stopping each sequence at its first stop
-token (EOS or end-of-turn).
+"""Batched generation: greedy or sampled (temperature, top-k, top-p, min-p), with the decoding rules of
+`alignkit.decoding` (penalties, logit bias, EOS boost, stop strings), stopping each sequence at its first stop
+token (EOS or end-of-turn) or stop string.
 
 Two paths with the same greedy results. Llama-family decoders (Llama, Qwen2, Mistral without sliding
 window) go through `KVDecoder`, a plain KV-cached loop over the model's own weights: on a CPU, rollouts
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from alignkit.decoding import DecodingRules, sample_next
 from alignkit.models import stop_token_ids
 
 FAST_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -27,21 +30,6 @@ def left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Te
         input_ids[i, T - len(p):] = torch.as_tensor(p)
         attention_mask[i, T - len(p):] = 1
     return input_ids, attention_mask
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Next token per row from (B, V) logits: argmax when temperature == 0, else nucleus sampling
-    (Holtzman et al. 2020): keep the smallest set of most likely tokens whose mass reaches top_p."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # drop a token when the mass before it already reaches top_p (the top token always stays)
-        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1).squeeze(-1)
 
 
 def linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -127,7 +115,7 @@ class KVDecoder:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, stops: list[int], pad: int,
-                 temperature: float = 0.0, top_p: float = 1.0) -> list[list[int]]:
+                 temperature: float = 0.0, top_p: float = 1.0, rules: DecodingRules | None = None) -> list[list[int]]:
         input_ids, attention_mask = left_pad(prompts, pad)
         device = next(self.model.parameters()).device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -147,16 +135,27 @@ class KVDecoder:
         cos_table, sin_table = self.model.model.rotary_emb(cache[0][0], torch.arange(total, device=device)[None])
         cos_table, sin_table = cos_table[0].to(dtype), sin_table[0].to(dtype)  # (total, hd)
         logits = self._forward(input_ids, cos_table[positions], sin_table[positions], cache, valid, 0)
+        # the rules see what transformers' generate shows its logits processors: (B_live, T + t) ids, prompt
+        # left-padded, and which of them are real
+        seq, real = input_ids, attention_mask.bool()
+        top_k, min_p = (rules.top_k, rules.min_p) if rules is not None else (0, 0.0)
         for t in range(T, total):
-            token = sample_next(logits, temperature, top_p)  # (B_live,)
+            if rules is not None and rules.changes_logits:
+                logits = rules.process(seq, real, t - T, logits)
+            token = sample_next(logits, temperature, top_p, top_k, min_p)  # (B_live,)
             for r, tok in zip(rows.tolist(), token.tolist()):
                 out[r].append(tok)
             finished = torch.isin(token, stop_ids)
+            if rules is not None and rules.stop_strings:
+                finished |= torch.tensor([rules.hit_stop(out[r]) for r in rows.tolist()], device=device)
             if finished.all() or t == total - 1:
                 break
+            if rules is not None:
+                seq, real = torch.cat([seq, token[:, None]], 1), torch.cat([real, real.new_ones(len(token), 1)], 1)
             if finished.any():
                 keep = (~finished).nonzero().squeeze(-1)
                 rows, token, next_pos, valid = rows[keep], token[keep], next_pos[keep], valid[keep]
+                seq, real = seq[keep], real[keep]
                 cache = [(k[keep], v[keep]) for k, v in cache]
             valid[:, t] = True
             logits = self._forward(token[:, None], cos_table[next_pos], sin_table[next_pos], cache, valid, t)
@@ -164,40 +163,85 @@ class KVDecoder:
         return out
 
 
+class _RulesProcessor(LogitsProcessor):
+    """`DecodingRules` as a transformers logits processor for one left-padded batch."""
+
+    def __init__(self, rules: DecodingRules, attention_mask: torch.Tensor):
+        self.rules, self.prompt_real = rules, attention_mask.bool()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        B, T = self.prompt_real.shape
+        real = torch.cat([self.prompt_real, self.prompt_real.new_ones(B, input_ids.shape[1] - T)], 1)
+        return self.rules.process(input_ids, real, input_ids.shape[1] - T, scores)
+
+
+class _StopStrings(StoppingCriteria):
+    """`DecodingRules`' stop strings as a transformers stopping criterion for one batch."""
+
+    def __init__(self, rules: DecodingRules, prompt_len: int):
+        self.rules, self.T = rules, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.tensor([self.rules.hit_stop(row) for row in input_ids[:, self.T:].tolist()],
+                            device=input_ids.device)
+
+
+def _hf_generate(model, input_ids, attention_mask, max_new_tokens, stops, pad, temperature, top_p,
+                 rules: DecodingRules | None) -> torch.Tensor:
+    kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
+    if rules is not None:
+        if rules.changes_logits:
+            kwargs["logits_processor"] = LogitsProcessorList([_RulesProcessor(rules, attention_mask)])
+        if rules.stop_strings:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopStrings(rules, input_ids.shape[1])])
+        if temperature > 0:
+            kwargs.update(top_k=rules.top_k, min_p=rules.min_p or None)
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                          eos_token_id=stops, pad_token_id=pad, **kwargs)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, batch_size: int = 32) -> list[list[int]]:
-    """Returns each prompt's completion ids, ending with the stop token when one was produced."""
+             top_p: float = 1.0, batch_size: int = 32, rules: DecodingRules | None = None,
+             fast: bool | None = None) -> list[list[int]]:
+    """Returns each prompt's completion ids, ending with the stop token (or the token completing a stop string)
+    when one was produced. `rules`: `alignkit.decoding.decoding_rules`; `fast`: force (True) or refuse (False)
+    the KV-cached decoder (default: whenever the model supports it)."""
     stops = stop_token_ids(tokenizer, model)
     pad = tokenizer.pad_token_id
     was_training = model.training
     model.eval()
     out: list[list[int]] = []
-    decoder = KVDecoder(model) if supports_fast_decoding(model) else None
+    use_fast = supports_fast_decoding(model) if fast is None else fast
+    if use_fast and not supports_fast_decoding(model):
+        raise ValueError(f"generate(fast=True): {type(model).__name__} is not supported by the KV-cached decoder")
+    decoder = KVDecoder(model) if use_fast else None
     device = next(model.parameters()).device
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         if decoder is not None:
-            out += decoder.generate(chunk, max_new_tokens, stops, pad, temperature, top_p)
+            out += decoder.generate(chunk, max_new_tokens, stops, pad, temperature, top_p, rules)
             continue
         input_ids, attention_mask = left_pad(chunk, pad)
-        kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
-        seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                              max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, **kwargs)
+        seqs = _hf_generate(model, input_ids.to(device), attention_mask.to(device), max_new_tokens, stops, pad,
+                            temperature, top_p, rules)
         for row in seqs[:, input_ids.shape[1]:].tolist():
             cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
+            if rules is not None and rules.stop_strings:
+                cut = min(cut, rules.stop_at(row[:cut]) or cut)
             out.append(row[:cut])
     model.train(was_training)
     return out
 
 
 def sample_groups(model, tokenizer, prompts: list[list[int]], group_size: int, max_new_tokens: int,
-                  temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64):
+                  temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
+                  rules: DecodingRules | None = None):
     """`group_size` samples per prompt, consecutive per prompt (rows g*G .. g*G+G-1 belong to prompt g),
     the layout `losses.group_advantages` expects. Returns (completions, ended) where `ended[i]` says
     completion i stopped at a stop token rather than at max_new_tokens."""
     repeated = [p for p in prompts for _ in range(group_size)]
-    completions = generate(model, tokenizer, repeated, max_new_tokens, temperature, top_p, batch_size)
+    completions = generate(model, tokenizer, repeated, max_new_tokens, temperature, top_p, batch_size, rules)
     stops = set(stop_token_ids(tokenizer, model))
-    ended = [bool(c) and c[-1] in stops for c in completions]
+    ended = [bool(c) and (c[-1] in stops or (rules is not None and rules.hit_stop(c))) for c in completions]
     return completions, ended

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignkit.generation import KVDecoder, generate, sample_next, supports_fast_decoding
+from alignkit.decoding import sample_next
+from alignkit.generation import KVDecoder, generate, supports_fast_decoding
 from alignkit.models import init_model, load_tokenizer, stop_token_ids
 
 
