@@ -24,6 +24,7 @@ COMMANDS = {
     "self-reward": ("alignkit.recipes.self_reward", "SelfRewardConfig", "main", "Self-rewarding / online iterative DPO: sample, judge, best-vs-worst pairs, DPO, repeat"),
     "curate": ("alignkit.curate", "CurateConfig", "main", "Deduplicate, filter, decontaminate and select SFT data (LIMA, longest-k, IFD, diverse)"),
     "judge": ("alignkit.judge", "JudgeConfig", "main", "Label preferences with a model as judge (RLAIF), a reward model or reward functions"),
+    "eval": ("alignkit.eval.run", "EvalConfig", "main", "Judge models against a baseline: win rate with intervals, length-controlled win rate, diversity, token shift"),
     "probe-knowledge": ("alignkit.probe", "ProbeConfig", "main", "SliCK knowledge categories of QA pairs: what the model knows, from few-shot answers"),
     "cai": ("alignkit.cai", "CAIConfig", "main", "Constitutional AI: critique -> revision chains (SL-CAI) and AI-labelled pairs (RL-CAI)"),
     "world build": ("alignkit.world.cli", "WorldBuildConfig", "build_main", "Write the synthetic world's data files"),

@@ -21,7 +21,7 @@ import torch
 
 from alignkit.logprobs import pack_completions
 
-__all__ = ["token_ranks", "answer_ranks", "shift_summary"]
+__all__ = ["token_ranks", "answer_ranks", "shift_summary", "shift_by_position"]
 
 
 def token_ranks(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -87,3 +87,23 @@ def shift_summary(ranks: list[list[int]], answers: list[list[int]], end_ids: set
         "end_share_of_shifted": frac(t in end_ids for r, t in flat if r > 3),
         "top_shifted": [[decode([t]) if decode else t, n] for t, n in shifted.most_common(top)],
     }
+
+
+def shift_by_position(ranks: list[list[int]], bins: int = 10) -> dict:
+    """The share of shifted tokens (rank > 3) per relative position in the answer: token i of an answer of
+    length L sits at i / (L - 1) (a one-token answer at 1, its end), in bin min(bins - 1, floor(bins * i / (L - 1)))
+    of [0, 1]; the first token falls in the first bin and the last, the answer's end, in the last.
+
+    Returns {"edges": bins + 1 bin edges, "shifted": per bin the share of its tokens shifted (NaN for an empty
+    bin), "tokens": per bin its number of tokens}."""
+    if bins < 1:
+        raise ValueError(f"shift_by_position: bins must be >= 1, got {bins}")
+    shifted, tokens = [0] * bins, [0] * bins
+    for answer in ranks:
+        last = len(answer) - 1
+        for i, r in enumerate(answer):
+            b = min(bins - 1, (bins * i) // last) if last > 0 else bins - 1
+            tokens[b] += 1
+            shifted[b] += r > 3
+    return {"edges": [k / bins for k in range(bins + 1)],
+            "shifted": [s / t if t else float("nan") for s, t in zip(shifted, tokens)], "tokens": tokens}

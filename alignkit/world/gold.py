@@ -75,6 +75,16 @@ def gold_score(meta: dict, text: str, ended: bool = True) -> float:
     return correctness(meta, text) - (0.0 if ended else 0.3) - 0.01 * max(0, words - RAMBLE_WORDS)
 
 
+def gold_reward(prompts, completions, meta, ended=None, **kwargs) -> list[float]:
+    """The gold judge as a reward function (`--reward alignkit.world.gold:gold_reward`) for world prompts, whose
+    records carry "meta": `gold_score` of each completion (a string or an assistant message list); `ended` (one
+    bool per completion: it stopped rather than ran into the token limit) defaults to True."""
+    from alignkit.rewards import completion_text
+
+    ended = [True] * len(completions) if ended is None else ended
+    return [gold_score(m, completion_text(c).strip(), bool(e)) for m, c, e in zip(meta, completions, ended)]
+
+
 @dataclass
 class Annotator:
     """One simulated labeller: P(a preferred) = sigmoid(u_a - u_b), utility u = gold / noise + length_bias * words / 10."""

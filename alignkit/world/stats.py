@@ -16,28 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from alignkit.eval.metrics import N_BOOTSTRAP, bootstrap_ci  # noqa: F401 (part of this module's interface)
+
 INTERVAL = ("95% intervals. Figures computed from per-prompt rows (rates, gold reward, and the comparisons, "
             "win rates and changes, which are paired over the same prompts) use a hierarchical percentile bootstrap: 2000 resamples of the seeds, "
             "then of the held-out prompts within each resampled seed; every other figure uses a Student t-interval "
             "over the seeds (none with a single seed).")
-N_BOOTSTRAP = 2000
-
-
-def bootstrap_ci(values_per_seed: list[list[float]], n: int = N_BOOTSTRAP, rng_seed: int = 0) -> tuple[float, float]:
-    """Percentile 95% interval of the mean over seeds of each seed's mean value, resampling seeds, then the
-    values within each resampled seed. NaN when a seed has no values."""
-    seeds = [np.asarray(v, dtype=np.float64) for v in values_per_seed]
-    if not seeds or any(len(v) == 0 for v in seeds):
-        return (math.nan, math.nan)
-    rng = np.random.default_rng(rng_seed)
-    picks = rng.integers(len(seeds), size=(n, len(seeds)))  # which seed fills each place of each resample
-    place_means = np.empty(picks.shape)
-    for k, v in enumerate(seeds):  # every place a seed fills gets its own prompt resample
-        where = np.nonzero(picks == k)
-        place_means[where] = v[rng.integers(len(v), size=(len(where[0]), len(v)))].mean(1)
-    stat = place_means.mean(1)
-    lo, hi = np.percentile(stat, [2.5, 97.5])
-    return (float(lo), float(hi))
 
 
 def _t_abs_cdf(t: float, df: int) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alignkit.eval.metrics import garbled
 from alignkit.world.experiments.outputs import mean, read_jsonl
 
 NAME = "self-reward"
@@ -19,14 +20,6 @@ ESTIMATED = {"smoke", "small"}
 ITERATIONS = 3
 GROUP = 4
 DPO_STEPS = {"smoke": 2, "tiny": 25, "small": 80}
-
-
-
-
-def garbled(text: str, ended: bool) -> bool:
-    """An answer that did not stop, or whose words are mostly repeats (at least 6 words, under half distinct)."""
-    words = text.lower().split()
-    return not ended or (len(words) >= 6 and len(set(words)) < 0.5 * len(words))
 
 
 def judging(samples: Path) -> dict:
