@@ -15,6 +15,7 @@ from alignkit.data import render_prompt, render_prompt_completion
 from alignkit.decoding import DecodingOptions, context_prompt, decode_completion, decoding_rules
 from alignkit.errors import DataError
 from alignkit.eval.calibration import expected_calibration_error
+from alignkit.eval.metrics import garbled
 from alignkit.eval.token_shift import answer_ranks, shift_summary
 from alignkit.generation import generate
 from alignkit.logprobs import option_logps
@@ -83,7 +84,8 @@ def prompt_rows(sets: dict[str, list[dict]], answers: dict[str, list[dict]]) -> 
             rows.append({"set": name, "distance": meta["distance"], "frame": meta["frame"],
                          "prompt": item["prompt"][-1]["content"], "text": a["text"], "ended": bool(a["ended"]),
                          "tokens": int(a["tokens"]), "correct": float(correctness(meta, a["text"])),
-                         "refusal": is_refusal(a["text"]), "idk": is_idk(a["text"]), "gold": gold_score(meta, a["text"], a["ended"])})
+                         "refusal": is_refusal(a["text"]), "idk": is_idk(a["text"]), "gold": gold_score(meta, a["text"], a["ended"]),
+                         "garbled": garbled(a["text"], a["ended"])})
     return rows
 
 
@@ -123,6 +125,7 @@ METRICS: dict[str, tuple[Callable[[dict], bool], Callable[[dict], float]]] = {
     "eos_rate": (_every, lambda row: float(row["ended"])),
     "gold_reward": (_every, lambda row: float(row["gold"])),
     "mean_length": (_every, lambda row: float(row["tokens"])),
+    "garbled_rate": (_every, lambda row: float(row.get("garbled", False))),
 }
 
 

@@ -104,7 +104,7 @@ def compare(rows: list[dict], baseline_rows: list[dict], name: str, metrics: dic
         metrics[d][f"win_rate_vs_{name}"] = sum(wins) / len(wins) if wins else float("nan")
         if wins:
             metrics[d][f"lc_win_rate_vs_{name}"] = length_controlled_win_rate(
-                wins, [len(r["text"].split()) for r in side], [r[f"words_vs_{name}"] for r in side])
+                wins, [len(r["text"].split()) for r in side], [r[f"words_vs_{name}"] for r in side])["lc_win_rate"]
 
 
 class Context:

@@ -177,7 +177,7 @@ def run(ctx) -> dict:
 
 COLUMNS = ("qa_accuracy_seen", "qa_accuracy_unseen_multi", "qa_accuracy_unseen_single", "arith_accuracy",
            "harmful_refusal", "benign_overrefusal", "idk_on_unknown", "eos_rate", "gold_reward", "win_rate_vs_sft",
-           "mean_length")
+           "lc_win_rate_vs_sft", "mean_length", "garbled_rate", "distinct_2")
 
 
 def fmt(v) -> str:

@@ -74,8 +74,10 @@ def demonstrations(ctx, data: Path) -> Path:
 def options(variant: str, bias_tokens: list[str], demos: Path):
     from alignkit.decoding import DecodingOptions
 
+    # In a chat turn the answer ends with the end-of-turn token: the document-end token the base model
+    # learnt in pretraining would stop it without answering, so it is banned while the boost raises both.
     rules = dict(eos_boost=EOS_BOOST, repetition_penalty=REPETITION_PENALTY,
-                 logit_bias=tuple(f"{t}={BIAS}" for t in bias_tokens))
+                 logit_bias=(*(f"{t}={BIAS}" for t in bias_tokens), "<|endoftext|>=-inf"))
     prefix = dict(system_prompt=SYSTEM, demonstrations=str(demos))
     return {"rules": DecodingOptions(**rules),
             "urial_chat": DecodingOptions(**prefix, context_format="chat"),
@@ -113,7 +115,7 @@ def report(section: dict) -> str:
     used = section.get("rules_used", {})
     md = ["The base model, untrained, with decoding rules (EOS boost "
           f"{used.get('eos_boost')} per token, +{used.get('bias')} on the tokens SFT shifted most on training prompts, "
-          f"repetition penalty {used.get('repetition_penalty')}) and/or a URIAL prefix (system prompt + one "
+          f"repetition penalty {used.get('repetition_penalty')}, the document-end token banned) and/or a URIAL prefix (system prompt + one "
           "demonstration each of a fact answer, a refusal and an \"I don't know\"), judged by gold on every held-out "
           "set, far frames (near in results.json).", ""]
     bias = used.get("bias_tokens")
