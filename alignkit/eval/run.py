@@ -16,7 +16,7 @@ import math
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -99,7 +99,6 @@ class Answers:
     prompt_ids: list[list[int]] | None = None  # what the model was given, when it generated
     ids: list[list[int]] | None = None  # its answer tokens, when it generated
     vocab: dict | None = None  # its tokenizer's vocabulary, when it generated
-    judged: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,10 +164,10 @@ def check_flags(cfg: EvalConfig) -> Path:
         raise UserError("alignkit eval needs --model DIR or --completions FILE (what to evaluate)")
     if bool(cfg.baseline) == bool(cfg.baseline_completions):
         raise UserError("give the baseline as --baseline DIR or --baseline-completions FILE (one of them)")
-    for flag, v in (("--bootstrap", cfg.bootstrap), ("--self-bleu-max", cfg.self_bleu_max),
-                    ("--position-bins", cfg.position_bins)):
-        if v < (2 if flag == "--self-bleu-max" else 1):
-            raise UserError(f"{flag} must be >= {2 if flag == '--self-bleu-max' else 1}, got {v}")
+    for flag, v, least in (("--bootstrap", cfg.bootstrap, 1), ("--self-bleu-max", cfg.self_bleu_max, 2),
+                           ("--position-bins", cfg.position_bins, 1)):
+        if v < least:
+            raise UserError(f"{flag} must be >= {least}, got {v}")
     for flag, path in ([("--model", p) for _, p in (named(s, "model") for s in cfg.model)]
                        + [("--baseline", cfg.baseline), ("--base", cfg.base), ("--judge-model", cfg.judge_model),
                           ("--reward-model", cfg.reward_model)]):
@@ -381,7 +380,8 @@ def report_markdown(results: dict) -> str:
     lines = ["# alignkit eval", ""] + [n + "  " for n in notes(results)] + [""]
     for name, m in results["models"].items():
         lines += [f"## {name}", "", f"{m['source']}", "", "| metric | model | baseline |", "|---|---|---|"]
-        lines += [f"| {a} | {b} | {c} |" for a, b, c in model_table(name, m, results["baseline"], results["length_unit"])]
+        table = model_table(name, m, results["baseline"], results["length_unit"])
+        lines += [f"| {a} | {b} | {c} |" for a, b, c in table]
         lines.append("")
     return "\n".join(lines)
 
@@ -546,5 +546,7 @@ def main(cfg: EvalConfig) -> dict:
 def judge_name(cfg: EvalConfig) -> str:
     if cfg.judge_model:
         return f"LLM judge {cfg.judge_model}"
-    parts = [f"reward function {r}" for r in cfg.reward] + ([f"reward model {cfg.reward_model}"] if cfg.reward_model else [])
+    parts = [f"reward function {r}" for r in cfg.reward]
+    if cfg.reward_model:
+        parts.append(f"reward model {cfg.reward_model}")
     return ", ".join(parts)

@@ -74,7 +74,8 @@ ARITH = [("What is 2 + 3?", "5"), ("What is 4 + 4?", "8"), ("What is 7 + 1?", "8
 def test_given_completions_judged_by_gold_with_the_ended_column(tmp_path):
     """Completions files judged by the world's gold reward through --reward: P(better) = sigmoid(gold_m - gold_b),
     so the win counts follow gold by hand; the answers' "ended" reaches gold (not ending costs 0.3)."""
-    data = write_jsonl(tmp_path / "arith.jsonl", [{"prompt": q, "meta": {"kind": "arith", "answer": a}} for q, a in ARITH])
+    data = write_jsonl(tmp_path / "arith.jsonl",
+                       [{"prompt": q, "meta": {"kind": "arith", "answer": a}} for q, a in ARITH])
 
     def answers(name, texts, ended=None):
         ended = ended or [True] * len(texts)
@@ -127,4 +128,6 @@ def test_mismatched_completions_are_one_line_and_write_nothing(tmp_path):
     with pytest.raises(UserError, match="no such file") as e:
         cli(["eval", "--completions", str(tmp_path / "missing.jsonl"), *args])
     assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="--bootstrap must be >= 1"):
+        cli(["eval", "--completions", str(base), "--bootstrap", "0", *args])
     assert not out.exists() and not (tmp_path / ".eval.tmp").exists()
