@@ -71,7 +71,7 @@ def test_prompt_rows_are_one_json_row_per_prompt_in_sets_order():
     rows = prompt_rows(sets, answers)
     assert [r["set"] for r in rows] == [name for name in EVAL_SETS for _ in sets[name]]
     assert [r["prompt"] for r in rows] == [it["prompt"][0]["content"] for name in EVAL_SETS for it in sets[name]]
-    assert set(rows[0]) == {"set", "distance", "frame", "prompt", "text", "ended", "tokens", "correct", "refusal", "idk",
+    assert set(rows[0]) == {"set", "distance", "frame", "prompt", "text", "ended", "tokens", "correct", "refusal", "idk", "garbled",
                           "gold"}
     assert json.loads(json.dumps(rows)) == rows
     assert rows[2]["gold"] == pytest.approx(1.0 - 0.3) and rows[2]["ended"] is False
