@@ -213,3 +213,35 @@ def test_sampled_generation_respects_top_k(tiny_model):
     greedy = generate(model, tok, prompts[:1], 12)
     for fast in (True, False):  # top-k 1 sampling is greedy, whatever the temperature
         assert generate(model, tok, prompts, 12, temperature=1.5, rules=rules, fast=fast) == greedy * 8
+
+
+# ----------------------------------------------------------------------------------------------
+# The flags reach generation
+# ----------------------------------------------------------------------------------------------
+
+
+def test_generate_flags_change_the_answers_and_best_of_n_records_them(tiny_model, tmp_path):
+    import yaml
+
+    from alignkit.cli import run as cli
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Tell me about {w}."}]}) + "\n"
+                               for w in ("the moon", "rivers", "apples")))
+    args = ["generate", "--model", str(tiny_model), "--data", str(prompts), "--max-new-tokens", "16"]
+    plain = cli(args)  # printed: (prompt, completion text) rows
+    # a large EOS boost ends every answer at its second token
+    boosted = cli(args + ["--eos-boost", "100"])
+    tok = load_tokenizer(tiny_model)
+    n_tokens = lambda rows: [len(tok.encode(r["completion"], add_special_tokens=False)) for r in rows]  # noqa: E731
+    assert min(n_tokens(plain)) > 3 and max(n_tokens(boosted)) <= 2
+    # banning the token the greedy answer starts with changes it
+    first = tok.encode(plain[0]["completion"], add_special_tokens=False)[0]
+    banned = cli(args + ["--logit-bias", f"{tok.convert_ids_to_tokens(first)}=-inf"])
+    assert tok.encode(banned[0]["completion"], add_special_tokens=False)[:1] != [first]
+    (tmp_path / "rw.py").write_text("def length(prompts, completions, **kw):\n    return [float(len(str(c))) for c in completions]\n")
+    out = tmp_path / "bon"
+    cli(["best-of-n", "--model", str(tiny_model), "--data", str(prompts), "--reward", f"{tmp_path / 'rw.py'}:length",
+         "--group-size", "2", "--max-new-tokens", "8", "--repetition-penalty", "1.5", "--top-k", "5", "--output", str(out)])
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["repetition_penalty"] == 1.5 and saved["top_k"] == 5

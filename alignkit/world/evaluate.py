@@ -15,7 +15,7 @@ from alignkit.data import render_prompt, render_prompt_completion
 from alignkit.decoding import DecodingOptions, context_prompt, decode_completion, decoding_rules
 from alignkit.errors import DataError
 from alignkit.eval.calibration import expected_calibration_error
-from alignkit.eval.metrics import garbled
+from alignkit.eval.metrics import garbled, wins
 from alignkit.eval.token_shift import answer_ranks, shift_summary
 from alignkit.generation import generate
 from alignkit.logprobs import option_logps
@@ -139,7 +139,8 @@ def win_values(rows: list[dict], baseline_rows: list[dict]) -> list[float]:
     """Per prompt 1 / 0.5 / 0: the gold judge prefers `rows`' answer / ties / prefers the baseline's."""
     if [(r["set"], r["prompt"]) for r in rows] != [(r["set"], r["prompt"]) for r in baseline_rows]:
         raise ValueError("win_values: the rows and the baseline rows are not the same prompts in the same order")
-    return [1.0 if a["gold"] > b["gold"] else 0.5 if a["gold"] == b["gold"] else 0.0 for a, b in zip(rows, baseline_rows)]
+    # the gold judge is certain: P(rows' answer better) is 1, 0 or (equal gold) 0.5
+    return wins([0.5 + 0.5 * ((a["gold"] > b["gold"]) - (a["gold"] < b["gold"])) for a, b in zip(rows, baseline_rows)])
 
 
 def win_rate(rows: list[dict], baseline_rows: list[dict]) -> dict:
