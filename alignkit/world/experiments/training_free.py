@@ -1,7 +1,7 @@
 """Alignment without training (the notes: Hung-yi Lee's lecture, after Lin et al. 2023, "The Unlocking Spell on
 Base LLMs", arXiv 2312.01552): the pretrained base model, untouched, answers the held-out sets (1) with decoding
-rules — an end-of-sequence boost that grows with the answer's length, a bias toward the tokens SFT shifted most
-and a repetition penalty — (2) behind a URIAL-style in-context prefix (a system prompt and three SFT
+rules — an end-of-sequence boost that grows with the answer's length, alone and with a bias toward the tokens SFT
+shifted most and a repetition penalty — (2) behind a URIAL-style in-context prefix (a system prompt and three SFT
 demonstrations), in the chat template's turns and in URIAL's plain "# Query:" / "# Answer:" layout, and (3) with
 both; judged by gold against the SFT model and against the plain base model.
 
@@ -30,7 +30,7 @@ REPETITION_PENALTY = 1.3
 DEMOS = ("fact", "harmful", "idk")  # one demonstration of each: an answer, a refusal, an honest "I don't know"
 SYSTEM = ("Below are conversations between a user and a helpful, honest assistant. The assistant answers in one "
           "short sentence, says it does not know when it does not, and declines harmful requests.")
-VARIANTS = ("rules", "urial_chat", "urial_plain", "urial_chat_rules")
+VARIANTS = ("eos_boost", "rules", "urial_chat", "urial_plain", "urial_chat_rules")
 
 
 def shifted_tokens(ctx, base: Path, sft: Path, data: Path) -> dict:
@@ -76,10 +76,12 @@ def options(variant: str, bias_tokens: list[str], demos: Path):
 
     # In a chat turn the answer ends with the end-of-turn token: the document-end token the base model
     # learnt in pretraining would stop it without answering, so it is banned while the boost raises both.
+    ban = "<|endoftext|>=-inf"
     rules = dict(eos_boost=EOS_BOOST, repetition_penalty=REPETITION_PENALTY,
-                 logit_bias=(*(f"{t}={BIAS}" for t in bias_tokens), "<|endoftext|>=-inf"))
+                 logit_bias=(*(f"{t}={BIAS}" for t in bias_tokens), ban))
     prefix = dict(system_prompt=SYSTEM, demonstrations=str(demos))
-    return {"rules": DecodingOptions(**rules),
+    return {"eos_boost": DecodingOptions(eos_boost=EOS_BOOST, logit_bias=(ban,)),
+            "rules": DecodingOptions(**rules),
             "urial_chat": DecodingOptions(**prefix, context_format="chat"),
             "urial_plain": DecodingOptions(**prefix, context_format="plain"),
             "urial_chat_rules": DecodingOptions(**prefix, context_format="chat", **rules)}[variant]
