@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 
@@ -178,12 +178,8 @@ class SamplingOptions:
     logit_bias_file: str | None = None
     """JSON file {"TOKEN": VALUE, ...} of more biases (flags win over the file)."""
     eos_boost: float = 0.0
-    """Added to the stop tokens' logits per token generated so far: the longer the answer, the likelier it ends."""
-
-    def sampling_rules_on(self) -> bool:
-        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
-                or self.no_repeat_ngram > 0 or bool(self.logit_bias) or bool(self.logit_bias_file)
-                or self.eos_boost != 0.0)
+    """Added to the stop tokens' logits (EOS and the chat template's end of turn) per token generated so far:
+    the longer the answer, the likelier it ends."""
 
 
 @dataclass
@@ -196,7 +192,7 @@ class DecodingOptions(SamplingOptions):
     """A system prompt before each prompt (a system turn with a chat template, a plain preamble without)."""
     demonstrations: str | None = None
     """JSONL of {"prompt", "completion"} examples shown before each prompt (in-context alignment, URIAL)."""
-    context_format: str = "auto"
+    context_format: Literal["auto", "chat", "plain"] = "auto"
     """How the prefix is written: chat (the chat template's turns), plain (URIAL's "# Query:" / "# Answer:"
     blocks, for a base model; stops at its closing ```), or auto (chat when the tokenizer has a template)."""
 
@@ -240,19 +236,14 @@ class DecodingRules:
         """Length of `completion` up to the token that completes its first stop string, or None."""
         if not self.stop_strings:
             return None
-        longest = max(len(s) for s in self.stop_strings)
-        for j in range(len(completion)):
-            # a stop string of c characters spans at most 4c byte-level tokens
-            tail = self.tokenizer.decode(completion[max(0, j + 1 - 4 * longest - 1):j + 1], skip_special_tokens=True)
-            if any(s in tail for s in self.stop_strings):
-                return j + 1
-        return None
+        return next((j + 1 for j in range(len(completion)) if self.hit_stop(completion[:j + 1])), None)
 
     def hit_stop(self, completion: list[int]) -> bool:
         """Whether the completion's newest token completes a stop string."""
         if not self.stop_strings or not completion:
             return False
         longest = max(len(s) for s in self.stop_strings)
+        # a stop string of c characters spans at most 4c byte-level tokens
         tail = self.tokenizer.decode(completion[-4 * longest - 1:], skip_special_tokens=True)
         return any(s in tail for s in self.stop_strings)
 
