@@ -18,6 +18,11 @@ def words(prompts, completions, **kwargs):
     return [float(len((c if isinstance(c, str) else c[0]["content"]).split())) for c in completions]
 
 
+def chars(prompts, completions, **kwargs):
+    """A judge that prefers the longer answer in characters (the tiny random model writes whitespace)."""
+    return [float(len(c if isinstance(c, str) else c[0]["content"])) for c in completions]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -131,3 +136,15 @@ def test_mismatched_completions_are_one_line_and_write_nothing(tmp_path):
     with pytest.raises(UserError, match="--bootstrap must be >= 1"):
         cli(["eval", "--completions", str(base), "--bootstrap", "0", *args])
     assert not out.exists() and not (tmp_path / ".eval.tmp").exists()
+
+
+def test_decoding_options_reach_the_evaluated_model_not_the_baseline(tiny_model, prompts, tmp_path):
+    """With a large EOS boost the model's answers end at their second token while the baseline (the same model,
+    greedy and plain) runs on: the length judge then never prefers the model's answer."""
+    res = cli(["eval", "--model", f"boosted={tiny_model}", "--baseline", str(tiny_model), "--data", str(prompts),
+               "--reward", f"{HERE}:chars", "--length-unit", "characters", "--max-new-tokens", "12",
+               "--eos-boost", "100", "--bootstrap", "50",
+               "--output", str(tmp_path / "eval"), "--no-progress"])
+    m = res["models"]["boosted"]
+    assert m["mean_length"] < res["baseline"]["mean_length"] and m["wins"] == 0
+    assert m["ended_rate"] == 1.0 and res["decoding"]["eos_boost"] == 100.0
