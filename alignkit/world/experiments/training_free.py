@@ -114,7 +114,8 @@ COLUMNS = ("win_rate_vs_sft", "lc_win_rate_vs_sft", "win_rate_vs_base", "eos_rat
 def report(section: dict) -> str:
     from alignkit.world.report import fmt
 
-    used = section.get("rules_used", {})
+    # a setting is the same in every seed; the aggregate still wraps it as a leaf over the seeds
+    used = {k: v["mean"] if isinstance(v, dict) and "mean" in v else v for k, v in section.get("rules_used", {}).items()}
     md = ["The base model, untrained, with decoding rules (EOS boost "
           f"{used.get('eos_boost')} per token, +{used.get('bias')} on the tokens SFT shifted most on training prompts, "
           f"repetition penalty {used.get('repetition_penalty')}, the document-end token banned) and/or a URIAL prefix (system prompt + one "
@@ -123,6 +124,8 @@ def report(section: dict) -> str:
     bias = used.get("bias_tokens")
     if isinstance(bias, list):
         md += [f"Bias tokens (this seed): {', '.join(repr(t) for t in bias)}.", ""]
+    elif isinstance(bias, dict) and "per_seed" in bias:
+        md += ["Bias tokens per seed: " + "; ".join(", ".join(repr(t) for t in seed) for seed in bias["per_seed"]) + ".", ""]
     md += ["| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name in ("base", *VARIANTS, "sft"):
         ev = section.get(name)
