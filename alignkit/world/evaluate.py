@@ -143,10 +143,33 @@ def win_values(rows: list[dict], baseline_rows: list[dict]) -> list[float]:
     return wins([0.5 + 0.5 * ((a["gold"] > b["gold"]) - (a["gold"] < b["gold"])) for a, b in zip(rows, baseline_rows)])
 
 
-def win_rate(rows: list[dict], baseline_rows: list[dict]) -> dict:
-    """Win rate against the baseline over the same held-out prompts (ties count half), per distance."""
-    wins = win_values(rows, baseline_rows)
-    return {d: mean(w for w, r in zip(wins, rows) if r["distance"] == d) for d in DISTANCES}
+def set_metrics(rows: list[dict]) -> dict:
+    """Figures of a whole answer set rather than of each answer: distinct-n and self-BLEU (output diversity)."""
+    from alignkit.eval.metrics import distinct_n, self_bleu
+
+    texts = [r["text"] for r in rows]
+    got = {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2), "self_bleu": self_bleu(texts)} \
+        if texts else {}
+    return {k: v for k, v in got.items() if v == v}  # NaN: answers too short to have any n-gram
+
+
+def compare(rows: list[dict], baseline_rows: list[dict], name: str, metrics: dict, first: bool) -> None:
+    """Per-prompt gold verdicts against a baseline's rows ("win_vs_NAME", and "win" for the first baseline), and
+    per distance the win rate and the length-controlled win rate (AlpacaEval 2's, on word lengths)."""
+    from alignkit.eval.metrics import length_controlled_win_rate
+
+    for r, b, win in zip(rows, baseline_rows, win_values(rows, baseline_rows)):
+        r[f"win_vs_{name}"] = win
+        r[f"words_vs_{name}"] = len(b["text"].split())
+        if first:
+            r["win"] = win
+    for d in ("near", "far"):
+        side = [r for r in rows if r["distance"] == d]
+        wins = [r[f"win_vs_{name}"] for r in side]
+        metrics[d][f"win_rate_vs_{name}"] = sum(wins) / len(wins) if wins else float("nan")
+        if wins:
+            metrics[d][f"lc_win_rate_vs_{name}"] = length_controlled_win_rate(
+                wins, [len(r["text"].split()) for r in side], [r[f"words_vs_{name}"] for r in side])["lc_win_rate"]
 
 
 # Every final answer a word problem can have (start - used + got).
@@ -249,9 +272,9 @@ def evaluate(model_dir: str | Path, world_dir: str | Path, baseline_dir: str | P
     rows = prompt_rows(sets, answers)
     scores, calibration = score(rows), option_calibration(model_dir, sets)
     metrics: dict = {d: {**scores[d], **calibration[d]} for d in DISTANCES}
+    for d in DISTANCES:
+        metrics[d] |= set_metrics([r for r in rows if r["distance"] == d])
     if baseline_dir is not None:
-        wins = win_rate(rows, prompt_rows(sets, answer_all(baseline_dir, sets)))
-        for d in DISTANCES:
-            metrics[d]["win_rate_vs_baseline"] = wins[d]
+        compare(rows, prompt_rows(sets, answer_all(baseline_dir, sets)), "baseline", metrics, first=True)
         metrics["token_shift_vs_baseline"] = token_shift(baseline_dir, sets, answers)
     return metrics

@@ -78,35 +78,6 @@ def source_version() -> str:
     return h.hexdigest()
 
 
-def set_metrics(rows: list[dict]) -> dict:
-    """Figures of a whole answer set rather than of each answer: distinct-n and self-BLEU (output diversity)."""
-    from alignkit.eval.metrics import distinct_n, self_bleu
-
-    texts = [r["text"] for r in rows]
-    return {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2), "self_bleu": self_bleu(texts)} \
-        if texts else {}
-
-
-def compare(rows: list[dict], baseline_rows: list[dict], name: str, metrics: dict, first: bool) -> None:
-    """Per-prompt gold verdicts against a baseline's rows ("win_vs_NAME", and "win" for the first baseline), and
-    per distance the win rate and the length-controlled win rate (AlpacaEval 2's, on word lengths)."""
-    from alignkit.eval.metrics import length_controlled_win_rate
-    from alignkit.world.evaluate import win_values
-
-    for r, b, win in zip(rows, baseline_rows, win_values(rows, baseline_rows)):
-        r[f"win_vs_{name}"] = win
-        r[f"words_vs_{name}"] = len(b["text"].split())
-        if first:
-            r["win"] = win
-    for d in ("near", "far"):
-        side = [r for r in rows if r["distance"] == d]
-        wins = [r[f"win_vs_{name}"] for r in side]
-        metrics[d][f"win_rate_vs_{name}"] = sum(wins) / len(wins) if wins else float("nan")
-        if wins:
-            metrics[d][f"lc_win_rate_vs_{name}"] = length_controlled_win_rate(
-                wins, [len(r["text"].split()) for r in side], [r[f"words_vs_{name}"] for r in side])["lc_win_rate"]
-
-
 class Context:
     """One seed of a world run: its directory, budget and the cached stages every experiment shares."""
 
@@ -299,7 +270,8 @@ class Context:
         against the first). `sets`: only these held-out sets, answered on their own and without the option
         calibration (cheaper). `decoding` (alignkit.decoding.DecodingOptions): the model answers with these
         rules and in-context prefix, on the sets given (default all) and without calibration."""
-        from alignkit.world.evaluate import EVAL_SETS, answer_all, option_calibration, prompt_rows, score
+        from alignkit.world.evaluate import (EVAL_SETS, answer_all, compare, option_calibration, prompt_rows, score,
+                                             set_metrics)
 
         if decoding is not None and sets is None:
             sets = EVAL_SETS

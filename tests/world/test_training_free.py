@@ -8,7 +8,7 @@ import json
 import pytest
 
 from alignkit.world.experiments import EXPERIMENTS, training_free
-from alignkit.world.stages import compare, set_metrics
+from alignkit.world.evaluate import compare, set_metrics
 from alignkit.world.stats import aggregate
 
 

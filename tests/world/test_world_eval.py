@@ -13,8 +13,8 @@ from alignkit.data import render_prompt_completion
 from alignkit.eval.calibration import expected_calibration_error
 from alignkit.models import load_causal_lm, load_tokenizer
 from alignkit.world import evaluate
-from alignkit.world.evaluate import (ARITH_ANSWERS, EVAL_SETS, FACT_SETS, METRICS, option_calibration, prompt_rows,
-                                     score, win_rate, win_values)
+from alignkit.world.evaluate import (ARITH_ANSWERS, EVAL_SETS, FACT_SETS, METRICS, compare, option_calibration,
+                                     prompt_rows, score, win_values)
 from alignkit.world.facts import ANSWERS, ATTRIBUTES, IDK, REFUSAL, START, STEP
 from alignkit.world.frames import FACT_FRAMES
 
@@ -119,8 +119,10 @@ def test_win_values_and_rate_pair_the_same_prompts():
     assert len(wins) == len(rows) and wins == [1.0 if r["gold"] > b["gold"] else 0.5 if r["gold"] == b["gold"] else 0.0
                                                for r, b in zip(rows, base)]
     assert win_values(rows, rows) == [0.5] * len(rows)
-    rate = win_rate(rows, base)
-    assert rate["near"] == sum(w for w, r in zip(wins, rows) if r["distance"] == "near") / 6
+    metrics = {"near": {}, "far": {}}
+    compare(rows, base, "worse", metrics, first=True)
+    assert metrics["near"]["win_rate_vs_worse"] == sum(w for w, r in zip(wins, rows) if r["distance"] == "near") / 6
+    assert [r["win_vs_worse"] for r in rows] == [r["win"] for r in rows] == wins
     with pytest.raises(ValueError, match="same order"):
         win_values(rows, base[::-1])
     with pytest.raises(ValueError, match="same order"):

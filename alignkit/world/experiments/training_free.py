@@ -20,7 +20,7 @@ from alignkit.world.experiments import sft_data
 NAME = "training-free"
 SUMMARY = ("the base model aligned at decoding time (EOS boost, style-token bias, repetition penalty) and in "
            "context (URIAL demonstrations), judged by gold against SFT and the plain base model")
-MINUTES = {"smoke": 0.5, "tiny": 2.5, "small": 8.0}
+MINUTES = {"smoke": 0.5, "tiny": 2.0, "small": 8.0}
 ESTIMATED = {"smoke", "small"}
 SHIFT_PROMPTS = {"smoke": 16, "tiny": 300, "small": 600}  # training prompts the bias tokens are chosen on
 BIAS_TOKENS = 8
