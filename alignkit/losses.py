@@ -18,6 +18,7 @@ Conventions
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,7 @@ __all__ = [
     "ppo_value_loss",
     "group_advantages",
     "rloo_advantages",
+    "reinforce_pp_advantages",
 ]
 
 DPO_VARIANTS = ("sigmoid", "robust", "hinge", "ipo")
@@ -816,6 +818,7 @@ def ppo_policy_loss(
     mask: Tensor,
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
+    ratio_level: Literal["token", "sequence"] = "token",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate, per token.
 
@@ -823,6 +826,11 @@ def ppo_policy_loss(
     ``-min(rho A, clip(rho, 1 - eps, 1 + eps_high) A)``, ``rho = exp(logps - old_logps)``.
     ``eps_high`` defaults to ``eps``; a larger one is DAPO's clip-higher (Yu et al. 2025,
     §3.1), which leaves room for low-probability tokens to grow.
+
+    ``ratio_level="sequence"`` is GSPO (Zheng et al. 2025, eq. 5-7, arXiv 2507.18071): every token of sequence
+    i takes the sequence's length-normalised ratio
+    ``s_i = exp(mean_t (logps - old_logps))`` over its masked tokens, clipped as a whole (GSPO clips with a
+    far smaller eps, e.g. 3e-4 / 4e-4), so one sequence's tokens share one clipping decision.
 
     Args:
         logps, old_logps, mask: (B, T).
@@ -849,6 +857,11 @@ def ppo_policy_loss(
     m = mask.bool()
 
     log_ratio = logps - old_logps  # (B, T)
+    if ratio_level == "sequence":
+        per_seq = masked_sum(log_ratio, m, dim=-1) / m.sum(-1).clamp(min=1)  # (B,)
+        log_ratio = per_seq[:, None].expand_as(logps)  # (B, T)
+    elif ratio_level != "token":
+        raise ValueError(f"{fn}: ratio_level must be 'token' or 'sequence', got {ratio_level!r}")
     ratio = torch.exp(log_ratio)  # (B, T)
     unclipped = -advantages * ratio  # (B, T)
     clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + eps_high)  # (B, T)
@@ -922,6 +935,31 @@ def group_advantages(
     if normalize_std:
         adv = adv / (r.std(dim=1, keepdim=True) + eps)  # (n, G)
     return adv.reshape(-1)  # (B,)
+
+
+def reinforce_pp_advantages(rewards: Tensor, group_size: int, subtract_group_mean: bool = True,
+                            batch_mean: float | None = None, batch_std: float | None = None,
+                            eps: float = 1e-6) -> Tensor:
+    """REINFORCE++ advantages: rewards normalised over the whole global batch, not per prompt group.
+
+    Hu et al. 2025, "REINFORCE++", §3, arXiv 2501.03262 (OpenRLHF's ``reinforce_baseline``):
+    ``c_i = r_i - mean(r_group(i))`` (the "-baseline" variant for several samples per prompt;
+    ``subtract_group_mean=False`` keeps ``c_i = r_i``), then ``A_i = (c_i - mean_batch(c)) / (std_batch(c) + eps)``
+    with the mean and (unbiased) std over every sample of the global batch. Normalising over the batch rather
+    than the group avoids GRPO's division by a small group std. Under DDP pass the global batch's
+    ``batch_mean``/``batch_std`` of c (each process holds a shard); by default they are this tensor's.
+
+    Args:
+        rewards: (B,), G consecutive samples per prompt.
+
+    Returns:
+        (B,) advantages.
+    """
+    r = _grouped("reinforce_pp_advantages", rewards, group_size)  # (n, G)
+    c = (r - r.mean(dim=1, keepdim=True) if subtract_group_mean else r).reshape(-1)  # (B,)
+    mean = c.mean() if batch_mean is None else torch.as_tensor(batch_mean, dtype=c.dtype)
+    std = c.std() if batch_std is None else torch.as_tensor(batch_std, dtype=c.dtype)
+    return (c - mean) / (std + eps)  # (B,)
 
 
 def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:

@@ -31,7 +31,8 @@ from alignkit.config import Repeatable, TrainConfig
 from alignkit.data import load_prompts
 from alignkit.generation import sample_groups
 from alignkit.logprobs import next_token_logps
-from alignkit.losses import aggregate, group_advantages, kl_penalty, masked_sum, ppo_policy_loss
+from alignkit.losses import (aggregate, group_advantages, kl_penalty, masked_sum, ppo_policy_loss, reinforce_pp_advantages,
+                             rloo_advantages)
 from alignkit.models import load_causal_lm, load_tokenizer, prepare
 from alignkit.rewards import load_rewards, score_samples
 from alignkit.train.batching import StepPlan, collate, shuffled_batches
@@ -79,7 +80,14 @@ class GRPOConfig(TrainConfig):
     clip_eps_high: float | None = None
     """Upper clip range (DAPO clip-higher, e.g. 0.28); default = clip_eps."""
     scale_rewards: bool = True
-    """Divide group-centred rewards by the group's std (GRPO); --no-scale-rewards is Dr. GRPO."""
+    """Divide group-centred rewards by the group's std (GRPO); --no-scale-rewards is Dr. GRPO (--advantage grpo only)."""
+    advantage: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"
+    """Advantage estimator: grpo (group mean, / group std unless --no-scale-rewards), rloo (leave-one-out mean of
+    the other G - 1 samples; Ahmadian et al. 2024), reinforce_pp (group mean subtracted, then normalised over the
+    global batch; REINFORCE++, Hu et al. 2025)."""
+    ratio_level: Literal["token", "sequence"] = "token"
+    """Importance ratio per token (PPO/GRPO) or per sequence, the length-normalised mean of the token log-ratios
+    (GSPO, Zheng et al. 2025: use a far smaller --clip-eps, e.g. 3e-4)."""
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
     """Loss reduction: token_mean (DAPO, TRL's default), seq_mean_token_mean (GRPO paper), seq_mean_token_sum_norm (Dr. GRPO, normaliser max_new_tokens)."""
     num_iterations: int = 1
@@ -116,6 +124,8 @@ def check_config(cfg: GRPOConfig) -> None:
         raise SystemExit(f"error: --reward-timeout {cfg.reward_timeout} must be >= 0 seconds (0 = no limit)")
     if cfg.temperature <= 0:
         raise SystemExit("error: --temperature must be > 0: a greedy group has identical completions and no signal")
+    if not cfg.scale_rewards and cfg.advantage != "grpo":
+        raise SystemExit(f"error: --no-scale-rewards is for --advantage grpo (--advantage {cfg.advantage} has its own scale)")
     if cfg.max_new_tokens >= cfg.max_length:
         raise SystemExit(f"error: --max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in "
                          f"--max-length {cfg.max_length}")
@@ -166,7 +176,7 @@ def update(cfg: GRPOConfig, run: Run, model, ddp_model, ref_model, optimizer, to
                     with torch.no_grad(), lora.reference(model):
                         ref_logps[k] = next_token_logps(ref_model or model, **batch)[0]  # (B, T-1)
             per_token, m = ppo_policy_loss(logps, old_logps[k], advantages[ch], mask, cfg.clip_eps,
-                                           cfg.clip_eps_high)  # (B, T-1)
+                                           cfg.clip_eps_high, cfg.ratio_level)  # (B, T-1)
             if cfg.beta > 0:
                 kl = kl_penalty(logps, ref_logps[k], "k3")  # (B, T-1), Shao et al. eq. 4
                 per_token = per_token + cfg.beta * kl
@@ -182,6 +192,21 @@ def update(cfg: GRPOConfig, run: Run, model, ddp_model, ref_model, optimizer, to
             out["loss"], out["grad_norm"] = step_loss, grad_norm
     out["seq_tokens"] = sum(len(s) for s in seqs)
     return out
+
+
+def compute_advantages(cfg: GRPOConfig, run: Run, rewards: torch.Tensor) -> torch.Tensor:
+    """(N,) advantages of this process's rewards by --advantage. A group whose rewards are all equal gets 0 under
+    grpo and rloo; reinforce_pp normalises over the global batch, so its statistics are summed over processes."""
+    if cfg.advantage == "rloo":
+        return rloo_advantages(rewards, cfg.group_size)
+    if cfg.advantage == "reinforce_pp":
+        c = rewards - rewards.view(-1, cfg.group_size).mean(1).repeat_interleave(cfg.group_size)  # (N,)
+        c = c[torch.isfinite(c)]  # a NaN reward (--skip-nonfinite) leaves its group out of the batch statistics
+        g = run.dist.reduce_sums({"n": len(c), "sum": c.sum(), "sq": (c ** 2).sum()})
+        mean = g["sum"] / g["n"]
+        std = math.sqrt(max(0.0, (g["sq"] - g["n"] * mean ** 2) / max(1.0, g["n"] - 1)))
+        return reinforce_pp_advantages(rewards, cfg.group_size, batch_mean=mean, batch_std=std)
+    return group_advantages(rewards, cfg.group_size, normalize_std=cfg.scale_rewards)
 
 
 def step_metrics(cfg: GRPOConfig, run: Run, ro: Rollout, rewards, per_function: dict, upd: dict) -> tuple[dict, int, int]:
@@ -245,8 +270,7 @@ def main(cfg: GRPOConfig) -> dict:
             reward_fns, ro.examples, ro.completion_ids, tokenizer, cfg.reward_weights,
             trainer_state=SimpleNamespace(global_step=step, max_steps=total_steps),
             on_error="nan" if cfg.skip_nonfinite else "raise", timeout=cfg.reward_timeout)
-        # A group whose rewards are all equal gets advantage 0: no gradient.
-        advantages = group_advantages(rewards, cfg.group_size, normalize_std=cfg.scale_rewards).to(run.device)  # (N,)
+        advantages = compute_advantages(cfg, run, rewards).to(run.device)  # (N,)
         nonfinite = (~torch.isfinite(rewards)).nonzero().flatten().tolist()  # NaN only under --skip-nonfinite
         detail = f" (prompts {plan.all_micro_batches(step)})" + (f", non-finite rewards of completions {nonfinite}"
                                                                  if nonfinite else "")

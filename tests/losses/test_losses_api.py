@@ -56,10 +56,11 @@ CONTRACT = {
     "generalized_jsd": ["logps", "teacher_logps", "beta"],
     "gae": ["rewards", "values", "mask", "gamma", "lam"],
     "whiten": ["x", "mask", "shift_mean"],
-    "ppo_policy_loss": ["logps", "old_logps", "advantages", "mask", "clip_eps", "clip_eps_high"],
+    "ppo_policy_loss": ["logps", "old_logps", "advantages", "mask", "clip_eps", "clip_eps_high", "ratio_level"],
     "ppo_value_loss": ["values", "old_values", "returns", "mask", "clip_eps"],
     "group_advantages": ["rewards", "group_size", "normalize_std", "eps"],
     "rloo_advantages": ["rewards", "group_size"],
+    "reinforce_pp_advantages": ["rewards", "group_size", "subtract_group_mean", "batch_mean", "batch_std", "eps"],
 }
 
 DEFAULTS = {
@@ -73,6 +74,7 @@ DEFAULTS = {
     ("gae", "lam"): 0.95,
     ("ppo_policy_loss", "clip_eps"): 0.2,
     ("ppo_policy_loss", "clip_eps_high"): None,
+    ("ppo_policy_loss", "ratio_level"): "token",
     ("ppo_value_loss", "clip_eps"): 0.2,
     ("group_advantages", "normalize_std"): True,
     ("group_advantages", "eps"): 1e-6,

@@ -322,3 +322,35 @@ def test_rloo_is_mean_centred_advantage_times_g_over_g_minus_1():
     torch.testing.assert_close(
         rloo_advantages(rewards, 5), group_advantages(rewards, 5, normalize_std=False) * 5 / 4
     )
+
+
+def test_reinforce_pp_hand_values():
+    from alignkit.losses import reinforce_pp_advantages
+
+    r = torch.tensor([1.0, 3.0, 0.0, 0.0])  # groups of 2: centred c = [-1, 1, 0, 0]
+    # batch mean 0, unbiased std sqrt(2/3): A = c / sqrt(2/3)
+    got = reinforce_pp_advantages(r, 2, eps=0.0)
+    assert torch.allclose(got, torch.tensor([-1.0, 1.0, 0.0, 0.0]) / math.sqrt(2 / 3))
+    # without the group baseline: c = r, mean 1, std sqrt(2) (sum of squares 0+4+1+1 = 6, / 3)
+    got = reinforce_pp_advantages(r, 2, subtract_group_mean=False, eps=0.0)
+    assert torch.allclose(got, (r - 1.0) / math.sqrt(2.0))
+    # a shard normalised with the global batch's statistics
+    got = reinforce_pp_advantages(r[:2], 2, batch_mean=0.0, batch_std=2.0, eps=0.0)
+    assert torch.allclose(got, torch.tensor([-0.5, 0.5]))
+
+
+def test_sequence_level_ratio_is_gspo():
+    # one sequence, two real tokens with log-ratios 0.2 and -0.6, a padded third: s = exp(-0.2) for both tokens
+    logps = torch.tensor([[0.2, -0.6, 5.0]])
+    old = torch.zeros(1, 3)
+    mask = torch.tensor([[1, 1, 0]])
+    loss, m = ppo_policy_loss(logps, old, torch.tensor([1.0]), mask, clip_eps=0.1, ratio_level="sequence")
+    s = math.exp(-0.2)  # 0.8187 < 1 - 0.1: clipped for A > 0 only when the clip is the smaller term
+    # -min(s A, clip(s) A) = -min(0.8187, 0.9) = -0.8187 for both real tokens, 0 at the pad
+    assert torch.allclose(loss, torch.tensor([[-s, -s, 0.0]]), atol=1e-6)
+    assert m["clip_frac"].item() == 0.0 and abs(m["ratio_mean"].item() - s) < 1e-6
+    # A < 0: -min(-s, -0.9) = 0.9, the clipped branch, for both tokens at once
+    loss, m = ppo_policy_loss(logps, old, torch.tensor([-1.0]), mask, clip_eps=0.1, ratio_level="sequence")
+    assert torch.allclose(loss, torch.tensor([[0.9, 0.9, 0.0]]), atol=1e-6) and m["clip_frac"].item() == 1.0
+    with pytest.raises(ValueError, match="ratio_level"):
+        ppo_policy_loss(logps, old, torch.tensor([1.0]), mask, ratio_level="word")
