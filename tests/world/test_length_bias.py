@@ -18,6 +18,8 @@ from alignkit.world.report import write_report
 from alignkit.world.stats import aggregate
 
 
+# slow: the suite is at its 10-minute budget on a 2-core machine; `python -m pytest -m slow` runs it
+@pytest.mark.slow
 @pytest.mark.xdist_group("smoke_ladder")
 def test_length_bias_reuses_the_ladders_base_and_sft(smoke_ladder, tmp_path, monkeypatch):
     assert EXPERIMENTS[length_bias.NAME] is length_bias and length_bias.NAME == "length-bias"
