@@ -37,6 +37,7 @@ def test_failed_run_is_named(tmp_path):
                                               "sys.exit(3)"], tmp_path / "run")
 
 
+@pytest.mark.slow  # 69 s of a suite at its 10-minute budget; `python -m pytest -m slow` runs it
 def test_bench_end_to_end(tmp_path):
     out = tmp_path / "bench"
     r = run_cli("bench", "--fixture", str(tmp_path / "fx"), "--output", str(out), "--repeats", "1", "--no-compile",
