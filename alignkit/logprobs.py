@@ -4,31 +4,50 @@ logits and labels are shifted (logits at position t score token t+1)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from alignkit.losses import sequence_logps, token_logps
+from alignkit.models import install_token_logps
+
+
+def _causal_attention(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """None for a right-padded batch: under causal attention a real token only sees earlier positions, which
+    are all real, so padding cannot reach any real token's logits (padding positions are masked out of the
+    loss). Without a mask SDPA takes its causal kernel, which skips the upper triangle and is faster than the
+    masked one on CPU (docs/performance.md); the logits of real tokens are the same
+    (tests/invariants/test_speed_paths.py)."""
+    if attention_mask is not None and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        return None  # right padding (alignkit.train.batching.collate)
+    return attention_mask
 
 
 def shifted_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (logits (B, T-1, V), labels (B, T-1), mask (B, T-1)): the logits at t, the token t+1
-    they score, and whether that token counts.
-
-    A right-padded batch runs without its attention mask: under causal attention a real token only sees
-    earlier positions, which are all real, so padding cannot reach any real token's logits (padding
-    positions are masked out of the loss). Without a mask SDPA takes its causal kernel, which skips the
-    upper triangle and is faster than the masked one on CPU (docs/performance.md); the logits of real
-    tokens are the same (tests/invariants/test_speed_paths.py)."""
-    if attention_mask is not None and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
-        attention_mask = None  # right padding (alignkit.train.batching.collate)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
+    they score, and whether that token counts. This materialises the (B, T, V) logits: for callers that need
+    whole distributions (distillation); log-probs of given tokens go through `next_token_logps`."""
+    logits = model(input_ids=input_ids, attention_mask=_causal_attention(attention_mask),
+                   use_cache=False).logits  # (B, T, V)
     return logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:]
 
 
 def next_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (logps (B, T-1), mask (B, T-1)): log pi(x_{t+1} | x_{<=t}) and whether that token counts."""
-    logits, labels, mask = shifted_logits(model, input_ids, attention_mask, loss_mask)
-    logps = token_logps(logits, labels)  # (B, T-1)
+    """Returns (logps (B, T-1), mask (B, T-1)): log pi(x_{t+1} | x_{<=t}) where that token counts (0 where
+    it does not: those positions are not scored), and whether it counts.
+
+    The model is called through whatever wrapper it is in with `token_labels=` (`models.install_token_logps`):
+    the output layer is applied to the hidden states in blocks (`losses.linear_token_logps`), so the
+    (B, T, V) logits are never materialised, and only counted positions reach the output layer."""
+    if not install_token_logps(model):  # not a transformers causal LM: from its logits
+        logits, labels, mask = shifted_logits(model, input_ids, attention_mask, loss_mask)
+        logps = token_logps(logits, labels)  # (B, T-1)
+        return logps, mask.to(logps.dtype)
+    mask = loss_mask[:, 1:]  # (B, T-1)
+    labels = F.pad(input_ids[:, 1:].masked_fill(mask == 0, -100), (0, 1), value=-100)  # (B, T): t scores t+1
+    out = model(input_ids=input_ids, attention_mask=_causal_attention(attention_mask), use_cache=False,
+                token_labels=labels)
+    logps = out.logps[:, :-1]  # (B, T-1)
     return logps, mask.to(logps.dtype)  # (B, T-1)
 
 
@@ -46,10 +65,15 @@ def completion_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     """For a `pack_completions` batch: (summed completion log-probs (N,), completion lengths (N,),
     per-token log-probs (N, T-1) with their mask (N, T-1) folded in as zeros).
 
-    Summed logps are log pi(y|x) (`losses.sequence_logps`), the quantity the DPO family and KTO compare."""
-    logits, labels, mask = shifted_logits(model, **batch)  # (N, T-1, V), (N, T-1), (N, T-1)
-    logps, token = sequence_logps(logits, labels, mask, per_token=True)  # (N,), (N, T-1)
-    return logps, mask.sum(-1).to(logps.dtype), token
+    Summed logps are log pi(y|x) (`losses.sequence_logps`), the quantity the DPO family and KTO compare;
+    computed as `next_token_logps` does, without materialised logits."""
+    if not install_token_logps(model):  # not a transformers causal LM: from its logits
+        logits, labels, mask = shifted_logits(model, **batch)  # (N, T-1, V), (N, T-1), (N, T-1)
+        logps, token = sequence_logps(logits, labels, mask, per_token=True)  # (N,), (N, T-1)
+        return logps, mask.sum(-1).to(logps.dtype), token
+    token, mask = next_token_logps(model, **batch)  # (N, T-1) each
+    token = torch.where(mask.bool(), token, 0.0)  # (N, T-1)
+    return token.sum(-1), mask.sum(-1), token
 
 
 def _shared_prefix(options: list[list[int]], masks: list[list[int]]) -> int:

@@ -29,6 +29,7 @@ __all__ = [
     "token_logps",
     "sequence_logps",
     "token_entropy",
+    "linear_token_logps",
     "masked_sum",
     "masked_mean",
     "aggregate",
@@ -253,6 +254,184 @@ def token_entropy(logits: Tensor, *, chunk_size: int | None = None) -> Tensor:
     if logits.dim() != 3:
         raise ValueError(f"token_entropy: expected logits (B, T, V), got {tuple(logits.shape)}")
     return _TokenEntropy.apply(logits, _chunk_len(logits, chunk_size))
+
+
+# ---------------------------------------------------------------------------------------
+# Log-probabilities from hidden states (the output layer fused in, no (N, V) logits)
+# ---------------------------------------------------------------------------------------
+
+
+def _mm_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The output layer's matmul dtype: autocast's when it is on (as an nn.Linear under autocast would run),
+    else the inputs' common dtype."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _block_logits(h: Tensor, weight: Tensor, bias: Tensor | None, o: int, v: int, mm_dtype: torch.dtype,
+                  cdt: torch.dtype, temperature: float) -> Tensor:
+    """(n, v) logits of vocabulary rows [o, o + v) for the token block ``h`` (n, H), in ``cdt``."""
+    w = weight[o : o + v].to(mm_dtype)  # (v, H); no copy when dtype == mm_dtype
+    b = bias[o : o + v].to(mm_dtype) if bias is not None else None
+    x = F.linear(h, w, b).to(cdt)  # (n, v)
+    return x / temperature if temperature != 1.0 else x
+
+
+class _LinearTokenLogps(torch.autograd.Function):
+    """logps = x[label] - logsumexp(x) (and H = logsumexp(x) - sum p x) with x = (hidden @ W^T + b) / T,
+    in blocks of tokens x vocabulary rows; backward recomputes each block's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, tc: int, vc: int,
+                temperature: float, want_entropy: bool, mm_dtype: torch.dtype):
+        N, V = hidden.shape[0], weight.shape[0]
+        cdt = _compute_dtype(mm_dtype)
+        lse = torch.empty(N, dtype=cdt, device=hidden.device)  # (N,)
+        picked = torch.zeros(N, dtype=cdt, device=hidden.device)  # (N,)
+        ent = torch.empty(N, dtype=cdt, device=hidden.device) if want_entropy else None  # (N,)
+        with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen here, not by autocast
+            for s in range(0, N, tc):
+                h, y = hidden[s : s + tc].to(mm_dtype), labels[s : s + tc]  # (n, H), (n,)
+                # online logsumexp over vocabulary blocks: running max m, sum z of exp(x - m), sum w of exp(x - m) x
+                m = torch.full((h.shape[0],), -math.inf, dtype=cdt, device=h.device)  # (n,)
+                z, w = torch.zeros_like(m), torch.zeros_like(m)  # (n,)
+                for o in range(0, V, vc):
+                    x = _block_logits(h, weight, bias, o, vc, mm_dtype, cdt, temperature)  # (n, v)
+                    new_m = torch.maximum(m, x.amax(-1))  # (n,)
+                    rescale = torch.exp(m - new_m)  # (n,); 0 on the first block
+                    e = torch.exp(x - new_m[:, None])  # (n, v)
+                    z = z * rescale + e.sum(-1)
+                    if want_entropy:
+                        w = w * rescale + e.mul_(x).sum(-1)
+                    m = new_m
+                    inside = (y >= o) & (y < o + x.shape[1])  # (n,) labels in this block
+                    at = x.gather(-1, (y - o).clamp(0, x.shape[1] - 1)[:, None]).squeeze(-1)  # (n,)
+                    picked[s : s + tc] += torch.where(inside, at, 0.0)
+                lse[s : s + tc] = m + torch.log(z)
+                if want_entropy:
+                    ent[s : s + tc] = lse[s : s + tc] - w / z
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
+        ctx.cfg = (tc, vc, temperature, want_entropy, mm_dtype)
+        logps = picked - lse  # (N,)
+        if want_entropy:
+            return logps, ent
+        ctx.mark_non_differentiable(lse)  # a placeholder second output keeps one return arity
+        return logps, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logps: Tensor | None, grad_ent: Tensor | None):
+        hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+        tc, vc, temperature, want_entropy, mm_dtype = ctx.cfg
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        N, V = hidden.shape[0], weight.shape[0]
+        cdt = lse.dtype
+        if grad_logps is None:
+            grad_logps = torch.zeros_like(lse)
+        if not want_entropy:
+            grad_ent = None
+        grad_h = torch.zeros(hidden.shape, dtype=cdt, device=hidden.device) if need_h else None  # (N, H)
+        grad_w = torch.zeros_like(weight) if need_w else None  # (V, H)
+        grad_b = torch.zeros_like(bias) if need_b else None  # (V,)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, N, tc):
+                h, y = hidden[s : s + tc].to(mm_dtype), labels[s : s + tc]  # (n, H), (n,)
+                g = grad_logps[s : s + tc].to(cdt)  # (n,)
+                for o in range(0, V, vc):
+                    x = _block_logits(h, weight, bias, o, vc, mm_dtype, cdt, temperature)  # (n, v)
+                    v = x.shape[1]
+                    logp = x.sub_(lse[s : s + tc, None])  # (n, v) log p
+                    p = torch.exp(logp)  # (n, v)
+                    gx = p * -g[:, None]  # (n, v) d logps/dx = onehot - p
+                    if grad_ent is not None:  # dH/dx = -p (log p + H)
+                        ge = grad_ent[s : s + tc, None].to(cdt)  # (n, 1)
+                        gx -= logp.add_(ent[s : s + tc, None]).mul_(p).mul_(ge)
+                    inside = (y >= o) & (y < o + v)  # (n,)
+                    gx.scatter_add_(-1, (y - o).clamp(0, v - 1)[:, None], torch.where(inside, g, 0.0)[:, None])
+                    if temperature != 1.0:
+                        gx /= temperature  # x = z / T
+                    gz = gx.to(mm_dtype)  # (n, v): the gradient the matmul sees, as autocast's backward would
+                    if need_h:
+                        grad_h[s : s + tc] += gz @ weight[o : o + v].to(mm_dtype)  # (n, H)
+                    if need_w:
+                        grad_w[o : o + v] += gz.T @ h  # (v, H)
+                    if need_b:
+                        grad_b[o : o + v] += gz.sum(0).to(grad_b.dtype)  # (v,)
+        return (grad_h.to(hidden.dtype) if need_h else None, grad_w, grad_b,
+                None, None, None, None, None, None)
+
+
+def linear_token_logps(
+    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, *,
+    chunk_size: int | None = None, vocab_chunk_size: int | None = None, temperature: float = 1.0,
+    entropy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Label log-probs (and entropies) of an output layer applied to hidden states, without ever holding
+    the (N, V) logits: the output layer fused into the log-softmax.
+
+    Formula: with ``x = (hidden @ weight.T + bias) / temperature`` (N, V),
+    ``logps[n] = x[n, labels[n]] - logsumexp_v x[n, v]`` and
+    ``entropy[n] = logsumexp_v x[n, v] - sum_v softmax(x[n])_v x[n, v]``, i.e. :func:`token_logps` and
+    :func:`token_entropy` of ``F.linear(hidden, weight, bias) / temperature``.
+
+    The logits are made one block (``chunk_size`` tokens x ``vocab_chunk_size`` vocabulary rows) at a time;
+    the logsumexp runs online across vocabulary blocks (running max and rescaled sums), and backward
+    recomputes each block's logits and writes its rows of the weight gradient once per token block. This is
+    the fused linear cross-entropy of Liger-Kernel (Hsu et al. 2024, arXiv 2410.10989) and the blockwise,
+    recompute-in-backward loss of Cut Cross-Entropy (Wijmans et al. 2024, "Cut your losses in large-vocabulary
+    language models", arXiv 2411.09009), in plain PyTorch.
+
+    Dtypes: the matmuls run in autocast's dtype when autocast is on (what the model's nn.Linear output layer
+    would do under autocast, so bf16 logits as the plain path has), else in the inputs' dtype; the log-softmax
+    math is float32 (float64 for float64 inputs). Gradients return in the dtypes of ``hidden``/``weight``.
+
+    Args:
+        hidden: (N, H) final hidden states (after the model's last norm).
+        weight: (V, H) output-layer weight (``lm_head.weight``, tied or not); bias: (V,) or None.
+        labels: (N,) token ids; a label < 0 (e.g. -100) is ignored: no logits are computed for that row and
+            its logps and entropy are 0. Labels >= V are an error.
+        chunk_size: tokens per block (default min(N, 1024)).
+        vocab_chunk_size: vocabulary rows per block (default: about 2**20 logits per block, ``_CHUNK_ELEMENTS``).
+            Peak extra memory is a few (chunk_size, vocab_chunk_size) temporaries plus the (V, H) weight gradient.
+        temperature: the logits are divided by it (sampling temperature, PPO's scoring).
+        entropy: also return the entropies.
+
+    Returns:
+        (N,) log-probabilities, and (N,) entropies in nats with ``entropy``; float32 (float64 for float64
+        inputs). Differentiable once (no double backward) in ``hidden``, ``weight`` and ``bias``.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1] \
+            or weight.shape[1] != hidden.shape[1] or (bias is not None and bias.shape != weight.shape[:1]):
+        raise ValueError(
+            f"linear_token_logps: expected hidden (N, H), weight (V, H), labels (N,), bias (V,), got "
+            f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}, "
+            f"{None if bias is None else tuple(bias.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"linear_token_logps: temperature must be > 0, got {temperature}")
+    for name, size in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
+        if size is not None and size < 1:
+            raise ValueError(f"{name} must be >= 1, got {size}")
+    labels = labels.long()
+    keep = labels >= 0  # (N,)
+    all_kept = bool(keep.all())
+    h, y = (hidden, labels) if all_kept else (hidden[keep], labels[keep])  # (K, H), (K,)
+    K, V = h.shape[0], weight.shape[0]
+    if K and int(y.max()) >= V:
+        raise ValueError(f"linear_token_logps: label {int(y.max())} out of range for a vocabulary of {V}")
+    mm_dtype = _mm_dtype(hidden, weight)
+    if K:
+        tc = chunk_size or min(K, 1024)
+        vc = vocab_chunk_size or max(1, _CHUNK_ELEMENTS // min(tc, K))
+        logps, ent = _LinearTokenLogps.apply(h, weight, bias, y, tc, vc, float(temperature), entropy, mm_dtype)
+    else:  # nothing to score: zeros that still carry a gradient path to hidden and weight
+        logps = ent = (h.sum(-1) + weight.sum() * 0).to(_compute_dtype(mm_dtype))
+    if not all_kept:
+        logps = torch.zeros(labels.shape, dtype=logps.dtype, device=logps.device).masked_scatter(keep, logps)
+        if entropy:
+            ent = torch.zeros(labels.shape, dtype=ent.dtype, device=ent.device).masked_scatter(keep, ent)
+    return (logps, ent) if entropy else logps
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,12 +6,14 @@ import json
 import os
 import shutil
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           GenerationConfig)
+from transformers.utils import ModelOutput
 from transformers.utils import logging as hf_logging
 
 from alignkit.errors import UserError
@@ -312,13 +314,20 @@ def prepare(model, cfg):
     """Apply the config's speed options to a loaded model, in place: --autocast bf16 runs the forward
     under `torch.autocast` (bfloat16 matmuls, float32 weights, optimizer state and logits: TRL's and
     accelerate's `bf16=True`); --compile `torch.compile`s it (dynamic shapes, so batches of varying length
-    reuse one graph). Weights, state_dict keys and saving are unchanged.
+    reuse one graph); --gradient-checkpointing recomputes each decoder layer's activations in backward
+    (`checkpoint_layers`: only where something is being trained). Weights, state_dict keys and saving are
+    unchanged. A causal LM also gets the `token_labels=` forward
+    (`install_token_logps`) before autocast and compile wrap it.
 
     For a sequence classifier (reward and value models) the backbone is prepared: `LastTokenReward` and
     PPO's per-token values call the backbone and the score head themselves, and the head's scores stay
     float32."""
     classifier = _classifier(model)
     target = getattr(classifier, classifier.base_model_prefix) if classifier is not None else model
+    if getattr(cfg, "gradient_checkpointing", False):
+        checkpoint_layers(model)
+    if classifier is None:
+        install_token_logps(model)
     if getattr(cfg, "autocast", "none") == "bf16":
         device_type = next(model.parameters()).device.type
         forward = target.forward
@@ -335,6 +344,168 @@ def prepare(model, cfg):
     if getattr(cfg, "compile", False):
         target.compile(dynamic=True)
     return model
+
+
+def checkpoint_layers(model) -> None:
+    """Activation (gradient) checkpointing of every decoder layer of `model` (transformers'
+    `GradientCheckpointingLayer`s), non-reentrant (`torch.utils.checkpoint`, use_reentrant=False: works with
+    frozen embeddings and LoRA, DDP, FSDP2 and torch.compile): a layer keeps only its inputs in forward and
+    recomputes its activations in backward. Idempotent.
+
+    transformers' own `gradient_checkpointing_enable` checkpoints only modules in training mode, and alignkit
+    trains the DPO family, KTO and PPO in eval mode (dropout off), so each layer's `forward` is wrapped here
+    instead, checkpointing whenever a backward can follow: gradients enabled, and the layer has a trainable
+    parameter or an input that requires grad. Frozen references and teachers (no grad, or nothing to
+    differentiate) and generation (no grad, a KV cache) run the layer as it is."""
+    from torch.utils.checkpoint import checkpoint
+    from transformers.cache_utils import Cache
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in unwrap(model).modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise UserError(f"--gradient-checkpointing: {type(unwrap(model)).__name__} has no decoder layers that "
+                        "transformers can checkpoint")
+    for layer in layers:
+        if getattr(layer, "_alignkit_checkpointed", False):
+            continue
+
+        def checkpointed(*args, _forward=layer.forward, _layer=layer, **kwargs):
+            values = (*args, *kwargs.values())
+            backward_follows = torch.is_grad_enabled() and not any(isinstance(v, Cache) for v in values) and (
+                any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
+                or any(p.requires_grad for p in _layer.parameters()))
+            if not backward_follows:
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = checkpointed
+        layer._alignkit_checkpointed = True
+
+
+@dataclass
+class TokenLogpsOutput(ModelOutput):
+    """What a causal LM's forward returns when called with `token_labels=` (`install_token_logps`)."""
+
+    logps: torch.Tensor | None = None
+    """(B, T) or (B, W): log pi(label) at each scored position; 0 where the label is < 0."""
+    entropy: torch.Tensor | None = None
+    """Same shape: entropy of the (temperature-scaled) next-token distribution there, with `token_entropy=True`."""
+    last_hidden_state: torch.Tensor | None = None
+    """(B, T, H) final hidden states (None on the full-logits fallback)."""
+    hidden_states: tuple | None = None
+    """Every layer's hidden states, with `output_hidden_states=True`."""
+
+
+def _causal_lm(model):
+    """The HF causal LM inside DDP/compile and peft wrappers."""
+    m = unwrap(model)
+    return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+
+def _fused_head(m):
+    """(backbone, output nn.Linear) when the logits are `lm_head(backbone(...).last_hidden_state)` and
+    nothing else, else None: softcapped or scaled logits (Gemma 2, Cohere) and adapted output layers (LoRA
+    on lm_head) take the full-logits path."""
+    prefix = getattr(m, "base_model_prefix", "")
+    backbone = getattr(m, prefix, None) if prefix else None
+    head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
+    config = getattr(m, "config", None)
+    if not isinstance(backbone, torch.nn.Module) or backbone is m or type(head) is not torch.nn.Linear:
+        return None
+    if getattr(config, "final_logit_softcapping", None) is not None or getattr(config, "logit_scale", None) is not None:
+        return None
+    return backbone, head
+
+
+def _at_positions(x: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """x (B, T, ...) at positions (B, W) -> (B, W, ...), or x itself."""
+    if positions is None:
+        return x
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]  # (B, 1)
+    return x[rows, positions]
+
+
+@torch.compiler.disable  # eager: data-dependent row selection and Python loops over blocks
+def _hidden_token_logps(hidden, weight, bias, labels, positions, temperature, entropy):
+    from alignkit.losses import linear_token_logps
+
+    hidden = _at_positions(hidden, positions)  # (B, W, H)
+    B, W = labels.shape
+    out = linear_token_logps(hidden.reshape(B * W, -1), weight, labels.reshape(-1), bias,
+                             temperature=temperature, entropy=entropy)
+    return tuple(t.reshape(B, W) for t in out) if entropy else (out.reshape(B, W), None)
+
+
+def _logits_token_logps(logits, labels, positions, temperature, entropy):
+    """The full-logits path: the same quantities from (B, T, V) logits."""
+    from alignkit.losses import token_entropy, token_logps
+
+    logits = _at_positions(logits, positions)  # (B, W, V)
+    logits = logits / temperature if temperature != 1.0 else logits
+    keep = labels >= 0  # (B, W)
+    logps = torch.where(keep, token_logps(logits, labels.clamp(min=0)), 0.0)  # (B, W)
+    return logps, torch.where(keep, token_entropy(logits), 0.0) if entropy else None
+
+
+def install_token_logps(model) -> bool:
+    """Give the HF causal LM inside `model` (through DDP, compile and peft wrappers) an instance-level
+    forward that also takes
+
+        token_labels (B, T) or (B, W) long: the token each position is scored on; < 0 = not scored,
+        token_positions (B, W) long or None: score hidden state positions[b, j] on token_labels[b, j],
+        token_temperature float (1.0): divide the logits by it,
+        token_entropy bool (False): also return the entropy there,
+
+    and then returns a `TokenLogpsOutput` (`.logps`, `.entropy`) instead of logits: the backbone runs, and
+    `losses.linear_token_logps` applies the output layer in blocks, so no (B, T, V) logits exist. Without
+    `token_labels` it is the original forward. Callers call it through whatever wrapper they hold (DDP's
+    forward syncs gradients, FSDP's root hooks unshard, compile and peft wrap `forward`), which is why this
+    is a forward and not a function of the unwrapped model. Models whose logits are not a plain nn.Linear of
+    the last hidden state (`_fused_head`) compute full logits and the same outputs from them.
+    Idempotent; installed by `prepare`, and by `logprobs` on models that were not prepared. Returns whether
+    the model has it (False for a model that is not a transformers causal LM: callers take full logits)."""
+    m = _causal_lm(model)
+    if getattr(m, "_alignkit_token_logps", False):
+        return True
+    if not hasattr(m, "get_output_embeddings"):
+        return False
+    original = m.forward
+
+    def forward(*args, token_labels=None, token_positions=None, token_temperature: float = 1.0,
+                token_entropy: bool = False, **kwargs):
+        if token_labels is None:
+            return original(*args, **kwargs)
+        fused = _fused_head(m)
+        if fused is None:
+            out = original(*args, **kwargs)
+            logps, entropy = _logits_token_logps(out.logits, token_labels, token_positions, token_temperature,
+                                                 token_entropy)
+            return TokenLogpsOutput(logps=logps, entropy=entropy, hidden_states=getattr(out, "hidden_states", None))
+        backbone, head = fused
+        for key in ("labels", "logits_to_keep", "return_dict"):  # the head's arguments (peft passes them as None)
+            kwargs.pop(key, None)
+        out = backbone(*args, **kwargs)
+        hidden = out.last_hidden_state  # (B, T, H)
+        logps, entropy = _hidden_token_logps(hidden, head.weight, head.bias, token_labels, token_positions,
+                                             token_temperature, token_entropy)
+        return TokenLogpsOutput(logps=logps, entropy=entropy, last_hidden_state=hidden,
+                                hidden_states=getattr(out, "hidden_states", None))
+
+    m.forward = forward
+    m._alignkit_token_logps = True
+    return True
+
+
+def forward_token_logps(model, *, token_labels, token_positions=None, token_temperature: float = 1.0,
+                        token_entropy: bool = False, **kwargs) -> TokenLogpsOutput:
+    """`model(**kwargs, token_labels=..., ...)` through its wrappers (`install_token_logps`); a model that is
+    not a transformers causal LM is called for its full logits and scored from them."""
+    if install_token_logps(model):
+        return model(**kwargs, token_labels=token_labels, token_positions=token_positions,
+                     token_temperature=token_temperature, token_entropy=token_entropy)
+    out = model(**kwargs)
+    logps, entropy = _logits_token_logps(out.logits, token_labels, token_positions, token_temperature, token_entropy)
+    return TokenLogpsOutput(logps=logps, entropy=entropy, hidden_states=getattr(out, "hidden_states", None))
 
 
 def unwrap(model):

@@ -43,9 +43,9 @@ from alignkit.config import TrainConfig
 from alignkit.data import load_prompts
 from alignkit.generation import sample_groups
 from alignkit.logprobs import pack_completions
-from alignkit.losses import (aggregate, gae, kl_penalty, masked_sum, ppo_policy_loss, ppo_value_loss,
-                             token_entropy, token_logps, whiten)
-from alignkit.models import LastTokenReward, backbone_and_head, load_causal_lm, load_tokenizer, prepare, save_model
+from alignkit.losses import aggregate, gae, kl_penalty, masked_sum, ppo_policy_loss, ppo_value_loss, whiten
+from alignkit.models import (LastTokenReward, backbone_and_head, forward_token_logps, load_causal_lm, load_tokenizer,
+                             prepare, save_model)
 from alignkit.rewards import load_scorer
 from alignkit.train.batching import StepPlan, shuffled_batches
 from alignkit.train.optim import adamw
@@ -132,14 +132,14 @@ def pack_rollout(prompts, completions, width: int, pad_id: int, device) -> dict:
             "last": P + C - 1}  # (B,) index of each row's last token: where the RM scores it
 
 
-def completion_logits(model, batch: dict, temperature: float, hidden: bool = False):
-    """Logits (B, W, V) predicting the completion tokens (and the last hidden states there if `hidden`)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                output_hidden_states=hidden)
+def completion_token_logps(model, batch: dict, temperature: float, entropy: bool = False, hidden: bool = False):
+    """(logps (B, W), entropies (B, W) or None, last hidden states (B, W, H) or None) of the completion
+    tokens under the temperature-scaled policy, without materialised logits (`models.install_token_logps`)."""
+    out = forward_token_logps(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              use_cache=False, output_hidden_states=hidden, token_labels=batch["labels"],
+                              token_positions=batch["positions"], token_temperature=temperature, token_entropy=entropy)
     rows = torch.arange(len(batch["positions"]), device=batch["positions"].device)[:, None]  # (B, 1)
-    logits = out.logits[rows, batch["positions"]]  # (B, W, V)
-    logits = logits / temperature if temperature != 1.0 else logits
-    return logits, (out.hidden_states[-1][rows, batch["positions"]] if hidden else None)
+    return out.logps, out.entropy, (out.hidden_states[-1][rows, batch["positions"]] if hidden else None)
 
 
 class ActorCritic(torch.nn.Module):
@@ -149,14 +149,16 @@ class ActorCritic(torch.nn.Module):
         super().__init__()
         self.policy, self.value_model, self.value_head, self.temperature = policy, value_model, value_head, temperature
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (B, W, V), values (B, W)): V(state before completion token j) in the completion layout."""
-        logits, hidden = completion_logits(self.policy, batch, self.temperature, hidden=self.value_head is not None)
+    def forward(self, batch: dict, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(logps (B, W), entropies (B, W) or None, values (B, W)) in the completion layout; the value is
+        V(state before completion token j)."""
+        logps, ent, hidden = completion_token_logps(self.policy, batch, self.temperature, entropy,
+                                                    hidden=self.value_head is not None)
         if self.value_head is not None:
-            return logits, self.value_head(hidden).squeeze(-1).float()  # (B, W)
-        rows = torch.arange(len(batch["positions"]), device=logits.device)[:, None]
+            return logps, ent, self.value_head(hidden).squeeze(-1).float()  # (B, W)
+        rows = torch.arange(len(batch["positions"]), device=logps.device)[:, None]
         values = token_scores(self.value_model, batch["input_ids"], batch["attention_mask"])  # (B, T)
-        return logits, values[rows, batch["positions"]]  # (B, W)
+        return logps, ent, values[rows, batch["positions"]]  # (B, W)
 
 
 def kl_shaped_rewards(scores, kl, mask, kl_coef: float) -> torch.Tensor:
@@ -287,10 +289,9 @@ def score(cfg: PPOConfig, actor_critic: ActorCritic, reference, reward_model, ro
     reward = LastTokenReward(reward_model)  # the token `alignkit reward` trained on
     for rows in micro_batches:
         b = ro.pack(rows)
-        logits, values = actor_critic(b)
-        s.old_logps[rows], s.old_values[rows] = token_logps(logits, b["labels"]), values
+        s.old_logps[rows], _, s.old_values[rows] = actor_critic(b)
         with lora.reference(policy):
-            s.ref_logps[rows] = token_logps(completion_logits(reference or policy, b, cfg.temperature)[0], b["labels"])
+            s.ref_logps[rows] = completion_token_logps(reference or policy, b, cfg.temperature)[0]
         s.scores[rows] = reward(b["input_ids"], b["attention_mask"]).float()
     return s
 
@@ -322,13 +323,12 @@ def update(cfg: PPOConfig, run: Run, ddp_ac, actor_critic, optimizer, ro: Rollou
             local = dict.fromkeys(UPDATE_METRICS, 0.0)  # token means over this mini-batch, by name
             for rows in micro_steps(ddp_ac, micro):
                 b, m = ro.pack(rows), ro.mask[rows]
-                logits, values = ddp_ac(b)
-                logps = token_logps(logits, b["labels"])  # (B, W)
+                logps, entropies, values = ddp_ac(b, entropy=True)  # (B, W) each
                 pg, pm = ppo_policy_loss(logps, s.old_logps[rows], advantages[rows], m, cfg.clip_eps)
                 vf = ppo_value_loss(values, s.old_values[rows], returns[rows], m, cfg.clip_eps_value)
                 policy_loss = aggregate(pg, m, "token_mean", denominator=n_tokens)
                 value_loss = aggregate(vf, m, "token_mean", denominator=n_tokens)
-                entropy = aggregate(token_entropy(logits), m, "token_mean", denominator=n_tokens)
+                entropy = aggregate(entropies, m, "token_mean", denominator=n_tokens)
                 loss = policy_loss + cfg.vf_coef * value_loss - cfg.ent_coef * entropy
                 (loss * ws).backward()
                 share = m.sum().item() / n_tokens  # this micro-batch's weight in the mini-batch token mean

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from alignkit.cli import run as cli
 from alignkit.logprobs import completion_logps, pack_completions
 from alignkit.losses import gae
-from alignkit.recipes.ppo import (ActorCritic, adaptive_kl_coef, completion_logits, kl_shaped_rewards,
+from alignkit.recipes.ppo import (ActorCritic, adaptive_kl_coef, completion_token_logps, kl_shaped_rewards,
                                   pack_rollout, token_scores)
 from helpers import read_metrics
 
@@ -154,11 +154,10 @@ def test_padding_and_neighbours_do_not_change_logps_values_scores_or_advantages(
         with torch.no_grad():
             alone = pack_rollout([prompt], [completion], 3, tok.pad_token_id, "cpu")
             mixed = pack_rollout([prompt, other[0]], [completion, other[1]], 6, tok.pad_token_id, "cpu")
-            (la, va), (lm, vm) = critic(alone), critic(mixed)
+            (la, _, va), (lm, _, vm) = critic(alone), critic(mixed)
             sa = token_scores(rm, alone["input_ids"], alone["attention_mask"])[0, alone["last"][0]]
             sm = token_scores(rm, mixed["input_ids"], mixed["attention_mask"])[0, mixed["last"][0]]
-        logps_a = torch.log_softmax(la, -1).gather(-1, alone["labels"][..., None])[0, :, 0]
-        logps_m = torch.log_softmax(lm, -1).gather(-1, mixed["labels"][..., None])[0, :3, 0]
+        logps_a, logps_m = la[0], lm[0, :3]
         assert torch.allclose(logps_a, logps_m, atol=1e-5) and torch.allclose(va[0], vm[0, :3], atol=1e-5)
         # ... and they are the log-probs of the right tokens: those of the project's shifting helper.
         _, _, shifted = completion_logps(policy, pack_completions([prompt], [completion], tok.pad_token_id))
@@ -173,9 +172,9 @@ def test_padding_and_neighbours_do_not_change_logps_values_scores_or_advantages(
         adv_m, ret_m = gae(rewards, garbage, mask, 1.0, 0.95)
         adv_a, ret_a = gae(kl_shaped_rewards(sa[None], kl[:1, :3], mask[:1, :3], 0.1), va, mask[:1, :3], 1.0, 0.95)
         assert torch.allclose(adv_a[0], adv_m[0, :3], atol=1e-5) and torch.equal(adv_m[0, 3:], torch.zeros(3))
-    # The reference forward (completion_logits) is the policy forward without the value function.
-    ref_logits, _ = completion_logits(policy, mixed, 1.0)
-    assert torch.equal(ref_logits.detach(), lm)
+    # The reference forward (completion_token_logps) is the policy forward without the value function.
+    ref_logps = completion_token_logps(policy, mixed, 1.0)[0]
+    assert torch.equal(ref_logps.detach(), lm)
 
 
 def test_two_process_ddp_runs(toy, tmp_path):
