@@ -26,7 +26,6 @@ from typing import Annotated
 
 import torch
 import torch.distributed as torch_dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from alignkit import lora
 from alignkit.config import Repeatable, TrainConfig
@@ -36,6 +35,7 @@ from alignkit.eval import pairwise_accuracy, preference_calibration_error, relia
 from alignkit.logprobs import pack_completions
 from alignkit.losses import bradley_terry_loss
 from alignkit.models import LastTokenReward, load_reward_model, load_tokenizer, unwrap
+from alignkit.train import parallel
 from alignkit.train.batching import StepPlan, epoch_batches
 from alignkit.train.optim import adamw
 from alignkit.train.run import Run
@@ -168,7 +168,7 @@ def main(cfg: RewardConfig) -> dict:
                                 task_type="SEQ_CLS")
     model.train()
     reward = LastTokenReward(model)
-    ddp_model = DDP(reward) if run.world_size > 1 else reward
+    ddp_model = parallel.wrap(reward, run, cfg)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
     lengths = [len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids)) for ex in examples]
     prompts = [tuple(ex.prompt_ids) for ex in examples] if cfg.group_by_prompt else None
