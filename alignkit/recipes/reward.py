@@ -150,6 +150,9 @@ def write_eval(cfg: RewardConfig, step: int, result: dict, eval_stats) -> None:
 def main(cfg: RewardConfig) -> dict:
     if not cfg.data:
         raise SystemExit("error: alignkit reward needs --data FILE")
+    if cfg.fsdp and cfg.merge_lora and cfg.lora_r > 0:
+        raise SystemExit("error: --merge-lora with --fsdp is for causal LMs; train the reward model's adapters "
+                         "without --merge-lora (or without --fsdp)")
     run = Run(cfg, "reward")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     pad_id = tokenizer.pad_token_id

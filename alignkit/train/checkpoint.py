@@ -227,7 +227,7 @@ def save_sharded_checkpoint(out_dir: str | Path, step: int, model, tokenizer, op
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from alignkit.train.parallel import full_state_dict
+    from alignkit.train.parallel import export_state_dict
 
     root = Path(out_dir) / "checkpoints"
     final = root / f"step-{step:08d}"
@@ -246,7 +246,7 @@ def save_sharded_checkpoint(out_dir: str | Path, step: int, model, tokenizer, op
         raise failure or UserError(f"checkpoint {final}: process 0 could not create {tmp}")
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
-    full = full_state_dict(model, rank0_only=True)
+    full = export_state_dict(model)
     if dist.is_main:
         try:
             with writing(final, "checkpoint"):

@@ -91,6 +91,20 @@ def full_state_dict(model, rank0_only: bool = False) -> dict[str, torch.Tensor]:
     return _gather_all(model)
 
 
+def export_state_dict(model) -> dict[str, torch.Tensor]:
+    """The full weights to save_pretrained, on process 0 (empty elsewhere): `full_state_dict` less the second
+    name of each tied parameter (e.g. lm_head.weight tied to the embeddings), which save_pretrained leaves out."""
+    state = full_state_dict(model, rank0_only=True)
+    first_name = {}
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first_name:
+            tied.add(name)
+        else:
+            first_name[id(param)] = name
+    return {k: v for k, v in state.items() if k not in tied}
+
+
 def _gather_all(model) -> dict[str, torch.Tensor]:
     """Every parameter and buffer in full on every process (DTensor.full_tensor is an all-gather)."""
     from torch.distributed.tensor import DTensor

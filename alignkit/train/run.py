@@ -241,10 +241,12 @@ class Run:
         self.metrics.log(final)
         merge = getattr(self.cfg, "merge_lora", False)
         if parallel.is_sharded(self.model):  # the full weights, gathered to process 0
-            state = parallel.full_state_dict(self.model, rank0_only=True)
+            merging = merge and lora.is_peft(self.model)
+            state = parallel.full_state_dict(self.model, rank0_only=True) if merging else \
+                parallel.export_state_dict(self.model)
             if self.is_main:
                 model = self.model
-                if merge and lora.is_peft(model):  # peft merges a plain model: rebuild one on the CPU
+                if merging:  # peft merges a plain model: rebuild one on the CPU
                     model = lora.load_trainable(self.cfg, None, torch.device("cpu"))
                     model.load_state_dict(state)
                     model, state = lora.merged(model), None
