@@ -97,6 +97,8 @@ class TrainConfig:
     """Comma-separated module names to adapt, or all-linear."""
     merge_lora: bool = False
     """Save merged full weights instead of the adapter."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state over the torchrun processes with FSDP2 (torch.distributed.fsdp.fully_shard): each decoder layer a unit, then the root. Checkpoints are sharded (torch.distributed.checkpoint); the saved model is a consolidated save_pretrained directory. Without torchrun it runs on a 1-process mesh."""
 
 
 # Fields that do not change what a run computes: a run may be resumed with other values of these.

@@ -521,16 +521,18 @@ def save_kwargs(model) -> dict:
     return dict(save_embedding_layers=False) if hasattr(unwrap(model), "peft_config") else {}
 
 
-def save_model(model, tokenizer, out_dir: str | os.PathLike) -> None:
+def save_model(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None = None) -> None:
     """save_pretrained (safetensors) + tokenizer into `out_dir`, atomically per file: a kill during the
-    save leaves either the previous files or the new ones, never a half-written weight file."""
+    save leaves either the previous files or the new ones, never a half-written weight file. `state_dict`:
+    the weights to write instead of the model's own (the gathered full weights of a sharded model)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".tmp-save"
     if tmp.exists():
         shutil.rmtree(tmp)
     model = unwrap(model)
-    model.save_pretrained(tmp, safe_serialization=True, **save_kwargs(model))
+    extra = {"state_dict": state_dict} if state_dict is not None else {}
+    model.save_pretrained(tmp, safe_serialization=True, **save_kwargs(model), **extra)
     tokenizer.save_pretrained(tmp)
     for f in tmp.iterdir():
         os.replace(f, out / f.name)

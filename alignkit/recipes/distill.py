@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from alignkit import lora
 from alignkit.config import TrainConfig
@@ -39,6 +38,7 @@ from alignkit.logprobs import shifted_logits
 from alignkit.losses import aggregate, forward_kl, generalized_jsd, masked_sum, reverse_kl
 from alignkit.models import ModelDirError, load_causal_lm, load_tokenizer, prepare
 from alignkit.recipes.grpo import sample_seed
+from alignkit.train import parallel
 from alignkit.train.batching import StepPlan, collate, epoch_batches
 from alignkit.train.optim import adamw
 from alignkit.train.run import Run
@@ -212,7 +212,8 @@ def main(cfg: DistillConfig) -> dict:
     check_vocab_rows(model, n_vocab, "--model", cfg.model)
     model.train()
     teacher = load_teacher(cfg, run.device, n_vocab)
-    ddp_model = DDP(model) if run.world_size > 1 else model
+    gen_model = parallel.generation_copy(model, cfg) if cfg.on_policy_fraction > 0 else model
+    ddp_model = parallel.wrap(model, run, cfg)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
     plan = StepPlan(epoch_batches(lengths, cfg.batch_size, cfg.seed, cfg.group_by_length), cfg.grad_accum,
                     run.world_size)
@@ -223,7 +224,9 @@ def main(cfg: DistillConfig) -> dict:
         lr = schedule_lr(run, optimizer, step, cfg.schedule)
         on_policy = is_on_policy(cfg.seed, step, cfg.on_policy_fraction)
         micro_batches = plan.micro_batches(step, run.dist.rank)
-        batches = (sampled_batches(cfg, run, model, tokenizer, examples, micro_batches, step) if on_policy
+        if on_policy:
+            parallel.refresh(gen_model, model)
+        batches = (sampled_batches(cfg, run, gen_model, tokenizer, examples, micro_batches, step) if on_policy
                    else data_batches(examples, micro_batches))
         # Counted over every process before any backward: every micro-batch divides by the same number.
         counts = run.dist.reduce_sums({"label_tokens": sum(sum(m[1:]) for _, ms in batches for m in ms),

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from alignkit import lora
 from alignkit.config import TrainConfig
@@ -43,6 +42,7 @@ from alignkit.data import load_preference
 from alignkit.logprobs import completion_logps, pack_completions
 from alignkit.losses import chosen_nll, dpo_loss, length_normalized_dpo_loss, simpo_loss
 from alignkit.models import load_tokenizer
+from alignkit.train import parallel
 from alignkit.train.batching import StepPlan, epoch_batches
 from alignkit.train.optim import adamw
 from alignkit.train.reference import fixed_batches, needed_batches, precompute
@@ -188,6 +188,7 @@ def main(cfg: DPOConfig) -> dict:
 
     model = lora.load_trainable(cfg, run.checkpoint, run.device)
     model.eval()  # dropout off (see the module docstring); gradients still flow
+    ddp_model = parallel.wrap(model, run, cfg)  # before the optimizer: FSDP replaces the parameters
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
     lengths = [pair_length(ex) for ex in examples]  # the longer row sets a pair's padded width
     plan = StepPlan(epoch_batches(lengths, cfg.batch_size, cfg.seed, cfg.group_by_length), cfg.grad_accum,
@@ -200,7 +201,6 @@ def main(cfg: DPOConfig) -> dict:
     reference = reference_for(cfg, model, examples, needed, pad_id, run)
     ref_seconds = time.perf_counter() - t_start
     run.speed.rate()  # restart the tokens/s interval after the reference pass
-    ddp_model = DDP(model) if run.world_size > 1 else model
 
     for step in range(start_step, total_steps):
         t_step = time.perf_counter()

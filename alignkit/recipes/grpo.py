@@ -24,7 +24,6 @@ from types import SimpleNamespace
 from typing import Annotated, Literal
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from alignkit import lora
 from alignkit.config import Repeatable, TrainConfig
@@ -35,6 +34,7 @@ from alignkit.losses import (aggregate, group_advantages, kl_penalty, masked_sum
                              rloo_advantages)
 from alignkit.models import load_causal_lm, load_tokenizer, prepare
 from alignkit.rewards import load_rewards, score_samples
+from alignkit.train import parallel
 from alignkit.train.batching import StepPlan, collate, shuffled_batches
 from alignkit.train.optim import adamw
 from alignkit.train.run import Run
@@ -253,7 +253,8 @@ def main(cfg: GRPOConfig) -> dict:
     if cfg.beta > 0 and not lora.is_peft(model):
         ref_model = prepare(load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code, run.device), cfg)
         ref_model.eval().requires_grad_(False)
-    ddp_model = DDP(model) if run.world_size > 1 else model
+    gen_model = parallel.generation_copy(model, cfg)  # under --fsdp a plain copy samples; else the model
+    ddp_model = parallel.wrap(model, run, cfg)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
 
     plan = StepPlan(lambda e: shuffled_batches(len(prompts), cfg.batch_size, cfg.seed + e), cfg.grad_accum,
@@ -265,7 +266,8 @@ def main(cfg: GRPOConfig) -> dict:
     for step in range(start_step, total_steps):
         t_step = time.perf_counter()
         lr = schedule_lr(run, optimizer, step, cfg.schedule)
-        ro = rollout(cfg, run, model, tokenizer, prompts, plan, step)
+        parallel.refresh(gen_model, model)
+        ro = rollout(cfg, run, gen_model, tokenizer, prompts, plan, step)
         rewards, per_function, _ = score_samples(  # (N,)
             reward_fns, ro.examples, ro.completion_ids, tokenizer, cfg.reward_weights,
             trainer_state=SimpleNamespace(global_step=step, max_steps=total_steps),

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from alignkit import lora
 from alignkit.config import TrainConfig
@@ -30,6 +29,7 @@ from alignkit.data import load_unpaired
 from alignkit.logprobs import completion_logps, pack_completions
 from alignkit.losses import kto_loss
 from alignkit.models import load_tokenizer
+from alignkit.train import parallel
 from alignkit.train.batching import StepPlan, epoch_batches
 from alignkit.train.optim import adamw
 from alignkit.train.reference import fixed_batches, needed_batches, precompute
@@ -185,6 +185,7 @@ def main(cfg: KTOConfig) -> dict:
 
     model = lora.load_trainable(cfg, run.checkpoint, run.device)
     model.eval()  # dropout off, as in TRL: policy and reference log-probs must be computed alike
+    ddp_model = parallel.wrap(model, run, cfg)  # before the optimizer: FSDP replaces the parameters
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
     lengths = [len(ex.prompt_ids) + len(ex.completion_ids) for ex in examples]
     plan = StepPlan(epoch_batches(lengths, cfg.batch_size, cfg.seed, cfg.group_by_length), cfg.grad_accum,
@@ -198,7 +199,6 @@ def main(cfg: KTOConfig) -> dict:
     reference = reference_for(cfg, model, examples, plan, range(start_step, total_steps), pad_id, run)
     ref_seconds = time.perf_counter() - t_start
     run.speed.rate()  # restart the tokens/s interval after the reference pass
-    ddp_model = DDP(model) if run.world_size > 1 else model
 
     for step in range(start_step, total_steps):
         t_step = time.perf_counter()

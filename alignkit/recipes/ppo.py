@@ -36,7 +36,6 @@ from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from alignkit import lora
 from alignkit.config import TrainConfig
@@ -47,6 +46,7 @@ from alignkit.losses import aggregate, gae, kl_penalty, masked_sum, ppo_policy_l
 from alignkit.models import (LastTokenReward, backbone_and_head, forward_token_logps, load_causal_lm, load_tokenizer,
                              prepare, save_model)
 from alignkit.rewards import load_scorer
+from alignkit.train import parallel
 from alignkit.train.batching import StepPlan, shuffled_batches
 from alignkit.train.optim import adamw
 from alignkit.train.run import Run
@@ -224,6 +224,9 @@ def check_config(cfg: PPOConfig) -> None:
         raise SystemExit("error: alignkit ppo needs --data FILE (prompts) and --reward-model DIR")
     if cfg.value_head and cfg.value_model:
         raise SystemExit("error: --value-head and --value-model are alternatives; give one")
+    if cfg.fsdp:
+        raise SystemExit("error: --fsdp: ppo does not shard yet (its value-function checkpoint and rollouts use the "
+                         "unsharded modules); run it without --fsdp (DDP under torchrun)")
     if not 0 < cfg.max_new_tokens < cfg.max_length:
         raise SystemExit(f"error: --max-new-tokens {cfg.max_new_tokens} must be > 0 and leave room for a prompt in --max-length {cfg.max_length}")
 
@@ -371,7 +374,7 @@ def main(cfg: PPOConfig) -> dict:
         stats.warn()
     policy, reference, reward_model, value_model, value_head = load_models(cfg, run, tokenizer)
     actor_critic = ActorCritic(policy, value_model, value_head, cfg.temperature).eval()
-    ddp_ac = DDP(actor_critic) if run.world_size > 1 else actor_critic
+    ddp_ac = parallel.wrap(actor_critic, run, cfg)
     optimizer = adamw(actor_critic, cfg.lr, cfg.weight_decay, cfg.adam_betas)
 
     # Prompt order: a pure function of (seed, step), so resume and DDP see the same prompts.

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from alignkit import lora
 from alignkit.config import Repeatable, TrainConfig
@@ -24,6 +23,7 @@ from alignkit.data import DataStats, Example, detect_format, load_sft, load_text
 from alignkit.logprobs import next_token_logps
 from alignkit.losses import aggregate
 from alignkit.models import load_tokenizer
+from alignkit.train import parallel
 from alignkit.train.batching import collate
 from alignkit.train.optim import adamw, wsd_decay_start
 from alignkit.train.run import Run
@@ -178,7 +178,7 @@ def main(cfg: PretrainConfig) -> dict:
 
     model = lora.load_trainable(cfg, run.checkpoint, run.device)
     model.train()
-    ddp_model = DDP(model) if run.world_size > 1 else model
+    ddp_model = parallel.wrap(model, run, cfg)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
     start_step = run.begin(model, tokenizer, optimizer, total_steps)
 

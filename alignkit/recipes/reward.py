@@ -26,7 +26,6 @@ from typing import Annotated
 
 import torch
 import torch.distributed as torch_dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from alignkit import lora
 from alignkit.config import Repeatable, TrainConfig
@@ -36,6 +35,7 @@ from alignkit.eval import pairwise_accuracy, preference_calibration_error, relia
 from alignkit.logprobs import pack_completions
 from alignkit.losses import bradley_terry_loss
 from alignkit.models import LastTokenReward, load_reward_model, load_tokenizer, unwrap
+from alignkit.train import parallel
 from alignkit.train.batching import StepPlan, epoch_batches
 from alignkit.train.optim import adamw
 from alignkit.train.run import Run
@@ -150,6 +150,9 @@ def write_eval(cfg: RewardConfig, step: int, result: dict, eval_stats) -> None:
 def main(cfg: RewardConfig) -> dict:
     if not cfg.data:
         raise SystemExit("error: alignkit reward needs --data FILE")
+    if cfg.fsdp and cfg.merge_lora and cfg.lora_r > 0:
+        raise SystemExit("error: --merge-lora with --fsdp is for causal LMs; train the reward model's adapters "
+                         "without --merge-lora (or without --fsdp)")
     run = Run(cfg, "reward")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     pad_id = tokenizer.pad_token_id
@@ -168,7 +171,7 @@ def main(cfg: RewardConfig) -> dict:
                                 task_type="SEQ_CLS")
     model.train()
     reward = LastTokenReward(model)
-    ddp_model = DDP(reward) if run.world_size > 1 else reward
+    ddp_model = parallel.wrap(reward, run, cfg)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
     lengths = [len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids)) for ex in examples]
     prompts = [tuple(ex.prompt_ids) for ex in examples] if cfg.group_by_prompt else None

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from alignkit import lora
 from alignkit.config import TrainConfig
@@ -20,6 +19,7 @@ from alignkit.data import load_sft
 from alignkit.logprobs import next_token_logps
 from alignkit.losses import aggregate
 from alignkit.models import load_tokenizer
+from alignkit.train import parallel
 from alignkit.train.batching import StepPlan, collate, epoch_batches
 from alignkit.train.optim import adamw
 from alignkit.train.run import Run
@@ -63,7 +63,7 @@ def main(cfg: SFTConfig) -> dict:
 
     model = lora.load_trainable(cfg, run.checkpoint, run.device)
     model.train()
-    ddp_model = DDP(model) if run.world_size > 1 else model
+    ddp_model = parallel.wrap(model, run, cfg)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
     plan = StepPlan(epoch_batches(lengths, cfg.batch_size, cfg.seed, cfg.group_by_length), cfg.grad_accum,
                     run.world_size)

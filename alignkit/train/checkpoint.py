@@ -5,6 +5,10 @@ Layout: OUTPUT/checkpoints/step-00000100/
     optimizer.safetensors   AdamW moments, flattened to named tensors
     trainer_state.json      step, optimizer param groups, RNG states, data position, recipe extras
 
+Under --fsdp the optimizer state and the model are also saved sharded: each process writes its shards
+into `dcp/` (torch.distributed.checkpoint), which --resume loads; the model files are still the full,
+consolidated weights (gathered to process 0), so every checkpoint loads with from_pretrained.
+
 A checkpoint is written into a `.tmp-*` directory, fsynced, then renamed into place; `os.rename`
 of a directory is atomic on POSIX, so a SIGKILL at any moment leaves every `step-*` directory complete.
 """
@@ -128,7 +132,9 @@ def fingerprint_differences(saved: dict, current: dict) -> list[str]:
 
 def _fsync_dir(path: Path) -> None:
     for f in path.iterdir():
-        if f.is_file():
+        if f.is_dir():
+            _fsync_dir(f)
+        elif f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     fd = os.open(path, os.O_RDONLY)
@@ -213,6 +219,66 @@ def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, optimizer,
     return final
 
 
+def save_sharded_checkpoint(out_dir: str | Path, step: int, model, tokenizer, optimizer, dist, extra: dict | None = None,
+                            keep: int = 2, save_extra=None, run: dict | None = None) -> Path:
+    """`save_checkpoint` of an FSDP-sharded model, called by every process: each writes its shards of
+    model and optimizer state into the temporary directory's `dcp/`, process 0 the consolidated model,
+    tokenizer and trainer_state.json, then (after a barrier) fsyncs and renames it into place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from alignkit.train.parallel import export_state_dict
+
+    root = Path(out_dir) / "checkpoints"
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    failure = None
+    if dist.is_main:
+        try:
+            with writing(final, "checkpoint"):
+                root.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+        except UserError as e:
+            failure = e
+    if dist.any(failure is not None):
+        raise failure or UserError(f"checkpoint {final}: process 0 could not create {tmp}")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
+    full = export_state_dict(model)
+    if dist.is_main:
+        try:
+            with writing(final, "checkpoint"):
+                unwrap(model).save_pretrained(tmp, state_dict=full, safe_serialization=True, **save_kwargs(model))
+                tokenizer.save_pretrained(tmp)
+                state = {"step": step, "rng": rng_state(), "extra": extra or {}, "run": run,
+                         "sharded": {"processes": dist.world_size}}
+                (tmp / "trainer_state.json").write_text(json.dumps(state))
+                if save_extra is not None:
+                    save_extra(tmp)
+                _fsync_dir(tmp)
+        except UserError as e:
+            failure = e
+            shutil.rmtree(tmp, ignore_errors=True)
+    del full
+    if dist.any(failure is not None):
+        raise UserError(f"{failure or 'checkpoint: process 0 failed to write it'}; the partial checkpoint was removed, "
+                        "the last complete one is kept (free space or fix permissions, then continue with --resume)")
+    if dist.is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (path / "dcp").is_dir()
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     root = Path(out_dir) / "checkpoints"
     done = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()) if root.is_dir() else []
@@ -229,11 +295,23 @@ def load_state(path: Path) -> dict:
     return json.loads((path / "trainer_state.json").read_text()).get("extra", {})
 
 
-def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer) -> dict:
+def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer, model=None) -> dict:
     """Restore optimizer and RNG states from a checkpoint (the model is loaded from `path` by the
-    recipe with from_pretrained). Returns trainer_state.json."""
+    recipe with from_pretrained). Returns trainer_state.json. A sharded (--fsdp) checkpoint restores
+    the sharded `model` and optimizer from its `dcp/` shards (every process calls this)."""
     state = json.loads((path / "trainer_state.json").read_text())
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))
+    if is_sharded_checkpoint(path) != (model is not None):
+        raise UserError(f"--resume: {path} is {'a sharded (--fsdp)' if is_sharded_checkpoint(path) else 'an unsharded'} "
+                        f"checkpoint; resume it {'with' if is_sharded_checkpoint(path) else 'without'} --fsdp")
+    if model is not None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        model_state, optim_state = get_state_dict(model, optimizer)
+        loaded = {"model": model_state, "optim": optim_state}
+        dcp.load(loaded, checkpoint_id=str(path / "dcp"))
+        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    else:
+        tensors = load_file(str(path / "optimizer.safetensors"))
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))
     set_rng_state(state["rng"])
     return state

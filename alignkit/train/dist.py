@@ -65,8 +65,9 @@ def pick_device(device: str, local_rank: int = 0) -> torch.device:
     return torch.device(f"cuda:{index}")
 
 
-def setup(device: str = "auto") -> Dist:
-    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1) and pick the device."""
+def setup(device: str = "auto", fsdp: bool = False) -> Dist:
+    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1), or a 1-process group for
+    --fsdp without torchrun (FSDP2 needs a device mesh), and pick the device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -76,6 +77,9 @@ def setup(device: str = "auto") -> Dist:
         torch.cuda.set_device(dev)
     if world_size > 1 and not torch_dist.is_initialized():
         torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    elif fsdp and not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=torch_dist.HashStore(),
+                                      rank=0, world_size=1)
     if world_size > 1 and not use_cuda:
         # Each process gets its share of the cores instead of all of them fighting over every core.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))

@@ -20,7 +20,7 @@ from alignkit import lora
 from alignkit.config import RUN_ONLY_FIELDS, save_config, to_dict
 from alignkit.errors import UserError, writing
 from alignkit.models import save_model
-from alignkit.train import checkpoint, dist as distributed
+from alignkit.train import checkpoint, dist as distributed, parallel
 from alignkit.train.tracking import GracefulStop, MetricsWriter, Throughput, check_tracker, open_tracker, progress
 
 # Lock files of the outputs this process holds, and its open tracker, closed when its command ends however it ends.
@@ -58,7 +58,7 @@ class Run:
         if cfg.resume and cfg.overwrite:
             raise UserError("--resume and --overwrite exclude each other: continue the run in --output, or replace it")
         check_tracker(cfg.report_to)
-        self.dist = distributed.setup(cfg.device)
+        self.dist = distributed.setup(cfg.device, getattr(cfg, "fsdp", False))
         self.device = self.dist.device
         torch.manual_seed(cfg.seed)
         self.out = Path(cfg.output)
@@ -145,7 +145,8 @@ class Run:
                     self.out.mkdir(parents=True, exist_ok=True)
             self.dist.barrier()
             self._claim(fresh=True)
-        start = checkpoint.load_checkpoint(self.checkpoint, optimizer)["step"] if self.checkpoint else 0
+        sharded = model if parallel.is_sharded(model) else None
+        start = checkpoint.load_checkpoint(self.checkpoint, optimizer, sharded)["step"] if self.checkpoint else 0
         self.state = checkpoint.load_state(self.checkpoint) if self.checkpoint else {}
         self.totals = {name: self.state.get(name, 0) for name in totals}
         self._totals_at_start = dict(self.totals)
@@ -212,7 +213,12 @@ class Run:
         # Every process stops at the same step, whichever of them got the signal.
         stop = self.dist.any(self._stop.requested)
         if stop or (self.cfg.save_every and step % self.cfg.save_every == 0) or done:
-            if self.is_main:
+            if parallel.is_sharded(self.model):  # every process writes its shards
+                checkpoint.save_sharded_checkpoint(self.cfg.output, step, self.model, self.tokenizer, self.optimizer,
+                                                   self.dist, extra={**self.totals, **(state or {})},
+                                                   keep=self.cfg.save_total_limit, save_extra=save_extra,
+                                                   run=self.fingerprint)
+            elif self.is_main:
                 checkpoint.save_checkpoint(self.cfg.output, step, self.model, self.tokenizer, self.optimizer,
                                            extra={**self.totals, **(state or {})}, keep=self.cfg.save_total_limit,
                                            save_extra=save_extra,
@@ -233,8 +239,22 @@ class Run:
         final = {"step": self.total_steps, "final": True, **self.totals, **final, "seconds": self.speed.elapsed(),
                  "skipped_nonfinite_steps": self.skipped_steps}
         self.metrics.log(final)
-        if self.is_main:
-            model = lora.merged(self.model) if getattr(self.cfg, "merge_lora", False) else self.model
+        merge = getattr(self.cfg, "merge_lora", False)
+        if parallel.is_sharded(self.model):  # the full weights, gathered to process 0
+            merging = merge and lora.is_peft(self.model)
+            state = parallel.full_state_dict(self.model, rank0_only=True) if merging else \
+                parallel.export_state_dict(self.model)
+            if self.is_main:
+                model = self.model
+                if merging:  # peft merges a plain model: rebuild one on the CPU
+                    model = lora.load_trainable(self.cfg, None, torch.device("cpu"))
+                    model.load_state_dict(state)
+                    model, state = lora.merged(model), None
+                with writing(self.out, "the model to"):
+                    save_model(model, self.tokenizer, self.cfg.output, state_dict=state)
+            del state
+        elif self.is_main:
+            model = lora.merged(self.model) if merge else self.model
             with writing(self.out, "the model to"):
                 save_model(model, self.tokenizer, self.cfg.output)
         self.dist.barrier()

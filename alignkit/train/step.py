@@ -1,14 +1,15 @@
 """One optimizer step's plumbing, shared by every recipe: the scheduled learning rate, micro-batches
-under DDP's no_sync, then clip, check, step and zero the gradients."""
+without gradient sync (DDP's no_sync, FSDP2's set_requires_gradient_sync) but the last, then clip, check,
+step and zero the gradients."""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from alignkit.train.optim import lr_factor, set_lr
+from alignkit.train.parallel import no_sync
 
 
 def schedule_lr(run, optimizer, step: int, schedule: str = "cosine", decay_fraction: float = 0.2) -> float:
@@ -21,11 +22,11 @@ def schedule_lr(run, optimizer, step: int, schedule: str = "cosine", decay_fract
 
 
 def micro_steps(ddp_model, micro_batches):
-    """Yield each micro-batch; all but the last run inside DDP's `no_sync`, so gradients are
-    all-reduced once per optimizer step."""
+    """Yield each micro-batch; all but the last run without gradient sync (`parallel.no_sync`), so
+    gradients are all-reduced (DDP) or reduce-scattered (FSDP) once per optimizer step."""
     for k, idx in enumerate(micro_batches):
         last = k == len(micro_batches) - 1
-        with nullcontext() if last or not isinstance(ddp_model, DDP) else ddp_model.no_sync():
+        with nullcontext() if last else no_sync(ddp_model):
             yield idx
 
 
@@ -43,6 +44,8 @@ def optimizer_step(run, model, optimizer, loss: float, step: int, detail: str = 
     """Clip gradients by --max-grad-norm, step unless the loss is non-finite (`Run.check`), zero the
     gradients. Returns the gradient norm before clipping."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg.max_grad_norm or float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor norm over the sharded gradients
+        grad_norm = grad_norm.full_tensor()
     if run.check(loss, step, detail):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,130 @@
+"""Data parallelism for the trained model: DDP (every process holds the whole model and optimizer) or
+FSDP2 (`torch.distributed.fsdp.fully_shard`: parameters, gradients and optimizer state sharded over the
+processes; each decoder layer a unit, then the root), plus the few helpers that differ under sharding:
+gathering the full weights (exports, the generation copy of RL recipes) and the sharded checkpoint."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+
+def _fsdp():
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    return FSDPModule, MixedPrecisionPolicy, fully_shard
+
+
+def is_sharded(model) -> bool:
+    """True if `model` (or a module inside it) is FSDP2-sharded: its forward is then a collective."""
+    FSDPModule = _fsdp()[0]
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder layers of every Hugging Face model inside `model` (a PEFT wrapper, PPO's actor-critic),
+    found by the class names of their `_no_split_modules`, as accelerate and TRL do."""
+    names = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def mixed_precision(device: torch.device):
+    """bf16 parameters with fp32 gradient reduction on CUDA; on CPU (gloo) everything stays float32."""
+    MixedPrecisionPolicy = _fsdp()[1]
+    if device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard(model, device: torch.device):
+    """fully_shard each decoder layer, then the root, in place (the module keeps its class and names)."""
+    fully_shard = _fsdp()[2]
+    layers = decoder_layers(model)
+    if not layers:
+        raise SystemExit(f"error: --fsdp: found no decoder layers in {type(model).__name__} "
+                         "(its model class names none in _no_split_modules)")
+    mp = mixed_precision(device)
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def wrap(model, run, cfg):
+    """What the training loop calls: the FSDP2-sharded model with --fsdp (also in one process: a 1-process
+    mesh), DDP under torchrun, else the model. Build the optimizer afterwards: sharding replaces the
+    parameters with DTensors."""
+    if getattr(cfg, "fsdp", False):
+        return shard(model, run.device)
+    return DDP(model) if run.world_size > 1 else model
+
+
+def no_sync(model):
+    """Context that skips the gradient all-reduce / reduce-scatter of a micro-batch (DDP's no_sync,
+    FSDP2's set_requires_gradient_sync)."""
+    import contextlib
+    if isinstance(model, DDP):
+        return model.no_sync()
+    if is_sharded(model):
+        @contextlib.contextmanager
+        def off():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        return off()
+    return contextlib.nullcontext()
+
+
+def full_state_dict(model, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded) state dict on CPU, on every process (or on process 0 only, empty
+    elsewhere); a collective under FSDP, so every process calls it. The model's own state dict otherwise."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if rank0_only:
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return _gather_all(model)
+
+
+def export_state_dict(model) -> dict[str, torch.Tensor]:
+    """The full weights to save_pretrained, on process 0 (empty elsewhere): `full_state_dict` less the second
+    name of each tied parameter (e.g. lm_head.weight tied to the embeddings), which save_pretrained leaves out."""
+    state = full_state_dict(model, rank0_only=True)
+    first_name = {}
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first_name:
+            tied.add(name)
+        else:
+            first_name[id(param)] = name
+    return {k: v for k, v in state.items() if k not in tied}
+
+
+def _gather_all(model) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer in full on every process (DTensor.full_tensor is an all-gather)."""
+    from torch.distributed.tensor import DTensor
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in model.state_dict().items()}
+
+
+def generation_copy(model, cfg):
+    """A plain (unsharded, eval, no-grad) copy of the policy for rollouts under --fsdp, taken before
+    sharding: generation runs per process with its own number of forwards, which a sharded model cannot
+    (its forward is a collective). Without --fsdp, the model itself."""
+    if not getattr(cfg, "fsdp", False):
+        return model
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def refresh(gen_model, model) -> None:
+    """Load the trained weights into the generation copy (before each rollout); nothing when they are one model."""
+    if gen_model is model:
+        return
+    state = full_state_dict(model)
+    device = next(gen_model.parameters()).device
+    gen_model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)

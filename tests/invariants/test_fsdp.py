@@ -1,0 +1,136 @@
+"""Invariants of --fsdp (FSDP2): 2 processes on CPU (gloo) follow the loss trajectory of 1 process with
+--grad-accum 2 and end at its weights (sft, dpo, grpo, LoRA SFT); a resumed sharded run equals an
+uninterrupted one; the saved model is a consolidated save_pretrained directory."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from helpers import read_metrics, run_cli, toy_preferences
+
+TIMING = ("elapsed", "seconds")
+
+
+def trajectory(out) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING and not k.endswith("_per_s")}
+            for r in read_metrics(out) if not r.get("final")]
+
+
+def losses(out) -> list[float]:
+    return [r["loss"] for r in trajectory(out)]
+
+
+def weights(out) -> dict[str, torch.Tensor]:
+    files = sorted(out.glob("*.safetensors"))
+    assert files, f"no weights in {out}"
+    return {f"{f.name}:{k}": v for f in files for k, v in load_file(str(f)).items()}
+
+
+def assert_same_weights(a: dict, b: dict, atol: float):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol), k
+
+
+def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                        "-m", "alignkit.cli", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def data(assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    rows = [{"prompt": [{"role": "user", "content": f"Tell me about item {i}."}]} for i in range(8)]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "rw.py").write_text("def low_ids(prompts, completions, completion_ids, **kw):\n"
+                                "    return [sum(t < 128 for t in ids) / max(1, len(ids)) for ids in completion_ids]\n")
+    return {"sft": assets / "instructions.jsonl", "pairs": toy_preferences(assets, root / "pairs.jsonl", slice(0, 32)),
+            "prompts": root / "prompts.jsonl", "reward": f"{root / 'rw.py'}:low_ids"}
+
+
+def args_for(kind, model, data) -> list[str]:
+    common = ["--model", str(model), "--max-length", "64", "--no-progress", "--max-steps", "3"]
+    if kind == "sft":
+        return ["sft", "--data", str(data["sft"]), *common, "--lr", "3e-3", "--batch-size", "4", "--no-group-by-length"]
+    if kind == "lora":
+        return [*args_for("sft", model, data), "--lora-r", "4", "--lr", "1e-2"]
+    if kind == "dpo":
+        return ["dpo", "--data", str(data["pairs"]), *common, "--lr", "3e-3", "--batch-size", "2", "--no-group-by-length"]
+    if kind == "grpo":
+        return ["grpo", "--data", str(data["prompts"]), *common, "--reward", data["reward"], "--batch-size", "2",
+                "--group-size", "4", "--max-new-tokens", "8", "--lr", "1e-2", "--mini-batch-size", "8"]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "grpo", "lora"])
+def test_two_process_fsdp_matches_one_process(tiny_model, data, tmp_path, kind):
+    """1 process with --grad-accum 2 (no sharding) and 2 FSDP processes: same losses, same saved weights
+    (the consolidated model, or a LoRA run's adapter directory)."""
+    args = args_for(kind, tiny_model, data)
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = run_cli(*args, "--grad-accum", "2", "--output", str(one))
+    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun(*args, "--fsdp", "--output", str(two))
+    a, b = losses(one), losses(two)
+    assert len(a) == 3 and a == pytest.approx(b, abs=1e-5)
+    assert_same_weights(weights(one), weights(two), atol=1e-5)
+    if kind == "grpo":
+        ra, rb = [x["reward_mean"] for x in trajectory(one)], [x["reward_mean"] for x in trajectory(two)]
+        assert ra == pytest.approx(rb, abs=1e-6)  # the generation copy sampled what the unsharded policy did
+        assert ra[0] != ra[-1]  # the policy moved between rollouts, so equal rewards mean it was refreshed
+    if kind == "lora":
+        assert (two / "adapter_config.json").is_file() and not (two / "config.json").exists()
+    else:
+        trained = AutoModelForCausalLM.from_pretrained(two).state_dict()
+        start = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+        saved = {k.split(":", 1)[1]: v for k, v in weights(one).items()}
+        assert all(torch.allclose(trained[k], saved[k], atol=1e-5) for k in saved)
+        assert any(not torch.allclose(trained[k], start[k], atol=1e-4) for k in saved)  # it trained
+
+
+def test_fsdp_resume_matches_uninterrupted(tiny_model, data, tmp_path):
+    """A 2-process FSDP run resumed from its sharded step-2 checkpoint ends as the uninterrupted run:
+    every metrics row and the final weights."""
+    args = [*args_for("sft", tiny_model, data), "--max-steps", "4", "--save-every", "2", "--fsdp"]
+    out = tmp_path / "run"
+    torchrun(*args, "--output", str(out))
+    ref_rows, ref_weights = trajectory(out), weights(out)
+    ckpt = out / "checkpoints" / "step-00000002"
+    assert (ckpt / "dcp").is_dir() and (ckpt / "model.safetensors").is_file()
+    # The state a SIGKILL during step 4 leaves: checkpoint 2, rows up to step 3, no final weights.
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    for f in out.glob("*.safetensors"):
+        f.unlink()
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_metrics(out)
+                                               if not r.get("final") and r["step"] <= 3))
+    at_two = weights(ckpt)
+    torchrun(*args, "--output", str(out), "--resume")
+    rows = trajectory(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for ra, rb in zip(rows, ref_rows):
+        assert ra.keys() == rb.keys() and all(ra[k] == pytest.approx(rb[k], abs=1e-6) for k in ra), ra["step"]
+    assert_same_weights(weights(out), ref_weights, atol=1e-6)
+    assert any(not torch.allclose(at_two[k], ref_weights[k], atol=1e-4) for k in at_two)  # steps 3-4 moved them
+
+
+def test_one_process_fsdp_mesh_and_merged_lora(tiny_model, data, tmp_path):
+    """--fsdp without torchrun trains on a 1-process mesh, like the unsharded run; --merge-lora writes the
+    merged full weights from the sharded adapters."""
+    args = [*args_for("lora", tiny_model, data), "--merge-lora"]
+    r = run_cli(*args, "--output", str(tmp_path / "plain"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli(*args, "--fsdp", "--output", str(tmp_path / "fsdp"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(tmp_path / "plain") == pytest.approx(losses(tmp_path / "fsdp"), abs=1e-5)
+    assert not (tmp_path / "fsdp" / "adapter_config.json").exists()
+    assert_same_weights(weights(tmp_path / "plain"), weights(tmp_path / "fsdp"), atol=1e-5)
