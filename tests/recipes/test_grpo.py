@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from alignkit.cli import run as cli
 from alignkit.losses import group_advantages
 from alignkit.models import load_tokenizer, stop_token_ids
-from helpers import read_metrics, run_cli
+from helpers import PerturbedEngine, read_metrics, run_cli
 
 G = 8
 
@@ -256,30 +256,6 @@ def test_reward_model_is_prepared_as_the_policy(tiny_model, toy, monkeypatch):
             monkeypatch.setattr(module, "prepare", spy)
     cli(grpo_args(tiny_model, toy, toy / "out", "--max-steps", "1", "--beta", "0.1", "--reward-model", str(toy / "rm")))
     assert sorted(prepared) == ["LlamaForCausalLM"] * 2 + ["LlamaForSequenceClassification"]
-
-
-class PerturbedEngine:
-    """A rollout engine that samples from its own copy of the policy with noise added to every weight after
-    each refresh (as a bf16 inference engine differs from an fp32 trainer), and returns that copy's log-probs."""
-
-    def __init__(self, model_dir, tokenizer, noise: float):
-        from alignkit.engines import LocalEngine
-        from alignkit.models import load_causal_lm
-
-        self.inner = LocalEngine(load_causal_lm(model_dir), tokenizer, owns_copy=True, logps_temperature=1.0)
-        self.noise, self.gives_logps, self.seen = noise, True, []
-        self.gen = torch.Generator().manual_seed(0)
-
-    def load_weights(self, weights):
-        self.inner.load_weights(weights)
-        with torch.no_grad():
-            for p in self.inner.model.parameters():
-                p.add_(torch.randn(p.shape, generator=self.gen) * self.noise * p.std())
-
-    def generate(self, *args, **kwargs):
-        out = self.inner.generate(*args, **kwargs)
-        self.seen.append(out)
-        return out
 
 
 def test_truncated_importance_sampling_with_a_perturbed_engine(tiny_model, toy, monkeypatch):
