@@ -36,9 +36,9 @@ class EngineOptions:
     """Which engine samples the rollouts."""
 
     rollout_engine: Literal["local", "vllm"] = "local"
-    """local: alignkit's KV-cached decoder (or transformers' generate) on the model in training; vllm: a colocated
-    in-process vLLM engine per process, weights pushed after each update (needs CUDA and pip install
-    'alignkit[vllm]'; not run by the project's CPU CI)."""
+    """local: alignkit's KV-cached decoder (or transformers' generate) on the loaded model; vllm: a colocated
+    in-process vLLM engine per process, in training commands refreshed with the policy's weights after each update
+    (needs CUDA and pip install 'alignkit[vllm]'; not run by the project's CPU CI)."""
     vllm_gpu_memory_utilization: float = 0.3
     """Fraction of GPU memory the colocated vLLM engine may take (weights + KV cache); the trainer gets the rest."""
 
