@@ -1,5 +1,9 @@
 """`alignkit bench`: SFT, DPO and GRPO throughput on the benchmark fixture, optionally against TRL.
 
+`--shape` picks the model: the tiny fixture (default), or a random model with a real model's published
+configuration (`alignkit.bench.fixture.SHAPES`, e.g. qwen2.5-0.5b: vocabulary 151,936), where memory, not
+speed, is usually what decides whether a run fits; the jobs there are small (JOBS).
+
 Every run is a fresh subprocess (an `alignkit` command, or `trl_peer.py` in the peer's interpreter) so
 that its peak RSS is its own (os.wait4's rusage) and no run warms another's caches. Throughput is
 measured from the end of the last warm-up step to the end of the last step, from per-step end times
@@ -27,17 +31,44 @@ from pathlib import Path
 from typing import Literal
 
 Task = Literal["sft", "dpo", "grpo"]
-# What one step of each task processes: the unit reported, units per step (None = the step's tokens)
-# and sequences per step (for the mean sequence length T). These follow the commands below.
-UNITS = {"sft": ("tokens", None, 8), "dpo": ("pairs", 8, 16), "grpo": ("completions", 16, 16)}
+Shape = Literal["tiny", "qwen2.5-0.5b", "llama-3.2-1b"]
+# The jobs both implementations run, per fixture: the tiny one, and the real shapes (one step of a 0.5B
+# model takes tens of seconds on 2 cores). (warmup, measured) steps are the defaults of --TASK-warmup/-steps.
+JOBS = {
+    "tiny": {"sft": dict(batch=8, max_length=512, lr=3e-4, steps=(3, 30)),
+             "dpo": dict(batch=8, max_length=512, lr=5e-5, steps=(3, 30)),
+             "grpo": dict(prompts=2, group=8, new_tokens=64, lr=1e-5, steps=(2, 10))},
+    "real": {"sft": dict(batch=2, max_length=512, lr=3e-4, steps=(1, 3)),
+             "dpo": dict(batch=2, max_length=512, lr=5e-5, steps=(2, 3)),
+             "grpo": dict(prompts=1, group=4, new_tokens=32, lr=1e-5, steps=(1, 3))},
+}
+
+
+def jobs_of(shape: str) -> dict:
+    return JOBS["tiny" if shape == "tiny" else "real"]
+
+
+def units(task: str, job: dict) -> tuple[str, int | None, int]:
+    """What one step of `task` processes: the unit reported, units per step (None = the step's tokens) and
+    sequences per step (for the mean sequence length T)."""
+    if task == "sft":
+        return "tokens", None, job["batch"]
+    if task == "dpo":
+        return "pairs", job["batch"], 2 * job["batch"]
+    return "completions", job["prompts"] * job["group"], job["prompts"] * job["group"]
 
 
 @dataclass
 class BenchConfig:
     """Throughput of SFT, DPO and GRPO on a fixed CPU fixture, optionally against TRL on the same fixture."""
 
-    fixture: str = "runs/bench-fixture"
-    """Fixture directory (model/, sft.jsonl, pref.jsonl, prompts.jsonl); built here when it has no model/ yet."""
+    fixture: str | None = None
+    """Fixture directory (model/, sft.jsonl, pref.jsonl, prompts.jsonl); built here when it has no model/ yet.
+    Default: runs/bench-fixture (tiny) or runs/bench-fixture-SHAPE."""
+    shape: Shape = "tiny"
+    """Model of the fixture: the tiny 3.4M-parameter Llama, or random weights with a real model's published
+    configuration (qwen2.5-0.5b: 494M parameters, vocabulary 151,936; llama-3.2-1b: 1.24B, 128,256), run on
+    small jobs (SFT 2 x 512 tokens, DPO 2 pairs, GRPO 1 prompt x 4 completions of 32 tokens)."""
     output: str = "runs/bench"
     """Output directory: bench.json, bench.txt (the table) and runs/ (one directory per run, with its logs)."""
     peer: Literal["none", "trl"] = "none"
@@ -48,20 +79,22 @@ class BenchConfig:
     """Tasks to run."""
     repeats: int = 3
     """Runs per task and implementation; the table reports medians (ratios: median of paired ratios)."""
-    sft_warmup: int = 3
-    """SFT steps run before the measured ones (not timed)."""
-    sft_steps: int = 30
-    """SFT steps measured."""
-    dpo_warmup: int = 3
-    """DPO steps run before the measured ones (not timed)."""
-    dpo_steps: int = 30
-    """DPO steps measured."""
-    grpo_warmup: int = 2
-    """GRPO steps run before the measured ones (not timed)."""
-    grpo_steps: int = 10
-    """GRPO steps measured."""
+    sft_warmup: int | None = None
+    """SFT steps run before the measured ones (not timed). Default: 3 (tiny), 1 (real shapes)."""
+    sft_steps: int | None = None
+    """SFT steps measured. Default: 30 (tiny), 3 (real shapes)."""
+    dpo_warmup: int | None = None
+    """DPO steps run before the measured ones (not timed). Default: 3 (tiny), 2 (real shapes)."""
+    dpo_steps: int | None = None
+    """DPO steps measured. Default: 30 (tiny), 3 (real shapes)."""
+    grpo_warmup: int | None = None
+    """GRPO steps run before the measured ones (not timed). Default: 2 (tiny), 1 (real shapes)."""
+    grpo_steps: int | None = None
+    """GRPO steps measured. Default: 10 (tiny), 3 (real shapes)."""
     compile: bool = True
     """Pass --compile to the alignkit commands (TRL runs eager: its best CPU setting)."""
+    gradient_checkpointing: bool = False
+    """Gradient checkpointing on both sides (alignkit --gradient-checkpointing, TRL gradient_checkpointing=True)."""
     matmul_size: int = 2048
     """Side of the square fp32 matmul that measures the machine's peak FLOP/s."""
 
@@ -100,9 +133,10 @@ def flop_model(model_dir: str | Path) -> dict:
     return {"n": n, "layers": config.num_hidden_layers, "hidden": config.hidden_size}
 
 
-def step_flops(task: str, tokens: float, fm: dict) -> float:
-    """Useful FLOPs of one step that processed `tokens` non-padding tokens (see the module docstring)."""
-    seq_len = tokens / UNITS[task][2]
+def step_flops(task: str, tokens: float, fm: dict, sequences: int) -> float:
+    """Useful FLOPs of one step that processed `tokens` non-padding tokens in `sequences` sequences (see the
+    module docstring)."""
+    seq_len = tokens / sequences
     attn = fm["layers"] * fm["hidden"] * seq_len
     train, forward = 6 * fm["n"] + 12 * attn, 2 * fm["n"] + 4 * attn
     return tokens * (train if task == "sft" else train + forward)  # dpo: reference; grpo: rollout
@@ -167,31 +201,34 @@ def run_process(name: str, argv: list[str], run_dir: Path) -> dict:
             "stdout": out_path.read_text()}
 
 
-def alignkit_argv(task: str, fx: Path, total: int, out: Path, compile: bool) -> list[str]:
+def alignkit_argv(task: str, fx: Path, total: int, out: Path, job: dict, compile: bool,
+                  gradient_checkpointing: bool = False) -> list[str]:
     """The alignkit command mirroring the TRL peer's settings for `task`."""
     model = ["--model", str(fx / "model"), "--max-steps", str(total)]
-    common = ["--no-progress", "--log-every", "1", "--output", str(out), "--compile" if compile else "--no-compile"]
-    per_task = {
-        "sft": ["--data", str(fx / "sft.jsonl"), "--batch-size", "8", "--max-length", "512", "--lr", "3e-4"],
-        "dpo": ["--data", str(fx / "pref.jsonl"), "--batch-size", "8", "--max-length", "512", "--lr", "5e-5",
-                "--beta", "0.1"],
-        "grpo": ["--data", str(fx / "prompts.jsonl"), "--batch-size", "2", "--group-size", "8",
-                 "--max-new-tokens", "64", "--lr", "1e-5", "--reward", "alignkit.rewards:numeric_match"],
-    }
-    return [sys.executable, "-m", "alignkit.cli", task, *model, *per_task[task], *common]
+    common = ["--no-progress", "--log-every", "1", "--output", str(out), "--compile" if compile else "--no-compile",
+              *(["--gradient-checkpointing"] if gradient_checkpointing else [])]
+    if task == "grpo":
+        per_task = ["--data", str(fx / "prompts.jsonl"), "--batch-size", str(job["prompts"]), "--group-size",
+                    str(job["group"]), "--max-new-tokens", str(job["new_tokens"]), "--lr", str(job["lr"]),
+                    "--reward", "alignkit.rewards:numeric_match"]
+    else:
+        per_task = ["--data", str(fx / ("sft.jsonl" if task == "sft" else "pref.jsonl")), "--batch-size",
+                    str(job["batch"]), "--max-length", str(job["max_length"]), "--lr", str(job["lr"]),
+                    *(["--beta", "0.1"] if task == "dpo" else [])]
+    return [sys.executable, "-m", "alignkit.cli", task, *model, *per_task, *common]
 
 
 def measure_run(task: str, impl: str, steps: list[tuple[float, float]], warmup: int, proc: dict, fm: dict,
-                peak: float, ref_seconds: float | None = None) -> dict:
+                peak: float, job: dict, ref_seconds: float | None = None) -> dict:
     """One run's record: throughput after warm-up, achieved FLOP/s and its fraction of the matmul peak."""
-    unit, per_step, _ = UNITS[task]
+    unit, per_step, sequences = units(task, job)
     extra = 0.0
     if ref_seconds is not None:
         # alignkit's DPO computes reference log-probs for all the run's pairs once, before step 1 (TRL does
         # a reference forward inside each step). Charge the measured steps their share of that pass.
         extra = ref_seconds * (len(steps) - warmup) / len(steps)
     m = throughput(steps, warmup, per_step, extra)
-    flops = sum(step_flops(task, tok, fm) for _, tok in steps[warmup:])
+    flops = sum(step_flops(task, tok, fm, sequences) for _, tok in steps[warmup:])
     rec = {"impl": impl, "unit": unit, **m, "flops_per_s": flops / m["seconds"],
            "fraction_of_peak": flops / m["seconds"] / peak, "peak_rss_mb": proc["peak_rss_mb"],
            "wall_seconds": proc["wall_seconds"]}
@@ -216,6 +253,21 @@ def peer_check(python: str | None) -> dict:
                 if python is None else "install trl and datasets in that interpreter's environment")
         raise SystemExit(f"error: --peer trl: {py} cannot import trl/datasets ({last}); {hint}")
     return {"python": py, **json.loads(r.stdout.strip().splitlines()[-1])}
+
+
+def check_fixture_shape(fx: Path, shape: str) -> None:
+    """A fixture built for another --shape is a user error (its numbers would be read as this shape's)."""
+    from transformers import AutoConfig
+
+    from alignkit.bench.fixture import SHAPES
+
+    got = AutoConfig.from_pretrained(fx / "model")
+    want = {"hidden_size": 256, "num_hidden_layers": 4, "vocab_size": None} if shape == "tiny" else SHAPES[shape][1]
+    wrong = [k for k in ("hidden_size", "num_hidden_layers", "vocab_size")
+             if want[k] is not None and getattr(got, k) != want[k]]
+    if wrong:
+        raise SystemExit(f"error: --fixture {fx}: its model is not the {shape} shape ({', '.join(f'{k} {getattr(got, k)}' for k in wrong)}); "
+                         "pass another --fixture directory or the matching --shape")
 
 
 def machine_info() -> dict:
@@ -263,7 +315,9 @@ def main(cfg: BenchConfig) -> dict:
     peer), print the table and write OUTPUT/bench.json and OUTPUT/bench.txt."""
     from alignkit.config import to_dict
 
-    counts = {t: (getattr(cfg, f"{t}_warmup"), getattr(cfg, f"{t}_steps")) for t in cfg.tasks}
+    jobs = jobs_of(cfg.shape)
+    counts = {t: (getattr(cfg, f"{t}_warmup") or jobs[t]["steps"][0], getattr(cfg, f"{t}_steps") or jobs[t]["steps"][1])
+              for t in cfg.tasks}
     for t, (w, s) in counts.items():
         if w < 1 or s < 1:
             raise SystemExit(f"error: --{t}-warmup and --{t}-steps must be >= 1 (got {w} and {s}): the first step "
@@ -271,12 +325,15 @@ def main(cfg: BenchConfig) -> dict:
     if cfg.repeats < 1:
         raise SystemExit(f"error: --repeats must be >= 1, got {cfg.repeats}")
     peer = peer_check(cfg.peer_python) if cfg.peer == "trl" else None
-    fx, out = Path(cfg.fixture).resolve(), Path(cfg.output).resolve()
+    default_fixture = "runs/bench-fixture" + ("" if cfg.shape == "tiny" else f"-{cfg.shape}")
+    fx, out = Path(cfg.fixture or default_fixture).resolve(), Path(cfg.output).resolve()
     if not (fx / "model").is_dir():
-        from alignkit.bench.fixture import make_fixture
+        from alignkit.bench.fixture import make_fixture, make_shaped
 
-        print(f"building the benchmark fixture in {fx}", flush=True)
-        make_fixture(fx)
+        print(f"building the benchmark fixture ({cfg.shape}) in {fx}", flush=True)
+        make_fixture(fx) if cfg.shape == "tiny" else make_shaped(fx, cfg.shape)
+    else:
+        check_fixture_shape(fx, cfg.shape)
     out.mkdir(parents=True, exist_ok=True)
 
     peak = matmul_peak(cfg.matmul_size)
@@ -291,12 +348,14 @@ def main(cfg: BenchConfig) -> dict:
         run_dir = out / "runs" / f"{task}-{impl}-{r + 1}"
         shutil.rmtree(run_dir, ignore_errors=True)  # a stale metrics.jsonl must not be read as this run's
         if impl == "alignkit":
-            proc = run_process(name, alignkit_argv(task, fx, warmup + steps, run_dir, cfg.compile), run_dir)
+            argv = alignkit_argv(task, fx, warmup + steps, run_dir, jobs[task], cfg.compile, cfg.gradient_checkpointing)
+            proc = run_process(name, argv, run_dir)
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
             step_rows = alignkit_steps(rows)
             ref = next((row["ref_seconds"] for row in rows if row.get("final")), 0.0) if task == "dpo" else None
         else:
-            argv = [peer["python"], str(peer_script), task, str(fx), str(warmup + steps), str(run_dir)]
+            job = {**jobs[task], "gradient_checkpointing": cfg.gradient_checkpointing}
+            argv = [peer["python"], str(peer_script), task, str(fx), str(warmup + steps), str(run_dir), json.dumps(job)]
             proc = run_process(name, argv, run_dir)
             lines = [line for line in proc["stdout"].splitlines() if line.startswith('{"task"')]
             if not lines:
@@ -305,7 +364,8 @@ def main(cfg: BenchConfig) -> dict:
         if len(step_rows) != warmup + steps:
             raise SystemExit(f"error: bench run {name}: expected {warmup + steps} logged steps, got {len(step_rows)} "
                              f"(see {run_dir})")
-        rec = {"run": str(run_dir), **measure_run(task, impl, step_rows, warmup, proc, fm, peak["flops_per_s"], ref)}
+        rec = {"run": str(run_dir), **measure_run(task, impl, step_rows, warmup, proc, fm, peak["flops_per_s"], jobs[task],
+                                                   ref)}
         print(f"{name}: {rec['units_per_s']:.1f} {rec['unit']}/s, peak RSS {rec['peak_rss_mb']:.0f} MB, "
               f"{rec['wall_seconds']:.0f} s", flush=True)
         return rec

@@ -55,3 +55,44 @@ def test_bench_end_to_end(tmp_path):
         assert task in (out / "bench.txt").read_text()
     assert report["results"]["dpo"]["alignkit"]["median"]["units_per_s_train_only"] >= \
         report["results"]["dpo"]["alignkit"]["median"]["units_per_s"]
+
+
+def test_real_shapes_have_their_published_sizes():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.bench.fixture import shaped_config
+
+    for shape, total, vocab in [("qwen2.5-0.5b", 494_032_768, 151_936), ("llama-3.2-1b", 1_235_814_400, 128_256)]:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(shaped_config(shape))
+        emb = model.get_input_embeddings().weight
+        assert sum(p.numel() for p in model.parameters()) == total and emb.shape[0] == vocab
+        assert model.get_output_embeddings().weight is emb  # tied, as published
+    with pytest.raises(SystemExit, match="--shape gpt-9: unknown"):
+        shaped_config("gpt-9")
+
+
+def test_shaped_fixture_and_the_jobs_both_sides_run(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from alignkit.bench.cli import alignkit_argv, check_fixture_shape, jobs_of, units
+    from alignkit.bench.fixture import make_shaped
+
+    # the qwen2.5-0.5b shape with its depth and width cut down: same files, same tokenizer, seconds to build
+    info = make_shaped(tmp_path / "fx", "qwen2.5-0.5b", num_hidden_layers=1, hidden_size=64, intermediate_size=128,
+                       num_attention_heads=2, num_key_value_heads=1, vocab_size=4096)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fx" / "model")
+    assert AutoConfig.from_pretrained(tmp_path / "fx" / "model").model_type == "qwen2"
+    assert sum(p.numel() for p in model.parameters()) == info["params"]
+    for name in ("sft.jsonl", "pref.jsonl", "prompts.jsonl"):
+        assert len((tmp_path / "fx" / name).read_text().splitlines()) == 64
+    with pytest.raises(SystemExit, match="not the qwen2.5-0.5b shape .*hidden_size 64"):
+        check_fixture_shape(tmp_path / "fx", "qwen2.5-0.5b")
+    job = jobs_of("qwen2.5-0.5b")
+    argv = alignkit_argv("grpo", tmp_path / "fx", 4, tmp_path / "out", job["grpo"], compile=False,
+                         gradient_checkpointing=True)
+    assert argv[argv.index("--batch-size") + 1] == "1" and argv[argv.index("--group-size") + 1] == "4"
+    assert argv[argv.index("--max-new-tokens") + 1] == "32" and "--gradient-checkpointing" in argv
+    assert units("dpo", job["dpo"]) == ("pairs", 2, 4) and units("sft", job["sft"]) == ("tokens", None, 2)
+    assert units("grpo", jobs_of("tiny")["grpo"]) == ("completions", 16, 16)
