@@ -88,7 +88,9 @@ def policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
         for k, v in model.state_dict().items():
             if prefix in k or "original_module" in k:
                 continue
-            yield k.removeprefix("base_model.model.").replace(".base_layer", "").replace("modules_to_save.default.", ""), v
+            # a copy: unmerging afterwards works in place on these very tensors
+            yield k.removeprefix("base_model.model.").replace(".base_layer", "").replace("modules_to_save.default.", ""), \
+                v.detach().clone()
     finally:
         model.unmerge_adapter()
 
@@ -139,8 +141,15 @@ class LocalEngine:
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         if not self.owns_copy:
             return  # the engine samples from the policy itself: nothing to copy
+        own, seen = self.model.state_dict(), set()
         with torch.no_grad():
-            self.model.load_state_dict(dict(weights))
+            for name, tensor in weights:  # one tensor at a time: no second full copy in memory
+                if name not in own:
+                    raise KeyError(f"LocalEngine.load_weights: {name!r} is not a weight of the engine's model")
+                own[name].copy_(tensor)
+                seen.add(name)
+        if seen != set(own):
+            raise KeyError(f"LocalEngine.load_weights: no value for {sorted(set(own) - seen)[:5]}")
 
 
 class VLLMEngine:
