@@ -50,6 +50,7 @@ __all__ = [
     "group_advantages",
     "rloo_advantages",
     "reinforce_pp_advantages",
+    "truncated_importance_weights",
 ]
 
 DPO_VARIANTS = ("sigmoid", "robust", "hinge", "ipo")
@@ -1157,3 +1158,43 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     r = _grouped("rloo_advantages", rewards, group_size)  # (n, G)
     others = (r.sum(dim=1, keepdim=True) - r) / (group_size - 1)  # (n, G)
     return (r - others).reshape(-1)  # (B,)
+
+
+# ---------------------------------------------------------------------------------------
+# Rollout-engine mismatch (truncated importance sampling)
+# ---------------------------------------------------------------------------------------
+
+
+def truncated_importance_weights(
+    old_logps: Tensor, engine_logps: Tensor, mask: Tensor, cap: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Truncated importance sampling (TIS) weights for rollouts sampled by an engine whose token
+    probabilities differ from the trainer's (e.g. vLLM in bf16 vs the trainer in fp32).
+
+    Formula (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL
+    Training", fengyao.notion.site/off-policy-rl; TRL's ``vllm_importance_sampling_cap``, verl's
+    ``tis_imp_ratio_cap``): ``w = min(exp(old_logps - engine_logps), C)``, detached, where
+    ``old_logps`` are the trainer's log-probs of the sampled tokens under the sampling policy and
+    ``engine_logps`` the engine's. Multiplying the per-token policy-gradient loss by ``w`` turns the
+    gradient into an importance-weighted estimate under the trainer's policy; the cap ``C`` bounds
+    its variance (the truncation of Ionides 2008).
+
+    Args:
+        old_logps, engine_logps, mask: (B, T).
+        cap: C > 0.
+
+    Returns:
+        ``(weights, metrics)``: weights (B, T), 0 at masked positions, no gradient. metrics: detached
+        0-dim masked means over tokens, ``weight_mean`` (after the cap) and ``capped_frac`` (fraction
+        of tokens whose ratio exceeded C).
+    """
+    fn = "truncated_importance_weights"
+    _check_shapes(fn, 2, old_logps=old_logps, engine_logps=engine_logps, mask=mask)
+    if not cap > 0:
+        raise ValueError(f"{fn}: cap must be > 0, got {cap}")
+    m = mask.bool()
+    with torch.no_grad():
+        ratio = torch.exp(old_logps.detach() - engine_logps.detach())  # (B, T)
+        weights = torch.where(m, ratio.clamp(max=cap), 0.0)  # (B, T)
+        metrics = {"weight_mean": masked_mean(weights, m), "capped_frac": masked_mean((ratio > cap).to(ratio.dtype), m)}
+    return weights, metrics

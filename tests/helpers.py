@@ -78,3 +78,31 @@ def ranked_preferences(assets, path, prompts: int = 4):
         rows += [{"prompt": prompt, "chosen": c, "rejected": r} for c, r in ((right, worse), (right, worst), (worse, worst))]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+class PerturbedEngine:
+    """A rollout engine that samples from its own copy of the policy with noise added to every weight after
+    each refresh (as a bf16 inference engine differs from an fp32 trainer), and returns that copy's log-probs."""
+
+    def __init__(self, model_dir, tokenizer, noise: float, logps_temperature: float = 1.0):
+        import torch
+
+        from alignkit.engines import LocalEngine
+        from alignkit.models import load_causal_lm
+
+        self.inner = LocalEngine(load_causal_lm(model_dir), tokenizer, owns_copy=True, logps_temperature=logps_temperature)
+        self.noise, self.gives_logps, self.seen = noise, True, []
+        self.gen = torch.Generator().manual_seed(0)
+
+    def load_weights(self, weights):
+        import torch
+
+        self.inner.load_weights(weights)
+        with torch.no_grad():
+            for p in self.inner.model.parameters():
+                p.add_(torch.randn(p.shape, generator=self.gen) * self.noise * p.std())
+
+    def generate(self, *args, **kwargs):
+        out = self.inner.generate(*args, **kwargs)
+        self.seen.append(out)
+        return out

@@ -22,13 +22,14 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from alignkit.config import Repeatable
 from alignkit.decoding import DecodingOptions
+from alignkit.engines import EngineOptions
 from alignkit.errors import DataError, UserError, writing
 from alignkit.eval import metrics as M
 from alignkit.judge import JudgeOptions
 
 
 @dataclass
-class EvalConfig(JudgeOptions, DecodingOptions):
+class EvalConfig(EngineOptions, JudgeOptions, DecodingOptions):
     """Judge models against a baseline on a prompt set: win rate with a bootstrap interval, length-controlled
     win rate, length, diversity, degenerate answers and token shift; results.json, report.md/html, plots."""
 
@@ -195,10 +196,8 @@ def device_of(cfg: EvalConfig) -> str:
 def generate_answers(cfg: EvalConfig, name: str, model_dir: str, records: list[dict], rules_on: bool) -> Answers:
     """Answers of a model directory: each prompt (after the in-context prefix when `rules_on`) generated with
     the decoding options (or greedily and plainly when not `rules_on`)."""
-    import torch
-
     from alignkit.decoding import context_prompt, decode_completion, decoding_rules
-    from alignkit.generation import generate
+    from alignkit.engines import build_engine
     from alignkit.models import load_causal_lm, load_tokenizer, stop_token_ids
 
     opts = cfg if rules_on else DecodingOptions()
@@ -206,13 +205,15 @@ def generate_answers(cfg: EvalConfig, name: str, model_dir: str, records: list[d
     model = load_causal_lm(model_dir, cfg.dtype, cfg.trust_remote_code, device_of(cfg))
     rules = decoding_rules(opts, tok, model)
     prompts = [context_prompt(tok, r["prompt"], opts) for r in records]
-    torch.manual_seed(cfg.seed)
+    engine = build_engine(cfg, model, tok, model_dir, max_model_len=max(map(len, prompts)) + cfg.max_new_tokens,
+                          seed=cfg.seed)
     t0 = time.perf_counter()
-    ids = generate(model, tok, prompts, cfg.max_new_tokens, opts.temperature, opts.top_p, cfg.batch_size, rules=rules)
+    ids = engine.generate(prompts, 1, cfg.max_new_tokens, opts.temperature, opts.top_p, rules, seed=cfg.seed,
+                          batch_size=cfg.batch_size).completion_ids
     stops = stop_token_ids(tok, model)
     decoded = [decode_completion(tok, c, rules, stops) for c in ids]
     print(f"eval: {name} answered {len(ids)} prompts in {time.perf_counter() - t0:.1f}s", flush=True)
-    del model
+    del model, engine
     return Answers(name, model_dir, True, [t for t, _ in decoded], [e for _, e in decoded], prompts, ids,
                    tok.get_vocab())
 
@@ -492,8 +493,11 @@ def main(cfg: EvalConfig) -> dict:
     from alignkit.judge import load_judge
 
     t0 = time.perf_counter()
+    from alignkit.engines import check_engine
+
     out = check_flags(cfg)
     check_sampling(cfg)
+    check_engine(cfg.rollout_engine)
     records, where = read_prompts(cfg.data, cfg.max_prompts)
     specs = [named(s, "model") + (True,) for s in cfg.model] + [named(s, "file") + (False,) for s in cfg.completions]
     names = [n for n, _, _ in specs]

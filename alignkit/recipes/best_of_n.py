@@ -26,7 +26,7 @@ import tyro
 from alignkit.config import Repeatable, save_config
 from alignkit.data import load_prompts
 from alignkit.decoding import SamplingOptions, decoding_rules
-from alignkit.generation import sample_groups
+from alignkit.engines import EngineOptions, build_engine, check_engine
 from alignkit.models import load_causal_lm, load_tokenizer
 from alignkit.rewards import load_rewards, score_samples
 from alignkit.train import dist as distributed
@@ -34,7 +34,7 @@ from alignkit.train.tracking import MetricsWriter, progress_iter
 
 
 @dataclass
-class BestOfNConfig(SamplingOptions):
+class BestOfNConfig(EngineOptions, SamplingOptions):
     """Rejection sampling: keep the best of --group-size samples per prompt as SFT data (and best/worst pairs)."""
 
     model: str = ""
@@ -109,6 +109,7 @@ def main(cfg: BestOfNConfig) -> dict:
         raise SystemExit("error: --temperature must be > 0: greedy decoding gives --group-size identical samples")
     if cfg.reward_timeout < 0:
         raise SystemExit(f"error: --reward-timeout {cfg.reward_timeout} must be >= 0 seconds (0 = no limit)")
+    check_engine(cfg.rollout_engine)
     d = distributed.setup(cfg.device)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,6 +129,7 @@ def main(cfg: BestOfNConfig) -> dict:
         raise SystemExit(f"error: {len(cfg.reward_weights)} --reward-weights for {len(reward_fns)} rewards")
 
     rules = decoding_rules(cfg, tokenizer, model)
+    engine = build_engine(cfg, model, tokenizer, cfg.model, max_model_len=cfg.max_length, seed=cfg.seed)
     batches = [list(range(s, min(s + cfg.batch_size, len(prompts)))) for s in range(0, len(prompts), cfg.batch_size)]
     mine = list(range(d.rank, len(batches), d.world_size))
     t0 = time.perf_counter()
@@ -135,9 +137,10 @@ def main(cfg: BestOfNConfig) -> dict:
     with shard.open("w") as f, torch.no_grad():
         for b in progress_iter(mine, cfg.progress and d.is_main, "best-of-n"):
             idx = batches[b]
-            torch.manual_seed(cfg.seed * 100003 + b)
-            comp_ids, ended = sample_groups(model, tokenizer, [prompts[i].prompt_ids for i in idx], cfg.group_size,
-                                            cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.generation_batch_size, rules)
+            s = engine.generate([prompts[i].prompt_ids for i in idx], cfg.group_size, cfg.max_new_tokens,
+                                cfg.temperature, cfg.top_p, rules, seed=cfg.seed * 100003 + b,
+                                batch_size=cfg.generation_batch_size)
+            comp_ids, ended = s.completion_ids, s.ended
             exs = [prompts[i] for i in idx for _ in range(cfg.group_size)]
             # A failing or hanging reward function, or a NaN/inf reward, stops the run naming the function and sample.
             rewards, per_function, texts = score_samples(reward_fns, exs, comp_ids, tokenizer, cfg.reward_weights,

@@ -28,10 +28,11 @@ import torch
 from alignkit import lora
 from alignkit.config import Repeatable, TrainConfig
 from alignkit.data import load_prompts
-from alignkit.generation import sample_groups
+from alignkit.engines import EngineOptions, build_engine, check_engine
+from alignkit.errors import UserError
 from alignkit.logprobs import next_token_logps
 from alignkit.losses import (aggregate, group_advantages, kl_penalty, masked_sum, ppo_policy_loss, reinforce_pp_advantages,
-                             rloo_advantages)
+                             rloo_advantages, truncated_importance_weights)
 from alignkit.models import load_causal_lm, load_tokenizer, prepare
 from alignkit.rewards import load_rewards, score_samples
 from alignkit.train import parallel
@@ -42,7 +43,7 @@ from alignkit.train.step import micro_steps, optimizer_step, schedule_lr
 
 
 @dataclass
-class GRPOConfig(TrainConfig):
+class GRPOConfig(EngineOptions, TrainConfig):
     """GRPO on prompts (with columns such as `answer` for reward functions)."""
 
     batch_size: int = 2
@@ -96,6 +97,10 @@ class GRPOConfig(TrainConfig):
     """Completions per forward/backward micro-batch of an update (0 = all of the process's completions)."""
     mask_truncated: bool = False
     """Leave completions that hit max_new_tokens without a stop token out of the loss (DAPO overlong filtering)."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling (Yao et al. 2025): each token's policy loss is weighted by
+    min(exp(old_logps - engine_logps), C), C = this value (e.g. 2; 0 = off), correcting for a rollout engine whose
+    token probabilities differ from the trainer's. Needs an engine that returns its log-probs (--rollout-engine vllm)."""
 
 
 def sample_seed(seed: int, step: int, position: int) -> int:
@@ -111,6 +116,7 @@ class Rollout:
     examples: list  # the prompt record of each row
     completion_ids: list[list[int]]
     ended: list[bool]  # sampling stopped at a stop token
+    engine_logps: list[list[float]] | None = None  # the engine's log-prob of each sampled token (TIS)
 
 
 def check_config(cfg: GRPOConfig) -> None:
@@ -129,19 +135,33 @@ def check_config(cfg: GRPOConfig) -> None:
     if cfg.max_new_tokens >= cfg.max_length:
         raise SystemExit(f"error: --max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in "
                          f"--max-length {cfg.max_length}")
+    check_engine(cfg.rollout_engine)
 
 
-def rollout(cfg: GRPOConfig, run: Run, model, tokenizer, prompts, plan: StepPlan, step: int) -> Rollout:
+def rollout(cfg: GRPOConfig, run: Run, engine, prompts, plan: StepPlan, step: int) -> Rollout:
     """G samples of each of this process's prompts, each prompt batch seeded by its position in the step."""
-    ro = Rollout([], [], [])
+    ro = Rollout([], [], [], [] if cfg.tis_cap > 0 else None)
     for k, idx in enumerate(plan.micro_batches(step, run.dist.rank)):
-        torch.manual_seed(sample_seed(cfg.seed, step, run.dist.rank + k * run.world_size))
-        completions, ended = sample_groups(model, tokenizer, [prompts[i].prompt_ids for i in idx], cfg.group_size,
-                                           cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.generation_batch_size)
+        out = engine.generate([prompts[i].prompt_ids for i in idx], cfg.group_size, cfg.max_new_tokens,
+                              cfg.temperature, cfg.top_p, seed=sample_seed(cfg.seed, step, run.dist.rank + k * run.world_size),
+                              batch_size=cfg.generation_batch_size)
         ro.examples += [prompts[i] for i in idx for _ in range(cfg.group_size)]
-        ro.completion_ids += completions
-        ro.ended += ended
+        ro.completion_ids += out.completion_ids
+        ro.ended += out.ended
+        if ro.engine_logps is not None:
+            ro.engine_logps += out.logps
     return ro
+
+
+def engine_logps_like(logps: torch.Tensor, ro: Rollout, rows: list[int]) -> torch.Tensor:
+    """The engine's log-probs of rows `rows` in the (B, T-1) next-token layout of `next_token_logps`: completion
+    token j of row i sits at position len(prompt_i) - 1 + j; 0 elsewhere (masked)."""
+    out = torch.zeros_like(logps)  # (B, T-1)
+    for b, i in enumerate(rows):
+        start = len(ro.examples[i].prompt_ids) - 1
+        values = ro.engine_logps[i]
+        out[b, start:start + len(values)] = torch.tensor(values, dtype=logps.dtype, device=logps.device)
+    return out
 
 
 def update(cfg: GRPOConfig, run: Run, model, ddp_model, ref_model, optimizer, tokenizer, ro: Rollout, advantages,
@@ -163,8 +183,8 @@ def update(cfg: GRPOConfig, run: Run, model, ddp_model, ref_model, optimizer, to
     size = cfg.mini_batch_size if cfg.mini_batch_size > 0 else N
     chunks = [list(range(s, min(s + size, N))) for s in range(0, N, size)]
 
-    old_logps, ref_logps = {}, {}
-    out = {"clipped": 0.0, "kl": 0.0, "loss_tokens": counts["loss_tokens"]}
+    old_logps, ref_logps, tis = {}, {}, {}
+    out = {"clipped": 0.0, "kl": 0.0, "tis_weight": 0.0, "tis_capped": 0.0, "loss_tokens": counts["loss_tokens"]}
     for it in range(cfg.num_iterations):
         loss_sum = 0.0
         for k, ch in enumerate(micro_steps(ddp_model, chunks)):
@@ -175,8 +195,16 @@ def update(cfg: GRPOConfig, run: Run, model, ddp_model, ref_model, optimizer, to
                 if cfg.beta > 0:
                     with torch.no_grad(), lora.reference(model):
                         ref_logps[k] = next_token_logps(ref_model or model, **batch)[0]  # (B, T-1)
+                if cfg.tis_cap > 0:
+                    tis[k], tm = truncated_importance_weights(old_logps[k], engine_logps_like(logps, ro, ch), mask,
+                                                              cfg.tis_cap)  # (B, T-1)
+                    n_tok = mask.sum().item()
+                    out["tis_weight"] += tm["weight_mean"].item() * n_tok
+                    out["tis_capped"] += tm["capped_frac"].item() * n_tok
             per_token, m = ppo_policy_loss(logps, old_logps[k], advantages[ch], mask, cfg.clip_eps,
                                            cfg.clip_eps_high, cfg.ratio_level)  # (B, T-1)
+            if cfg.tis_cap > 0:
+                per_token = per_token * tis[k]  # the policy-gradient term only, not the KL penalty
             if cfg.beta > 0:
                 kl = kl_penalty(logps, ref_logps[k], "k3")  # (B, T-1), Shao et al. eq. 4
                 per_token = per_token + cfg.beta * kl
@@ -215,7 +243,8 @@ def step_metrics(cfg: GRPOConfig, run: Run, ro: Rollout, rewards, per_function: 
     local = {"completions": len(ro.completion_ids), "reward": rewards.nansum(), "reward_sq": (rewards ** 2).nansum(),
              "groups": grouped.shape[0], "zero_std_groups": (grouped.std(dim=1) == 0).sum(),
              "completion_tokens": sum(len(c) for c in ro.completion_ids), "truncated": len(ro.ended) - sum(ro.ended),
-             "clipped": upd["clipped"], "kl": upd["kl"], "seq_tokens": upd["seq_tokens"]}
+             "clipped": upd["clipped"], "kl": upd["kl"], "seq_tokens": upd["seq_tokens"],
+             "tis_weight": upd["tis_weight"], "tis_capped": upd["tis_capped"]}
     for name, r in per_function.items():
         local[f"reward/{name}"], local[f"applicable/{name}"] = r.nansum(), (~r.isnan()).sum()
     g = run.dist.reduce_sums(local)
@@ -226,7 +255,9 @@ def step_metrics(cfg: GRPOConfig, run: Run, ro: Rollout, rewards, per_function: 
            **{f"reward/{name}": g[f"reward/{name}"] / max(1.0, g[f"applicable/{name}"]) for name in per_function},
            "frac_zero_std": g["zero_std_groups"] / g["groups"], "completion_length": g["completion_tokens"] / n,
            "clipped_ratio": g["truncated"] / n, "clip_frac": g["clipped"] / max(1.0, n_mask * cfg.num_iterations),
-           **({"kl": g["kl"] / max(1.0, n_mask)} if cfg.beta > 0 else {})}
+           **({"kl": g["kl"] / max(1.0, n_mask)} if cfg.beta > 0 else {}),
+           **({"tis_weight_mean": g["tis_weight"] / max(1.0, n_mask),
+               "tis_capped_frac": g["tis_capped"] / max(1.0, n_mask)} if cfg.tis_cap > 0 else {})}
     return row, int(n), int(g["seq_tokens"]) * cfg.num_iterations
 
 
@@ -256,6 +287,13 @@ def main(cfg: GRPOConfig) -> dict:
     gen_model = parallel.generation_copy(model, cfg)  # under --fsdp a plain copy samples; else the model
     ddp_model = parallel.wrap(model, run, cfg)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
+    # the trainer's log-probs are of the model's own logits (temperature 1), so the engine's must be too
+    engine = build_engine(cfg, gen_model, tokenizer, cfg.model, max_model_len=cfg.max_length, seed=cfg.seed,
+                          logprobs_mode="raw_logprobs", owns_copy=gen_model is not model)
+    if cfg.tis_cap > 0 and not engine.gives_logps:
+        raise UserError(f"--tis-cap {cfg.tis_cap}: --rollout-engine {cfg.rollout_engine} samples from the policy being "
+                        "trained and returns no log-probs of its own (every weight would be 1); TIS corrects an "
+                        "engine that does, e.g. --rollout-engine vllm")
 
     plan = StepPlan(lambda e: shuffled_batches(len(prompts), cfg.batch_size, cfg.seed + e), cfg.grad_accum,
                     run.world_size)
@@ -266,8 +304,8 @@ def main(cfg: GRPOConfig) -> dict:
     for step in range(start_step, total_steps):
         t_step = time.perf_counter()
         lr = schedule_lr(run, optimizer, step, cfg.schedule)
-        parallel.refresh(gen_model, model)
-        ro = rollout(cfg, run, gen_model, tokenizer, prompts, plan, step)
+        engine.load_weights(parallel.rollout_weights(model))  # the policy after the last update (or as resumed)
+        ro = rollout(cfg, run, engine, prompts, plan, step)
         rewards, per_function, _ = score_samples(  # (N,)
             reward_fns, ro.examples, ro.completion_ids, tokenizer, cfg.reward_weights,
             trainer_state=SimpleNamespace(global_step=step, max_steps=total_steps),

@@ -40,9 +40,11 @@ from safetensors.torch import load_file, save_file
 from alignkit import lora
 from alignkit.config import TrainConfig
 from alignkit.data import load_prompts
-from alignkit.generation import sample_groups
+from alignkit.engines import EngineOptions, build_engine, check_engine, policy_weights
+from alignkit.errors import UserError
 from alignkit.logprobs import pack_completions
-from alignkit.losses import aggregate, gae, kl_penalty, masked_sum, ppo_policy_loss, ppo_value_loss, whiten
+from alignkit.losses import (aggregate, gae, kl_penalty, masked_sum, ppo_policy_loss, ppo_value_loss,
+                             truncated_importance_weights, whiten)
 from alignkit.models import (LastTokenReward, backbone_and_head, forward_token_logps, load_causal_lm, load_tokenizer,
                              prepare, save_model)
 from alignkit.rewards import load_scorer
@@ -54,7 +56,7 @@ from alignkit.train.step import micro_steps, optimizer_step, schedule_lr
 
 
 @dataclass
-class PPOConfig(TrainConfig):
+class PPOConfig(EngineOptions, TrainConfig):
     """RLHF with PPO: policy (--model), frozen reference, frozen reward model, trained value function."""
 
     reward_model: str = ""
@@ -107,6 +109,10 @@ class PPOConfig(TrainConfig):
     """Linear warmup steps (rollout steps)."""
     schedule: Literal["constant", "cosine"] = "constant"
     """Learning-rate schedule over rollout steps after warmup."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling (Yao et al. 2025): each token's policy loss is weighted by
+    min(exp(old_logps - engine_logps), C), C = this value (e.g. 2; 0 = off), correcting for a rollout engine whose
+    token probabilities differ from the trainer's. Needs an engine that returns its log-probs (--rollout-engine vllm)."""
 
 
 def token_scores(scorer, input_ids, attention_mask) -> torch.Tensor:
@@ -203,6 +209,7 @@ class Rollout:
     lengths: torch.Tensor  # (N,) completion lengths
     mask: torch.Tensor  # (N, W) real completion tokens in the completion layout
     pad_id: int
+    engine_logps: torch.Tensor | None = None  # (N, W) the engine's log-prob of each sampled token (TIS)
 
     def pack(self, rows: list[int]) -> dict:
         return pack_rollout([self.prompt_ids[i] for i in rows], [self.completions[i] for i in rows],
@@ -229,6 +236,7 @@ def check_config(cfg: PPOConfig) -> None:
                          "unsharded modules); run it without --fsdp (DDP under torchrun)")
     if not 0 < cfg.max_new_tokens < cfg.max_length:
         raise SystemExit(f"error: --max-new-tokens {cfg.max_new_tokens} must be > 0 and leave room for a prompt in --max-length {cfg.max_length}")
+    check_engine(cfg.rollout_engine)
 
 
 def load_models(cfg: PPOConfig, run: Run, tokenizer):
@@ -259,15 +267,20 @@ def load_models(cfg: PPOConfig, run: Run, tokenizer):
     return policy, reference, reward_model, value_model, value_head
 
 
-def rollout(cfg: PPOConfig, run: Run, policy, tokenizer, prompt_ids: list[list[int]], step: int) -> Rollout:
+def rollout(cfg: PPOConfig, run: Run, engine, tokenizer, prompt_ids: list[list[int]], step: int) -> Rollout:
     """group_size samples per prompt, seeded per (step, rank): a resumed run samples what the original did."""
-    torch.manual_seed(cfg.seed * 100003 + step + run.dist.rank * 7919)
-    completions, ended = sample_groups(policy, tokenizer, prompt_ids, cfg.group_size, cfg.max_new_tokens,
-                                       cfg.temperature, cfg.top_p)
+    out = engine.generate(prompt_ids, cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                          seed=cfg.seed * 100003 + step + run.dist.rank * 7919)
+    completions = out.completion_ids
     lengths = torch.tensor([len(c) for c in completions], device=run.device)  # (N,)
     mask = torch.arange(int(lengths.max()), device=run.device)[None] < lengths[:, None]  # (N, W)
+    engine_logps = None
+    if cfg.tis_cap > 0:
+        engine_logps = torch.zeros(mask.shape, device=run.device)  # (N, W)
+        for i, lp in enumerate(out.logps):
+            engine_logps[i, :len(lp)] = torch.tensor(lp, device=run.device)
     return Rollout([p for p in prompt_ids for _ in range(cfg.group_size)], completions,
-                   torch.tensor(ended, device=run.device), lengths, mask, tokenizer.pad_token_id)
+                   torch.tensor(out.ended, device=run.device), lengths, mask, tokenizer.pad_token_id, engine_logps)
 
 
 def update_plan(cfg: PPOConfig, step: int, n: int) -> list[list[list[list[int]]]]:
@@ -312,9 +325,10 @@ UPDATE_METRICS = ("loss", "policy_loss", "value_loss", "entropy", "clip_frac", "
 
 
 def update(cfg: PPOConfig, run: Run, ddp_ac, actor_critic, optimizer, ro: Rollout, s: Scored, advantages, returns,
-           epochs, step: int) -> tuple[dict, dict, int]:
+           epochs, step: int, tis=None) -> tuple[dict, dict, int]:
     """PPO epochs, one optimizer update per mini-batch; token means over the whole mini-batch (a global
     denominator across micro-batches and processes, times world_size for DDP's average).
+    `tis`: (N, W) truncated importance weights of the policy loss (--tis-cap), or None.
     Returns (summed means over updates, {approx_kl, clip_frac: one value per update}, tokens processed)."""
     ws = run.world_size
     sums = dict.fromkeys((*UPDATE_METRICS, "grad_norm"), 0.0)
@@ -328,6 +342,8 @@ def update(cfg: PPOConfig, run: Run, ddp_ac, actor_critic, optimizer, ro: Rollou
                 b, m = ro.pack(rows), ro.mask[rows]
                 logps, entropies, values = ddp_ac(b, entropy=True)  # (B, W) each
                 pg, pm = ppo_policy_loss(logps, s.old_logps[rows], advantages[rows], m, cfg.clip_eps)
+                if tis is not None:
+                    pg = pg * tis[rows]  # (B, W)
                 vf = ppo_value_loss(values, s.old_values[rows], returns[rows], m, cfg.clip_eps_value)
                 policy_loss = aggregate(pg, m, "token_mean", denominator=n_tokens)
                 value_loss = aggregate(vf, m, "token_mean", denominator=n_tokens)
@@ -350,18 +366,29 @@ def update(cfg: PPOConfig, run: Run, ddp_ac, actor_critic, optimizer, ro: Rollou
     return sums, per_update, tokens
 
 
+def tis_weights(cfg: PPOConfig, ro: Rollout, s: Scored) -> tuple[torch.Tensor | None, dict]:
+    """(N, W) truncated importance weights (--tis-cap > 0; else None) and their token sums for the metrics."""
+    if cfg.tis_cap <= 0:
+        return None, {}
+    w, m = truncated_importance_weights(s.old_logps, ro.engine_logps, ro.mask, cfg.tis_cap)  # (N, W)
+    n = ro.mask.sum().item()
+    return w, {"tis_weight": m["weight_mean"].item() * n, "tis_capped": m["capped_frac"].item() * n}
+
+
 def step_metrics(run: Run, ro: Rollout, s: Scored, rewards, sums: dict, per_update: dict,
-                 tokens: int, kl_coef: float) -> tuple[dict, int, int]:
+                 tokens: int, kl_coef: float, tis_sums: dict | None = None) -> tuple[dict, int, int]:
     """(the step's metrics row, completions and tokens over all processes)."""
     k1 = masked_sum(s.old_logps - s.ref_logps, ro.mask, dim=-1)  # (N,) summed k1 KL per sequence
     g = run.dist.reduce_sums({"score": s.scores.sum(), "shaped": rewards.sum(), "kl": k1.sum(),
                               "length": ro.lengths.sum(), "truncated": (~ro.ended).sum(),
-                              "completions": len(ro.completions), "tokens": tokens})
+                              "completions": len(ro.completions), "tokens": tokens, **(tis_sums or {})})
     n, n_updates = g["completions"], len(per_update["approx_kl"])
     row = {"reward_mean": g["score"] / n, "reward_with_penalty": g["shaped"] / n, "kl": g["kl"] / n,
            "kl_coef": kl_coef, **{k: v / n_updates for k, v in sums.items()},
            "approx_kl_per_update": per_update["approx_kl"], "clip_frac_per_update": per_update["clip_frac"],
-           "completion_length": g["length"] / n, "clipped_ratio": g["truncated"] / n}
+           "completion_length": g["length"] / n, "clipped_ratio": g["truncated"] / n,
+           **({"tis_weight_mean": g["tis_weight"] / max(1.0, g["length"]),
+               "tis_capped_frac": g["tis_capped"] / max(1.0, g["length"])} if tis_sums else {})}
     return row, int(n), int(g["tokens"])
 
 
@@ -376,6 +403,13 @@ def main(cfg: PPOConfig) -> dict:
     actor_critic = ActorCritic(policy, value_model, value_head, cfg.temperature).eval()
     ddp_ac = parallel.wrap(actor_critic, run, cfg)
     optimizer = adamw(actor_critic, cfg.lr, cfg.weight_decay, cfg.adam_betas)
+    # the trainer's log-probs are of logits / temperature, so the engine's must be the processed ones
+    engine = build_engine(cfg, policy, tokenizer, cfg.model, max_model_len=cfg.max_length, seed=cfg.seed,
+                          logprobs_mode="processed_logprobs")
+    if cfg.tis_cap > 0 and not engine.gives_logps:
+        raise UserError(f"--tis-cap {cfg.tis_cap}: --rollout-engine {cfg.rollout_engine} samples from the policy being "
+                        "trained and returns no log-probs of its own (every weight would be 1); TIS corrects an "
+                        "engine that does, e.g. --rollout-engine vllm")
 
     # Prompt order: a pure function of (seed, step), so resume and DDP see the same prompts.
     plan = StepPlan(lambda e: [b for b in shuffled_batches(len(prompts), cfg.batch_size, cfg.seed + e)
@@ -390,7 +424,8 @@ def main(cfg: PPOConfig) -> dict:
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         lr = schedule_lr(run, optimizer, step, cfg.schedule)
-        ro = rollout(cfg, run, policy, tokenizer, [prompts[i].prompt_ids
+        engine.load_weights(policy_weights(policy))  # the policy after the last update (or as resumed)
+        ro = rollout(cfg, run, engine, tokenizer, [prompts[i].prompt_ids
                                                    for i in plan.micro_batches(step, run.dist.rank)[0]], step)
         epochs = update_plan(cfg, step, len(ro.completions))
         s = score(cfg, actor_critic, reference, reward_model, ro, [mb for mini in epochs[0] for mb in mini])
@@ -402,9 +437,10 @@ def main(cfg: PPOConfig) -> dict:
             run.end_step(step + 1, state, save_extra=save_value_state)
             continue
         advantages, returns, rewards = advantages_and_returns(cfg, ro, s, state["kl_coef"])
+        tis, tis_sums = tis_weights(cfg, ro, s)
         sums, per_update, tokens = update(cfg, run, ddp_ac, actor_critic, optimizer, ro, s, advantages, returns,
-                                          epochs, step)
-        row, n, tokens = step_metrics(run, ro, s, rewards, sums, per_update, tokens, state["kl_coef"])
+                                          epochs, step, tis)
+        row, n, tokens = step_metrics(run, ro, s, rewards, sums, per_update, tokens, state["kl_coef"], tis_sums)
         row.update(completions_per_s=n / (time.perf_counter() - t0), lr=lr)
         if cfg.target_kl is not None:
             state["kl_coef"] = adaptive_kl_coef(state["kl_coef"], row["kl"], cfg.target_kl, cfg.kl_horizon, n)

@@ -34,6 +34,7 @@ import tyro
 
 from alignkit.config import Repeatable, to_dict
 from alignkit.decoding import SamplingOptions, decoding_rules
+from alignkit.engines import EngineOptions, build_engine, check_engine
 from alignkit.errors import UserError, writing
 from alignkit.judge import JudgeOptions
 from alignkit.recipes.dpo import DPOConfig
@@ -60,7 +61,7 @@ class IterationDPOConfig(DPOConfig):
 
 
 @dataclass
-class SelfRewardConfig(JudgeOptions, SamplingOptions):
+class SelfRewardConfig(EngineOptions, JudgeOptions, SamplingOptions):
     """Self-rewarding / online iterative DPO: sample, judge (the policy itself by default), best-vs-worst pairs,
     DPO, repeat from the new model."""
 
@@ -147,6 +148,7 @@ def check_config(cfg: SelfRewardConfig) -> None:
         raise UserError("--temperature must be > 0: greedy decoding gives --group-size identical samples")
     if cfg.min_margin < 0:
         raise UserError(f"--min-margin must be >= 0, got {cfg.min_margin}")
+    check_engine(cfg.rollout_engine)
     if cfg.reward_timeout < 0:
         raise UserError(f"--reward-timeout {cfg.reward_timeout} must be >= 0 seconds (0 = no limit)")
 
@@ -250,21 +252,23 @@ def completed_rows(out: Path, upto: int) -> list[dict]:
 
 
 def sample_and_judge(cfg: SelfRewardConfig, k: int, policy, tokenizer, judge, prompts, batches: list[list[int]],
-                     mine: list[int], show: bool = True) -> list[dict]:
+                     mine: list[int], show: bool = True, engine=None) -> list[dict]:
     """This process's prompt batches: --group-size completions each from the policy, judged. Returns one
     record per prompt (its completions, their scores, whether each ended at a stop token)."""
-    from alignkit.generation import sample_groups
+    from alignkit.engines import LocalEngine
     from alignkit.judge import Item, score_items
     from alignkit.train.tracking import progress_iter
 
     recs = []
     rules = decoding_rules(cfg, tokenizer, policy)
+    engine = engine or LocalEngine(policy, tokenizer)
     for b in progress_iter(mine, cfg.progress and show, f"iteration {k}: sample + judge"):
         idx = batches[b]
-        torch.manual_seed(cfg.seed * 1000003 + k * 10007 + b)
         with torch.no_grad():
-            comp_ids, ended = sample_groups(policy, tokenizer, [prompts[i].prompt_ids for i in idx], cfg.group_size,
-                                            cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.generation_batch_size, rules)
+            s = engine.generate([prompts[i].prompt_ids for i in idx], cfg.group_size, cfg.max_new_tokens,
+                                cfg.temperature, cfg.top_p, rules, seed=cfg.seed * 1000003 + k * 10007 + b,
+                                batch_size=cfg.generation_batch_size)
+        comp_ids, ended = s.completion_ids, s.ended
         texts = tokenizer.batch_decode(comp_ids, skip_special_tokens=True)
         G = cfg.group_size
         items = [Item(f"prompt {i}", {}, "list", prompts[i].prompt, texts[g * G:(g + 1) * G], prompts[i].columns)
@@ -351,10 +355,11 @@ def run_iteration(cfg: SelfRewardConfig, k: int, model_dir: str, prompts, d, ext
     tokenizer = load_tokenizer(model_dir, cfg.trust_remote_code)
     policy = load_causal_lm(model_dir, cfg.dtype, cfg.trust_remote_code, d.device).eval()
     judge = external_judge or load_judge(cfg, model=policy, tokenizer=tokenizer)
+    engine = build_engine(cfg, policy, tokenizer, model_dir, max_model_len=cfg.max_length, seed=cfg.seed + k)
     batches = [list(range(s, min(s + cfg.batch_size, len(prompts)))) for s in range(0, len(prompts), cfg.batch_size)]
     mine = list(range(d.rank, len(batches), d.world_size))
-    recs = sample_and_judge(cfg, k, policy, tokenizer, judge, prompts, batches, mine, show=d.is_main)
-    del policy, judge
+    recs = sample_and_judge(cfg, k, policy, tokenizer, judge, prompts, batches, mine, show=d.is_main, engine=engine)
+    del policy, judge, engine
     (here / f".shard-{d.rank}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     d.barrier()
     failure = None

@@ -128,3 +128,11 @@ def refresh(gen_model, model) -> None:
     state = full_state_dict(model)
     device = next(gen_model.parameters()).device
     gen_model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+
+
+def rollout_weights(model):
+    """(name, tensor) of the policy for a rollout engine's load_weights: gathered in full under --fsdp, else
+    `engines.policy_weights` (lazy; LoRA adapters merged in)."""
+    from alignkit.engines import policy_weights
+
+    return full_state_dict(model).items() if is_sharded(model) else policy_weights(model)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from alignkit.cli import run as cli
 from alignkit.losses import group_advantages
 from alignkit.models import load_tokenizer, stop_token_ids
-from helpers import read_metrics, run_cli
+from helpers import PerturbedEngine, read_metrics, run_cli
 
 G = 8
 
@@ -256,3 +256,43 @@ def test_reward_model_is_prepared_as_the_policy(tiny_model, toy, monkeypatch):
             monkeypatch.setattr(module, "prepare", spy)
     cli(grpo_args(tiny_model, toy, toy / "out", "--max-steps", "1", "--beta", "0.1", "--reward-model", str(toy / "rm")))
     assert sorted(prepared) == ["LlamaForCausalLM"] * 2 + ["LlamaForSequenceClassification"]
+
+
+def test_truncated_importance_sampling_with_a_perturbed_engine(tiny_model, toy, monkeypatch):
+    """With an engine whose log-probs differ from the trainer's, --tis-cap weights the loss: the logged mean
+    weight differs from 1, some tokens are capped, and the reward still rises."""
+    import alignkit.recipes.grpo as grpo
+
+    engines = []
+
+    def build(cfg, model, tokenizer, model_dir, **kw):
+        engines.append(PerturbedEngine(model_dir, tokenizer, noise=0.3))
+        return engines[-1]
+
+    monkeypatch.setattr(grpo, "build_engine", build)
+    out = toy / "out"
+    cli(grpo_args(tiny_model, toy, out, "--max-steps", "10", "--tis-cap", "1.5"))
+    rows = steps(out)
+    w, capped = [r["tis_weight_mean"] for r in rows], [r["tis_capped_frac"] for r in rows]
+    assert all(abs(x - 1) > 1e-3 for x in w) and all(x <= 1.5 for x in w), w
+    assert sum(capped) > 0 and all(c < 1 for c in capped), capped
+    assert engines[0].seen and all(s.logps is not None for s in engines[0].seen)
+    r = [row["reward_mean"] for row in rows]
+    assert sum(r[-3:]) / 3 > sum(r[:3]) / 3 + 0.2, r
+    # the same first rollout (same engine noise, same seeds) without TIS: the weights are what changed the loss
+    cli(grpo_args(tiny_model, toy, toy / "plain", "--max-steps", "1"))
+    assert engines[1].seen[0].completion_ids == engines[0].seen[0].completion_ids
+    assert abs(steps(toy / "plain")[0]["loss"] - rows[0]["loss"]) > 1e-4
+
+
+def test_tis_cap_needs_an_engine_with_its_own_logps(tiny_model, toy):
+    res = run_cli(*grpo_args(tiny_model, toy, toy / "out", "--max-steps", "1", "--tis-cap", "2"))
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "--tis-cap 2.0: --rollout-engine local" in res.stderr and "returns no log-probs" in res.stderr
+
+
+def test_vllm_engine_without_cuda_is_one_clear_line(tiny_model, toy):
+    res = run_cli(*grpo_args(tiny_model, toy, toy / "out", "--max-steps", "1", "--rollout-engine", "vllm"))
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "--rollout-engine vllm: needs CUDA and vllm (pip install 'alignkit[vllm]'); this machine has" in res.stderr
+    assert not (toy / "out" / "metrics.jsonl").exists()

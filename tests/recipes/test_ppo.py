@@ -17,7 +17,7 @@ from alignkit.logprobs import completion_logps, pack_completions
 from alignkit.losses import gae
 from alignkit.recipes.ppo import (ActorCritic, adaptive_kl_coef, completion_token_logps, kl_shaped_rewards,
                                   pack_rollout, token_scores)
-from helpers import read_metrics
+from helpers import PerturbedEngine, read_metrics
 
 
 def make_reward_model(policy_dir, out, scale=1.0, nan=False):
@@ -235,3 +235,24 @@ def test_every_model_is_prepared_policy_reference_reward_and_value(toy, tmp_path
     prepared = prepared_models(monkeypatch)
     ppo(toy, tmp_path / "run", "--max-steps", "1", "--batch-size", "2", "--ppo-epochs", "1")
     assert sorted(prepared) == ["LlamaForCausalLM"] * 2 + ["LlamaForSequenceClassification"] * 2
+
+
+def test_truncated_importance_sampling_with_a_perturbed_engine(toy, tmp_path, monkeypatch):
+    """ppo --tis-cap with an engine sampling from a noisy copy of the policy (its log-probs at ppo's
+    --temperature): the weights differ from 1, some are capped, and they change the policy loss."""
+    import alignkit.recipes.ppo as ppo_recipe
+
+    def build(cfg, model, tokenizer, model_dir, **kw):
+        return PerturbedEngine(model_dir, tokenizer, noise=1.0, logps_temperature=cfg.temperature)
+
+    monkeypatch.setattr(ppo_recipe, "build_engine", build)
+    common = ("--max-steps", "2", "--batch-size", "4", "--group-size", "2", "--ppo-epochs", "1", "--temperature", "0.8")
+    ppo(toy, tmp_path / "tis", *common, "--tis-cap", "1.2")
+    ppo(toy, tmp_path / "plain", *common)
+    tis, plain = steps(tmp_path / "tis"), steps(tmp_path / "plain")
+    # E_engine[p_trainer / p_engine] = 1, so the mean weight moves off 1 only through the cap
+    assert all(r["tis_weight_mean"] <= 1.2 for r in tis) and any(r["tis_weight_mean"] < 0.999 for r in tis), tis
+    assert all(0 < r["tis_capped_frac"] < 1 for r in tis), tis
+    assert tis[0]["reward_mean"] == plain[0]["reward_mean"]  # the same samples
+    assert abs(tis[0]["policy_loss"] - plain[0]["policy_loss"]) > 1e-5
+    assert "tis_weight_mean" not in plain[0]
