@@ -105,7 +105,7 @@ class TrainConfig:
 # Every other field (and the number of processes) must match the checkpoint's.
 RUN_ONLY_FIELDS = {"output", "config", "resume", "overwrite", "progress", "log_every", "save_every",
                    "save_total_limit", "device", "trust_remote_code", "compile", "gradient_checkpointing",
-                   "report_to", "vllm_gpu_memory_utilization"}
+                   "report_to"}
 
 _AT_LEAST_ONE = (lambda v: v >= 1, "must be >= 1")
 _POSITIVE = (lambda v: v > 0, "must be > 0")
