@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -19,6 +23,58 @@ def run_cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.Complet
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "alignkit.cli", *args], env=full_env, capture_output=True,
                           text=True, **kwargs)
+
+
+@contextlib.contextmanager
+def one_multiprocess_run():
+    """Hold the lock that lets one torchrun launch run at a time across pytest's workers: two at once
+    oversubscribe the CI machine's 2 cores and race for the free ports their rendezvous picks."""
+    with open(Path(tempfile.gettempdir()) / "alignkit-tests-torchrun.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def torchrun_cmd(nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+
+
+def children(pid: int) -> list[int]:
+    """Pids of the processes whose parent is `pid` (torchrun starts each worker in a session of its own)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(proc.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def kill_all(pids, sig) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def run_torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node NPROC -m alignkit.cli ARGS`, one launch at a time; a run still going after
+    `timeout` seconds fails the test with each worker's Python stacks (faulthandler, on SIGABRT)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    with one_multiprocess_run():
+        proc = subprocess.Popen([*torchrun_cmd(nproc), "-m", "alignkit.cli", *args], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            workers = children(proc.pid)
+            kill_all(workers, signal.SIGABRT)
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                kill_all([*workers, proc.pid], signal.SIGKILL)
+                out, err = proc.communicate()
+            raise AssertionError(f"torchrun {args[0]} hung for {timeout:.0f}s; stacks:\n{err[-12000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 # Message builders and a loss-mask reader for the data-layer tests.

@@ -3,12 +3,9 @@ dpo trains on, principles drawn per seed, conversations that continue across rou
 2 processes writing the same files as 1."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from helpers import read_metrics
+from helpers import read_metrics, run_torchrun
 
 from alignkit.cai import conversation, default_constitution, draw, load_constitution
 from alignkit.cli import run as cli
@@ -199,10 +196,8 @@ def test_too_long_conversations_stop_at_the_last_round_that_fits(tiny_model, toy
 def test_two_processes_write_the_same_files(tiny_model, toy):
     args = cai_args(tiny_model, toy, toy / "one", "--revisions", "2", "--pairs")
     cli(args)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = [a if a != str(toy / "one") else str(toy / "two") for a in args]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "alignkit.cli", *two], check=False, env=env, capture_output=True, text=True, timeout=300)
+    r = run_torchrun(*two)
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("chains.jsonl", "sl_cai.jsonl", "pairs.jsonl"):
         a, b = read(toy / "one" / name), read(toy / "two" / name)

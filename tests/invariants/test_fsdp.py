@@ -3,17 +3,15 @@
 uninterrupted one; the saved model is a consolidated save_pretrained directory."""
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import read_metrics, run_cli, toy_preferences
+from helpers import read_metrics, run_cli, toy_preferences, run_torchrun
 
 TIMING = ("elapsed", "seconds")
 
@@ -40,9 +38,7 @@ def assert_same_weights(a: dict, b: dict, atol: float):
 
 
 def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                        "-m", "alignkit.cli", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       capture_output=True, text=True, timeout=300)
+    r = run_torchrun(*args, nproc=nproc)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -72,7 +68,7 @@ def args_for(kind, model, data) -> list[str]:
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "grpo", "lora"])
+@pytest.mark.parametrize("kind", ["sft", "lora", pytest.param("dpo", marks=pytest.mark.slow), pytest.param("grpo", marks=pytest.mark.slow)])
 def test_two_process_fsdp_matches_one_process(tiny_model, data, tmp_path, kind):
     """1 process with --grad-accum 2 (no sharding) and 2 FSDP processes: same losses, same saved weights
     (the consolidated model, or a LoRA run's adapter directory)."""

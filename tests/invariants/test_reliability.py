@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import read_metrics, run_cli
+from helpers import children, kill_all, one_multiprocess_run, read_metrics, run_cli, torchrun_cmd
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -56,25 +56,25 @@ def test_a_second_run_on_a_busy_output_is_refused(tiny_model, assets, tmp_path):
 
 def worker_pid(launcher_pid: int, rank: int) -> int | None:
     """The pid of torchrun's worker with RANK=rank (a child of the launcher)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for pid in children(launcher_pid):
         try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+        except OSError:
             continue
-        if ppid == launcher_pid and f"RANK={rank}".encode() in environ:
-            return int(proc.name)
     return None
 
 
 def test_signal_to_one_ddp_process_stops_both_at_the_same_step(tiny_model, assets, tmp_path):
     out = tmp_path / "ddp"
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                                 "-m", "alignkit.cli", *sft_args(tiny_model, assets, out, "--max-steps", "100000")],
-                                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+    with one_multiprocess_run():
+        signal_one_ddp_process(tiny_model, assets, out)
+
+
+def signal_one_ddp_process(tiny_model, assets, out):
+    launcher = subprocess.Popen([*torchrun_cmd(), "-m", "alignkit.cli", *sft_args(tiny_model, assets, out,
+                                                                                  "--max-steps", "100000")],
+                                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     workers = []
     try:
         wait_for_rows(out, launcher, rows=2)
@@ -84,11 +84,7 @@ def test_signal_to_one_ddp_process_stops_both_at_the_same_step(tiny_model, asset
         _, err = launcher.communicate(timeout=240)
     finally:
         if launcher.poll() is None:  # hung: the workers run in their own process groups
-            for pid in [*workers, launcher.pid]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, TypeError):
-                    pass
+            kill_all([pid for pid in [*workers, launcher.pid] if pid], signal.SIGKILL)
     assert launcher.returncode == 0, err[-3000:]
     logged = steps(out)
     stops = re.findall(r"stopped at step (\d+); continue with --resume", err)

@@ -4,18 +4,15 @@ uninterrupted trajectory (every metrics row, the final weights), and KTO, LoRA a
 the recipes' insides are free to change."""
 
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from alignkit.cli import run as cli
-from helpers import read_metrics, shuffled_answer_pairs, toy_preferences
+from helpers import read_metrics, shuffled_answer_pairs, toy_preferences, run_torchrun
 
 # Wall-clock fields differ between any two runs; everything else in a row is the trajectory.
 TIMING = ("elapsed", "seconds")
@@ -112,15 +109,13 @@ def test_resume_after_a_crash_matches_uninterrupted(tiny_model, data, tmp_path, 
     assert counts and all(final[k] == ref_final[k] for k in counts)
 
 
-@pytest.mark.parametrize("kind", ["kto", "lora", "mid_chat"])
+@pytest.mark.parametrize("kind", ["mid_chat", pytest.param("kto", marks=pytest.mark.slow), pytest.param("lora", marks=pytest.mark.slow)])
 def test_two_process_ddp_matches_one_process(tiny_model, data, tmp_path, kind):
     args = [*args_for(kind, tiny_model, data), "--max-steps", "4", "--batch-size", "4"]
     if kind != "mid_chat":
         args.append("--no-group-by-length")
     cli([*args, "--grad-accum", "2", "--output", str(tmp_path / "one")])
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "alignkit.cli", *args, "--output", str(tmp_path / "two")],
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    r = run_torchrun(*args, "--output", str(tmp_path / "two"))
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = trajectory(tmp_path / "one"), trajectory(tmp_path / "two")
     a, b = [x["loss"] for x in one], [x["loss"] for x in two]

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from alignkit.cli import run as cli
-from helpers import read_metrics, run_cli
+from helpers import read_metrics, run_cli, run_torchrun
 
 
 def traj(out):
@@ -33,7 +33,7 @@ def test_grad_accum_matches_big_batch(tiny_model, assets, tmp_path):
     assert a[0] - a[-1] > 0.1
 
 
-@pytest.mark.parametrize("recipe", ["sft", "pretrain"])
+@pytest.mark.parametrize("recipe", ["sft", pytest.param("pretrain", marks=pytest.mark.slow)])
 def test_two_process_ddp_matches_one_process(tiny_model, assets, tmp_path, recipe):
     data = assets / ("instructions.jsonl" if recipe == "sft" else "corpus.jsonl")
     args = [recipe, "--model", str(tiny_model), "--data", str(data), "--max-length", "64", "--lr", "3e-3",
@@ -42,10 +42,7 @@ def test_two_process_ddp_matches_one_process(tiny_model, assets, tmp_path, recip
     r = run_cli(*args, "--grad-accum", "2", "--output", str(one))
     assert r.returncode == 0, r.stderr
     two = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "alignkit.cli", *args, "--grad-accum", "1", "--output", str(two)],
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = run_torchrun(*args, "--grad-accum", "1", "--output", str(two))
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = traj(one), traj(two)
     assert len(a) == 5 and a == pytest.approx(b, abs=1e-5)
@@ -60,7 +57,7 @@ def _wait_for(path, proc, timeout=120):
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("recipe", ["sft", "pretrain"])
+@pytest.mark.parametrize("recipe", ["sft", pytest.param("pretrain", marks=pytest.mark.slow)])
 def test_sigkill_then_resume_matches_uninterrupted(tiny_model, assets, tmp_path, recipe):
     data = assets / ("instructions.jsonl" if recipe == "sft" else "corpus.jsonl")
     args = [recipe, "--model", str(tiny_model), "--data", str(data), "--max-length", "64", "--batch-size", "4",

@@ -2,9 +2,6 @@
 the loaders accept, truncated completions are not kept by default, and 2 processes write the same files."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +9,7 @@ import torch
 from alignkit.cli import run as cli
 from alignkit.data import load_preference, load_sft
 from alignkit.models import load_causal_lm, load_tokenizer, save_model, stop_token_ids
-from helpers import read_metrics
+from helpers import read_metrics, run_torchrun
 
 REWARDS = """
 def vowels(prompts, completions, **kw):
@@ -104,10 +101,7 @@ def test_reward_model_and_two_processes(tiny_model, toy, tmp_path):
     one, two = toy / "one", toy / "two"
     final = cli(args + ["--output", str(one)])
     assert final["reward_best"] > final["reward_mean"] and "reward/reward_model" in final
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "alignkit.cli", *args, "--output", str(two)], env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = run_torchrun(*args, "--output", str(two))
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("best.jsonl", "pairs.jsonl"):
         a, b = lines(one / name), lines(two / name)

@@ -2,10 +2,7 @@
 grad-accumulation / DDP / resume / LoRA invariants."""
 
 import math
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +12,7 @@ from alignkit.cli import run as cli
 from alignkit.data import load_preference
 from alignkit.models import load_causal_lm, load_tokenizer
 from alignkit.recipes.dpo import pair_logps, reference_logps
-from helpers import read_metrics, toy_preferences, run_cli
+from helpers import read_metrics, toy_preferences, run_cli, run_torchrun
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +115,7 @@ def test_two_process_ddp_matches_one_process(tiny_model, pairs, tmp_path):
     r = run_cli("dpo", *args, "--grad-accum", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     args = dpo_args(tiny_model, pairs, tmp_path / "two", "--max-steps", "4", "--batch-size", "2")[1:]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "alignkit.cli", "dpo", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       capture_output=True, text=True, timeout=300)
+    r = run_torchrun("dpo", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = traj(tmp_path / "one"), traj(tmp_path / "two")
     assert len(a) == 4 and a == pytest.approx(b, abs=1e-5)

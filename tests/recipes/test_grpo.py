@@ -3,9 +3,7 @@
 name the sample, resume and 2-process DDP reproduce the trajectory)."""
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -15,7 +13,7 @@ from safetensors.torch import load_file
 from alignkit.cli import run as cli
 from alignkit.losses import group_advantages
 from alignkit.models import load_tokenizer, stop_token_ids
-from helpers import PerturbedEngine, read_metrics, run_cli
+from helpers import PerturbedEngine, read_metrics, run_cli, run_torchrun
 
 G = 8
 
@@ -205,10 +203,7 @@ def test_two_process_ddp_matches_grad_accum(tiny_model, toy):
     one, two = toy / "one", toy / "two"
     r = run_cli(*args, "--grad-accum", "2", "--output", str(one))
     assert r.returncode == 0, r.stderr[-3000:]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "alignkit.cli", *args, "--output", str(two)], env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = run_torchrun(*args, "--output", str(two))
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = steps(one), steps(two)
     assert len(a) == 3

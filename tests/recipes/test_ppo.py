@@ -2,9 +2,7 @@
 and KL == 0 before any update, masks, adaptive KL, resume, value variants, LoRA) is checked directly."""
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -17,7 +15,7 @@ from alignkit.logprobs import completion_logps, pack_completions
 from alignkit.losses import gae
 from alignkit.recipes.ppo import (ActorCritic, adaptive_kl_coef, completion_token_logps, kl_shaped_rewards,
                                   pack_rollout, token_scores)
-from helpers import PerturbedEngine, read_metrics
+from helpers import PerturbedEngine, read_metrics, run_torchrun
 
 
 def make_reward_model(policy_dir, out, scale=1.0, nan=False):
@@ -181,12 +179,10 @@ def test_two_process_ddp_runs(toy, tmp_path):
     """torchrun smoke run: each rank samples its own prompts; metrics and totals are global (ranks sample
     with different seeds and whiten per process, so there is no single-process trajectory to compare)."""
     out = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "alignkit.cli", "ppo", "--model", str(toy["model"]), "--reward-model", str(toy["rm"]),
+    r = run_torchrun("ppo", "--model", str(toy["model"]), "--reward-model", str(toy["rm"]),
                         "--data", str(toy["prompts"]), "--output", str(out), "--max-steps", "2", "--batch-size", "4",
                         "--group-size", "2", "--mini-batch-size", "4", "--grad-accum", "2", "--max-new-tokens", "3",
-                        "--lr", "3e-3", "--no-progress"],
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+                        "--lr", "3e-3", "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
     rows = steps(out)
     assert_no_drift_before_first_update(rows)  # approx_kl >= 0, so a global 0 means 0 on both ranks

@@ -2,9 +2,6 @@
 ignores padding, and the saved model is a plain HF sequence classifier with the same scores."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from alignkit.data import load_preference
 from alignkit.models import load_tokenizer
 from alignkit.recipes.reward import evaluate, forward_tokens, load_reward_model, pair_rewards
 from alignkit.train.batching import StepPlan, grouped_batches
-from helpers import ranked_preferences, read_metrics, run_cli, toy_preferences
+from helpers import ranked_preferences, read_metrics, run_cli, toy_preferences, run_torchrun
 
 
 @pytest.fixture(scope="module")
@@ -168,10 +165,7 @@ def test_two_process_ddp_matches_one_process(tiny_model, data, assets, tmp_path,
         flags = ["--batch-size", "1", "--group-by-prompt"]
     r = run_cli(*rm_args(tiny_model, train, tmp_path / "one", "--max-steps", "4", *flags, "--grad-accum", "2"))
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "alignkit.cli", *rm_args(tiny_model, train, tmp_path / "two", "--max-steps", "4",
-                                                       *flags)],
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    r = run_torchrun(*rm_args(tiny_model, train, tmp_path / "two", "--max-steps", "4", *flags))
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = ([row["loss"] for row in read_metrics(tmp_path / run) if "loss" in row] for run in ("one", "two"))
     assert len(a) == 4 and a == pytest.approx(b, abs=1e-5)

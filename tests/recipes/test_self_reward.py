@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import read_metrics
+from helpers import read_metrics, run_torchrun
 
 from alignkit.cli import main as cli_main
 from alignkit.cli import run as cli
@@ -227,10 +227,7 @@ def test_torchrun_two_processes_sample_as_one(tiny_model, toy):
     process, and the DPO step runs in the same process group (the loop goes on to iteration 2)."""
     one, two = toy / "one", toy / "two"
     cli(sr_args(tiny_model, toy, one, 1, "--dpo.batch-size", "2"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
-                           "alignkit.cli", *sr_args(tiny_model, toy, two, 2, "--dpo.batch-size", "2")],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = run_torchrun(*sr_args(tiny_model, toy, two, 2, "--dpo.batch-size", "2"), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (two / "iter-1" / "samples.jsonl").read_text() == (one / "iter-1" / "samples.jsonl").read_text()
     assert (two / "iter-1" / "pairs.jsonl").read_text() == (one / "iter-1" / "pairs.jsonl").read_text()
