@@ -14,8 +14,9 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # foreach is the fast path on CPU too; fused AdamW is CUDA-only on older torch.
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), foreach=True)
+    # Fused (CPU and CUDA since torch 2.4, as transformers' default optimizer): foreach would allocate a
+    # temporary the size of the whole model for sqrt(v) at every step.
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine",
