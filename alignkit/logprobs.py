@@ -32,21 +32,22 @@ def shifted_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
 
 
 def next_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                     loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     loss_mask: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (logps (B, T-1), mask (B, T-1)): log pi(x_{t+1} | x_{<=t}) where that token counts (0 where
-    it does not: those positions are not scored), and whether it counts.
+    it does not: those positions are not scored), and whether it counts. `temperature`: log-probs of
+softmax(logits / temperature), the distribution a sampler at that temperature draws from.
 
     The model is called through whatever wrapper it is in with `token_labels=` (`models.install_token_logps`):
     the output layer is applied to the hidden states in blocks (`losses.linear_token_logps`), so the
     (B, T, V) logits are never materialised, and only counted positions reach the output layer."""
     if not install_token_logps(model):  # not a transformers causal LM: from its logits
         logits, labels, mask = shifted_logits(model, input_ids, attention_mask, loss_mask)
-        logps = token_logps(logits, labels)  # (B, T-1)
+        logps = token_logps(logits / temperature if temperature != 1.0 else logits, labels)  # (B, T-1)
         return logps, mask.to(logps.dtype)
     mask = loss_mask[:, 1:]  # (B, T-1)
     labels = F.pad(input_ids[:, 1:].masked_fill(mask == 0, -100), (0, 1), value=-100)  # (B, T): t scores t+1
     out = model(input_ids=input_ids, attention_mask=_causal_attention(attention_mask), use_cache=False,
-                token_labels=labels)
+                token_labels=labels, token_temperature=temperature)
     logps = out.logps[:, :-1]  # (B, T-1)
     return logps, mask.to(logps.dtype)  # (B, T-1)
 

@@ -3,7 +3,10 @@
 Usage: PEER_PYTHON trl_peer.py TASK FIXTURE STEPS [OUTDIR [JOB_JSON]]
 
 JOB_JSON (from `alignkit bench`'s JOBS) sets batch/max_length/lr (sft, dpo) or prompts/group/new_tokens/lr
-(grpo) and gradient_checkpointing; without it the tiny fixture's job runs.
+(grpo) and gradient_checkpointing; without it the tiny fixture's job runs. "precompute_ref": true (dpo, by
+hand only) has DPOTrainer compute the reference log-probs before training instead of keeping a reference copy
+of the model, as alignkit's DPO does: a like-for-like memory row (its steps then exclude the reference pass,
+which `alignkit bench` charges to alignkit's, so not a throughput row).
 
 Standalone on purpose (torch, transformers, datasets and trl only): the peer virtualenv does not have
 alignkit. Same hyper-parameters and reward as the workspace baselines shared/bench/trl_{sft,dpo,grpo}.py,
@@ -73,6 +76,7 @@ def make_trainer(task, fx, steps, out, job=None):
     if task == "dpo":
         ds = load(fx, "pref.jsonl")
         cfg = trl.DPOConfig(max_length=job["max_length"], per_device_train_batch_size=job["batch"], beta=0.1,
+                            precompute_ref_log_probs=bool(job.get("precompute_ref", False)),
                             dataloader_num_workers=0, **common)
         return trl.DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
     G, P = job["group"], job["prompts"]

@@ -69,7 +69,8 @@ class GRPOConfig(EngineOptions, TrainConfig):
     max_new_tokens: int = 128
     """Completion budget in tokens; completions that reach it without a stop token count in clipped_ratio."""
     temperature: float = 1.0
-    """Sampling temperature (> 0: the group needs diverse samples)."""
+    """Sampling temperature (> 0: the group needs diverse samples); the policy's and the reference's
+    log-probs are computed from logits / temperature, the distribution sampled from (as TRL and verl)."""
     top_p: float = 1.0
     """Nucleus sampling threshold."""
     generation_batch_size: int = 64
@@ -189,12 +190,13 @@ def update(cfg: GRPOConfig, run: Run, model, ddp_model, ref_model, optimizer, to
         loss_sum = 0.0
         for k, ch in enumerate(micro_steps(ddp_model, chunks)):
             batch = collate([seqs[i] for i in ch], [masks[i] for i in ch], tokenizer.pad_token_id, run.device)
-            logps, mask = next_token_logps(ddp_model, **batch)  # (B, T-1)
+            logps, mask = next_token_logps(ddp_model, **batch, temperature=cfg.temperature)  # (B, T-1)
             if it == 0:
                 old_logps[k] = logps.detach()  # the sampling policy: ratio == 1 exactly at it == 0
                 if cfg.beta > 0:
                     with torch.no_grad(), lora.reference(model):
-                        ref_logps[k] = next_token_logps(ref_model or model, **batch)[0]  # (B, T-1)
+                        ref_logps[k] = next_token_logps(ref_model or model, **batch,
+                                                        temperature=cfg.temperature)[0]  # (B, T-1)
                 if cfg.tis_cap > 0:
                     tis[k], tm = truncated_importance_weights(old_logps[k], engine_logps_like(logps, ro, ch), mask,
                                                               cfg.tis_cap)  # (B, T-1)
@@ -287,9 +289,10 @@ def main(cfg: GRPOConfig) -> dict:
     gen_model = parallel.generation_copy(model, cfg)  # under --fsdp a plain copy samples; else the model
     ddp_model = parallel.wrap(model, run, cfg)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
-    # the trainer's log-probs are of the model's own logits (temperature 1), so the engine's must be too
+    # the trainer's log-probs are of logits / temperature (as TRL's, verl's and ppo's), so the engine's
+    # must be the processed ones
     engine = build_engine(cfg, gen_model, tokenizer, cfg.model, max_model_len=cfg.max_length, seed=cfg.seed,
-                          logprobs_mode="raw_logprobs", owns_copy=gen_model is not model)
+                          logprobs_mode="processed_logprobs", owns_copy=gen_model is not model)
     if cfg.tis_cap > 0 and not engine.gives_logps:
         raise UserError(f"--tis-cap {cfg.tis_cap}: --rollout-engine {cfg.rollout_engine} samples from the policy being "
                         "trained and returns no log-probs of its own (every weight would be 1); TIS corrects an "

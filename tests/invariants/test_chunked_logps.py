@@ -97,6 +97,22 @@ def test_next_token_and_completion_logps_equal_the_full_logits_path(arch, tok, t
     assert uses_fused_head(model, tok)
 
 
+def test_next_token_logps_at_a_temperature_are_of_the_scaled_logits(tok, tiny_model):
+    """next_token_logps(temperature=T) (GRPO's trainer) is log_softmax(logits / T) at the next token, on the
+    chunked path and on the full-logits fallback alike."""
+    model = make("llama", tok, tiny_model).eval()
+    batch = sft_batch(tok)
+    logits, labels, mask = shifted_logits(model, **batch)
+    want = torch.log_softmax(logits / 0.5, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    m = mask.bool()
+    chunked, _ = next_token_logps(model, **batch, temperature=0.5)
+    torch.testing.assert_close(chunked[m], want[m], atol=1e-5, rtol=1e-5)
+    plain = lambda **kw: model(**kw)  # not a transformers model: the full-logits fallback
+    fallback, _ = next_token_logps(plain, **batch, temperature=0.5)
+    torch.testing.assert_close(fallback[m], want[m], atol=1e-5, rtol=1e-5)
+    assert (chunked[m] - next_token_logps(model, **batch)[0][m]).abs().max() > 1e-2  # the temperature matters
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_ppo_logps_and_entropy_with_temperature_equal_the_full_logits_path(arch, tok, tiny_model):
     model = make(arch, tok, tiny_model).eval()

@@ -280,6 +280,21 @@ def test_truncated_importance_sampling_with_a_perturbed_engine(tiny_model, toy, 
     assert abs(steps(toy / "plain")[0]["loss"] - rows[0]["loss"]) > 1e-4
 
 
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_trainer_logps_are_of_the_sampled_distribution(tiny_model, toy, monkeypatch, temperature):
+    """At --temperature T the trainer scores completions under softmax(logits / T), what the engine sampled
+    from: an engine that is the policy itself (no noise) and returns its log-probs at T gives every TIS
+    weight 1 (log-probs of the raw logits give weights that differ from 1 at T = 0.5)."""
+    import alignkit.recipes.grpo as grpo
+
+    monkeypatch.setattr(grpo, "build_engine", lambda cfg, model, tokenizer, model_dir, **kw: PerturbedEngine(
+        model_dir, tokenizer, noise=0.0, logps_temperature=cfg.temperature))
+    out = toy / f"t{temperature}"
+    cli(grpo_args(tiny_model, toy, out, "--max-steps", "2", "--tis-cap", "10", "--temperature", str(temperature)))
+    for row in steps(out):
+        assert row["tis_weight_mean"] == pytest.approx(1.0, abs=1e-4) and row["tis_capped_frac"] == 0, row
+
+
 def test_tis_cap_needs_an_engine_with_its_own_logps(tiny_model, toy):
     res = run_cli(*grpo_args(tiny_model, toy, toy / "out", "--max-steps", "1", "--tis-cap", "2"))
     assert res.returncode != 0 and "Traceback" not in res.stderr
