@@ -35,7 +35,7 @@ def next_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
                      loss_mask: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (logps (B, T-1), mask (B, T-1)): log pi(x_{t+1} | x_{<=t}) where that token counts (0 where
     it does not: those positions are not scored), and whether it counts. `temperature`: log-probs of
-softmax(logits / temperature), the distribution a sampler at that temperature draws from.
+    softmax(logits / temperature), the distribution a sampler at that temperature draws from.
 
     The model is called through whatever wrapper it is in with `token_labels=` (`models.install_token_logps`):
     the output layer is applied to the hidden states in blocks (`losses.linear_token_logps`), so the
