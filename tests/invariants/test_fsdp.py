@@ -68,7 +68,7 @@ def args_for(kind, model, data) -> list[str]:
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["sft", "lora", pytest.param("dpo", marks=pytest.mark.slow), pytest.param("grpo", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["sft", "lora", *(pytest.param(k, marks=pytest.mark.slow) for k in ("dpo", "grpo"))])
 def test_two_process_fsdp_matches_one_process(tiny_model, data, tmp_path, kind):
     """1 process with --grad-accum 2 (no sharding) and 2 FSDP processes: same losses, same saved weights
     (the consolidated model, or a LoRA run's adapter directory)."""

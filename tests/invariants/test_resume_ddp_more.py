@@ -109,7 +109,7 @@ def test_resume_after_a_crash_matches_uninterrupted(tiny_model, data, tmp_path, 
     assert counts and all(final[k] == ref_final[k] for k in counts)
 
 
-@pytest.mark.parametrize("kind", ["mid_chat", pytest.param("kto", marks=pytest.mark.slow), pytest.param("lora", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["mid_chat", *(pytest.param(k, marks=pytest.mark.slow) for k in ("kto", "lora"))])
 def test_two_process_ddp_matches_one_process(tiny_model, data, tmp_path, kind):
     args = [*args_for(kind, tiny_model, data), "--max-steps", "4", "--batch-size", "4"]
     if kind != "mid_chat":
