@@ -241,6 +241,9 @@ class Run:
         self.metrics.log(final)
         merge = getattr(self.cfg, "merge_lora", False)
         if parallel.is_sharded(self.model):  # the full weights, gathered to process 0
+            # training is over: drop gradients and optimizer state so the gathered copy does not add to them
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.state.clear()
             merging = merge and lora.is_peft(self.model)
             state = parallel.full_state_dict(self.model, rank0_only=True) if merging else \
                 parallel.export_state_dict(self.model)
