@@ -162,3 +162,25 @@ class PerturbedEngine:
         out = self.inner.generate(*args, **kwargs)
         self.seen.append(out)
         return out
+
+
+def make_reward_model(policy_dir, out, scale=1.0, nan=False):
+    """Toy RM: the policy's own backbone plus a score head along a random direction u, so the score is
+    ~ u . (final hidden state at the last token), which depends mostly on the last token's identity
+    (std 1 over the vocabulary): easy to raise by favouring high-scoring final tokens."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    cfg = AutoConfig.from_pretrained(policy_dir)
+    cfg.num_labels, cfg.pad_token_id = 1, tok.pad_token_id
+    rm = AutoModelForSequenceClassification.from_config(cfg)
+    rm.model.load_state_dict(AutoModelForCausalLM.from_pretrained(policy_dir).model.state_dict())
+    with torch.no_grad():
+        ids = torch.tensor([[5, 6, 7, t] for t in range(cfg.vocab_size)])
+        hidden = rm.model(ids).last_hidden_state[:, -1]  # (V, d)
+        u = torch.randn(hidden.shape[1], generator=torch.Generator().manual_seed(1))
+        rm.score.weight.copy_(float("nan") if nan else scale * u[None] / (hidden @ u).std())
+    rm.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

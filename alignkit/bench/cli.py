@@ -91,6 +91,13 @@ class BenchConfig:
     """GRPO steps run before the measured ones (not timed). Default: 2 (tiny), 1 (real shapes)."""
     grpo_steps: int | None = None
     """GRPO steps measured. Default: 10 (tiny), 3 (real shapes)."""
+    sft_batch_size: int | None = None
+    """SFT sequences per step (both sides). Default: 8 (tiny), 2 (real shapes)."""
+    dpo_batch_size: int | None = None
+    """DPO pairs per step (both sides). Default: 8 (tiny), 2 (real shapes)."""
+    keep_weights: bool = False
+    """Keep each alignkit run's model and checkpoints (7-10 GB per run at the real shapes); by default only
+    its logs, metrics and resolved config stay."""
     compile: bool = True
     """Pass --compile to the alignkit commands (TRL runs eager: its best CPU setting)."""
     gradient_checkpointing: bool = False
@@ -218,6 +225,16 @@ def alignkit_argv(task: str, fx: Path, total: int, out: Path, job: dict, compile
     return [sys.executable, "-m", "alignkit.cli", task, *model, *per_task, *common]
 
 
+KEPT = {"stdout.txt", "stderr.txt", "metrics.jsonl", "config.yaml"}
+
+
+def drop_weights(run_dir: Path) -> None:
+    """Remove what an alignkit run saved besides its logs, metrics and config (model, tokenizer, checkpoints)."""
+    for p in run_dir.iterdir():
+        if p.name not in KEPT:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def measure_run(task: str, impl: str, steps: list[tuple[float, float]], warmup: int, proc: dict, fm: dict,
                 peak: float, job: dict, ref_seconds: float | None = None) -> dict:
     """One run's record: throughput after warm-up, achieved FLOP/s and its fraction of the matmul peak."""
@@ -316,6 +333,11 @@ def main(cfg: BenchConfig) -> dict:
     from alignkit.config import to_dict
 
     jobs = jobs_of(cfg.shape)
+    for t in ("sft", "dpo"):
+        size = getattr(cfg, f"{t}_batch_size")
+        if size is not None and size < 1:
+            raise SystemExit(f"error: --{t}-batch-size must be >= 1, got {size}")
+        jobs = {**jobs, t: {**jobs[t], "batch": size or jobs[t]["batch"]}}
     counts = {t: (getattr(cfg, f"{t}_warmup") or jobs[t]["steps"][0], getattr(cfg, f"{t}_steps") or jobs[t]["steps"][1])
               for t in cfg.tasks}
     for t, (w, s) in counts.items():
@@ -353,6 +375,8 @@ def main(cfg: BenchConfig) -> dict:
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
             step_rows = alignkit_steps(rows)
             ref = next((row["ref_seconds"] for row in rows if row.get("final")), 0.0) if task == "dpo" else None
+            if not cfg.keep_weights:
+                drop_weights(run_dir)
         else:
             job = {**jobs[task], "gradient_checkpointing": cfg.gradient_checkpointing}
             argv = [peer["python"], str(peer_script), task, str(fx), str(warmup + steps), str(run_dir), json.dumps(job)]

@@ -79,7 +79,7 @@ def runs(fx: Path, out: Path, n_gpus: int, has_vllm: bool) -> list[tuple[str, in
         plan += [(f"{cmd} ddp x{n_gpus}", n_gpus, [cmd, *common, *args[cmd], "--output", str(out / f"{cmd}-ddp")])
                  for cmd in ("sft", "grpo")]
     plan += [(f"{cmd} fsdp x{n_gpus}", n_gpus, [cmd, *common, *args[cmd], "--fsdp", "--output", str(out / f"{cmd}-fsdp")])
-             for cmd in ("sft", "dpo", "grpo")]
+             for cmd in ("sft", "dpo", "grpo", "ppo")]
     if has_vllm:
         plan.append(("grpo vllm", 1, ["grpo", *common, *args["grpo"], "--rollout-engine", "vllm",
                                       "--vllm-gpu-memory-utilization", "0.3", "--tis-cap", "2",

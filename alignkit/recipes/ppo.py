@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from alignkit import lora
 from alignkit.config import TrainConfig
 from alignkit.data import load_prompts
-from alignkit.engines import EngineOptions, build_engine, check_engine, policy_weights
+from alignkit.engines import EngineOptions, build_engine, check_engine
 from alignkit.errors import UserError
 from alignkit.logprobs import pack_completions
 from alignkit.losses import (aggregate, gae, kl_penalty, masked_sum, ppo_policy_loss, ppo_value_loss,
@@ -189,14 +189,30 @@ def chunks(rows: list[int], n: int) -> list[list[int]]:
     return [rows[a:a + size] for a in range(0, len(rows), size)]
 
 
-def save_value(value_model, value_head, tokenizer, out: Path) -> None:
-    """The value function as OUT/value_head.safetensors (head) or an HF model directory OUT (separate model)."""
+def save_value(value_model, value_head, tokenizer, out: Path, is_main: bool = True) -> None:
+    """The value function as OUT/value_head.safetensors (head) or an HF model directory OUT (separate model),
+    written by process 0. Under --fsdp every process calls it: gathering the sharded weights is a collective."""
     if value_head is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()},
-                  str(out / "value_head.safetensors"))
+        state = parallel.full_state_dict(value_head, rank0_only=True)
+        if is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / "value_head.safetensors"))
     else:
-        save_model(value_model, tokenizer, out)
+        state = parallel.export_state_dict(value_model) if parallel.is_sharded(value_model) else None
+        if is_main:
+            save_model(value_model, tokenizer, out, state_dict=state)
+
+
+def shard_actor_critic(actor_critic: ActorCritic, device) -> ActorCritic:
+    """--fsdp: the policy, and the value backbone and head (or the value head on the policy), each sharded as
+    a root of its own: they are called separately (the policy also alone, as the LoRA reference), and an FSDP
+    unit unshards its parameters only when it is the module called."""
+    parallel.shard(actor_critic.policy, device)
+    if actor_critic.value_head is not None:
+        parallel.shard(actor_critic.value_head, device, roots=[actor_critic.value_head])
+    else:
+        parallel.shard(actor_critic.value_model, device, roots=list(backbone_and_head(actor_critic.value_model)))
+    return actor_critic
 
 
 @dataclass
@@ -231,9 +247,6 @@ def check_config(cfg: PPOConfig) -> None:
         raise SystemExit("error: alignkit ppo needs --data FILE (prompts) and --reward-model DIR")
     if cfg.value_head and cfg.value_model:
         raise SystemExit("error: --value-head and --value-model are alternatives; give one")
-    if cfg.fsdp:
-        raise SystemExit("error: --fsdp: ppo does not shard yet (its value-function checkpoint and rollouts use the "
-                         "unsharded modules); run it without --fsdp (DDP under torchrun)")
     if not 0 < cfg.max_new_tokens < cfg.max_length:
         raise SystemExit(f"error: --max-new-tokens {cfg.max_new_tokens} must be > 0 and leave room for a prompt in --max-length {cfg.max_length}")
     check_engine(cfg.rollout_engine)
@@ -401,11 +414,12 @@ def main(cfg: PPOConfig) -> dict:
         stats.warn()
     policy, reference, reward_model, value_model, value_head = load_models(cfg, run, tokenizer)
     actor_critic = ActorCritic(policy, value_model, value_head, cfg.temperature).eval()
-    ddp_ac = parallel.wrap(actor_critic, run, cfg)
+    gen_model = parallel.generation_copy(policy, cfg)  # under --fsdp a plain copy samples; else the policy
+    ddp_ac = shard_actor_critic(actor_critic, run.device) if cfg.fsdp else parallel.wrap(actor_critic, run, cfg)
     optimizer = adamw(actor_critic, cfg.lr, cfg.weight_decay, cfg.adam_betas)
     # the trainer's log-probs are of logits / temperature, so the engine's must be the processed ones
-    engine = build_engine(cfg, policy, tokenizer, cfg.model, max_model_len=cfg.max_length, seed=cfg.seed,
-                          logprobs_mode="processed_logprobs")
+    engine = build_engine(cfg, gen_model, tokenizer, cfg.model, max_model_len=cfg.max_length, seed=cfg.seed,
+                          logprobs_mode="processed_logprobs", owns_copy=gen_model is not policy)
     if cfg.tis_cap > 0 and not engine.gives_logps:
         raise UserError(f"--tis-cap {cfg.tis_cap}: --rollout-engine {cfg.rollout_engine} samples from the policy being "
                         "trained and returns no log-probs of its own (every weight would be 1); TIS corrects an "
@@ -415,16 +429,17 @@ def main(cfg: PPOConfig) -> dict:
     plan = StepPlan(lambda e: [b for b in shuffled_batches(len(prompts), cfg.batch_size, cfg.seed + e)
                                if len(b) == cfg.batch_size], 1, run.world_size)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * plan.steps_per_epoch)
-    start_step = run.begin(policy, tokenizer, optimizer, total_steps, totals=("completions", "tokens"))
+    start_step = run.begin(policy, tokenizer, optimizer, total_steps, totals=("completions", "tokens"),
+                           trained=actor_critic)
     state = {"kl_coef": run.state.get("kl_coef", cfg.kl_coef)}  # adaptive, so carried across --resume
 
     def save_value_state(checkpoint_dir: Path) -> None:  # into each checkpoint, atomically with the policy
-        save_value(value_model, value_head, tokenizer, checkpoint_dir / "value")
+        save_value(value_model, value_head, tokenizer, checkpoint_dir / "value", run.is_main)
 
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         lr = schedule_lr(run, optimizer, step, cfg.schedule)
-        engine.load_weights(policy_weights(policy))  # the policy after the last update (or as resumed)
+        engine.load_weights(parallel.rollout_weights(policy))  # the policy after the last update (or as resumed)
         ro = rollout(cfg, run, engine, tokenizer, [prompts[i].prompt_ids
                                                    for i in plan.micro_batches(step, run.dist.rank)[0]], step)
         epochs = update_plan(cfg, step, len(ro.completions))
@@ -448,8 +463,7 @@ def main(cfg: PPOConfig) -> dict:
         run.log(step + 1, row, tokens=tokens)
         run.end_step(step + 1, state, save_extra=save_value_state)
 
-    if run.is_main:
-        save_value(value_model, value_head, tokenizer,
-                   Path(cfg.output) / "value_model" if value_head is None else Path(cfg.output))
+    save_value(value_model, value_head, tokenizer,
+               Path(cfg.output) / "value_model" if value_head is None else Path(cfg.output), run.is_main)
     return run.finish({"kl_coef": state["kl_coef"], "prompts": len(prompts),
                        "dropped_prompts": stats.dropped})

@@ -220,10 +220,12 @@ def save_checkpoint(out_dir: str | Path, step: int, model, tokenizer, optimizer,
 
 
 def save_sharded_checkpoint(out_dir: str | Path, step: int, model, tokenizer, optimizer, dist, extra: dict | None = None,
-                            keep: int = 2, save_extra=None, run: dict | None = None) -> Path:
-    """`save_checkpoint` of an FSDP-sharded model, called by every process: each writes its shards of
-    model and optimizer state into the temporary directory's `dcp/`, process 0 the consolidated model,
-    tokenizer and trainer_state.json, then (after a barrier) fsyncs and renames it into place."""
+                            keep: int = 2, save_extra=None, run: dict | None = None, trained=None) -> Path:
+    """`save_checkpoint` of an FSDP-sharded model, called by every process: each writes its shards of the
+    trained state (`trained`, default `model`: the module whose parameters `optimizer` updates) and the
+    optimizer into the temporary directory's `dcp/`, process 0 the consolidated `model`, tokenizer and
+    trainer_state.json, then (after a barrier) fsyncs and renames it into place. `save_extra(dir)` runs on
+    every process, since gathering a sharded module is a collective; only process 0 may write."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -244,7 +246,7 @@ def save_sharded_checkpoint(out_dir: str | Path, step: int, model, tokenizer, op
             failure = e
     if dist.any(failure is not None):
         raise failure or UserError(f"checkpoint {final}: process 0 could not create {tmp}")
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(trained or model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
     full = export_state_dict(model)
     if dist.is_main:
@@ -255,13 +257,24 @@ def save_sharded_checkpoint(out_dir: str | Path, step: int, model, tokenizer, op
                 state = {"step": step, "rng": rng_state(), "extra": extra or {}, "run": run,
                          "sharded": {"processes": dist.world_size}}
                 (tmp / "trainer_state.json").write_text(json.dumps(state))
-                if save_extra is not None:
-                    save_extra(tmp)
-                _fsync_dir(tmp)
         except UserError as e:
             failure = e
-            shutil.rmtree(tmp, ignore_errors=True)
     del full
+    if save_extra is not None:
+        try:
+            with writing(final, "checkpoint"):
+                save_extra(tmp)
+        except UserError as e:
+            failure = failure or e
+    if dist.is_main:
+        try:
+            with writing(final, "checkpoint"):
+                if failure is None:
+                    _fsync_dir(tmp)
+        except UserError as e:
+            failure = e
+        if failure is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     if dist.any(failure is not None):
         raise UserError(f"{failure or 'checkpoint: process 0 failed to write it'}; the partial checkpoint was removed, "
                         "the last complete one is kept (free space or fix permissions, then continue with --resume)")

@@ -39,17 +39,26 @@ def mixed_precision(device: torch.device):
     return MixedPrecisionPolicy()
 
 
-def shard(model, device: torch.device):
-    """fully_shard each decoder layer, then the root, in place (the module keeps its class and names)."""
+def shard(model, device: torch.device, roots: list[torch.nn.Module] | None = None):
+    """fully_shard each decoder layer, then each root (default: the model itself), in place (modules keep
+    their names). Each root is called on its own (its forward unshards what the layers leave it); several
+    roots suit a model whose parts are called separately, such as PPO's value backbone and head. Every
+    trainable parameter must end up in a unit: one left out would train unsynchronised on each process."""
+    from torch.distributed.tensor import DTensor
+
     fully_shard = _fsdp()[2]
     layers = decoder_layers(model)
-    if not layers:
+    if not layers and roots is None:
         raise SystemExit(f"error: --fsdp: found no decoder layers in {type(model).__name__} "
                          "(its model class names none in _no_split_modules)")
     mp = mixed_precision(device)
     for layer in layers:
         fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    for root in roots or [model]:
+        fully_shard(root, mp_policy=mp)
+    left = [n for n, p in model.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    if left:
+        raise RuntimeError(f"--fsdp: parameters outside every FSDP unit: {left[:5]}")
     return model
 
 
@@ -69,13 +78,18 @@ def no_sync(model):
     if isinstance(model, DDP):
         return model.no_sync()
     if is_sharded(model):
+        FSDPModule = _fsdp()[0]
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]  # every root, when there are several
+
         @contextlib.contextmanager
         def off():
-            model.set_requires_gradient_sync(False)
+            for unit in units:
+                unit.set_requires_gradient_sync(False, recurse=False)
             try:
                 yield
             finally:
-                model.set_requires_gradient_sync(True)
+                for unit in units:
+                    unit.set_requires_gradient_sync(True, recurse=False)
         return off()
     return contextlib.nullcontext()
 
@@ -117,7 +131,16 @@ def generation_copy(model, cfg):
     (its forward is a collective). Without --fsdp, the model itself."""
     if not getattr(cfg, "fsdp", False):
         return model
-    return copy.deepcopy(model).eval().requires_grad_(False)
+    plain = copy.deepcopy(model).eval().requires_grad_(False)
+    for m in plain.modules():
+        # `models.prepare`'s forward wrappers (token log-probs, autocast, checkpointing, compile) close over the
+        # original modules, which deepcopy does not rebind: the copy runs its class's own forward
+        m.__dict__.pop("forward", None)
+        for flag in ("_alignkit_token_logps", "_alignkit_checkpointed"):
+            m.__dict__.pop(flag, None)
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+    return plain
 
 
 @torch.no_grad()

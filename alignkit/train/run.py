@@ -133,19 +133,23 @@ class Run:
     def world_size(self) -> int:
         return self.dist.world_size
 
-    def begin(self, model, tokenizer, optimizer, total_steps: int, totals: tuple[str, ...] = ("tokens",)) -> int:
+    def begin(self, model, tokenizer, optimizer, total_steps: int, totals: tuple[str, ...] = ("tokens",),
+              trained=None) -> int:
         """Restore optimizer and RNG state when resuming, write config.yaml, open metrics.jsonl and the
         progress bar. Returns the first step to run. `model` is what gets checkpointed and saved
-        (the unwrapped model, PEFT-wrapped when training LoRA adapters). `totals` names the whole run's
-        counts (`count`), which checkpoints carry across --resume and the final row reports."""
+        (the unwrapped model, PEFT-wrapped when training LoRA adapters). `trained`: the module whose
+        parameters `optimizer` updates when it holds more than `model` (PPO's actor-critic); under --fsdp its
+        sharded state is what checkpoints hold. `totals` names the whole run's counts (`count`), which
+        checkpoints carry across --resume and the final row reports."""
         self.model, self.tokenizer, self.optimizer, self.total_steps = model, tokenizer, optimizer, total_steps
+        self.trained = trained if trained is not None else model
         if not self.dist.any(self._lock is not None):  # OUTPUT did not exist when the run started
             if self.is_main:
                 with writing(self.out, "--output"):
                     self.out.mkdir(parents=True, exist_ok=True)
             self.dist.barrier()
             self._claim(fresh=True)
-        sharded = model if parallel.is_sharded(model) else None
+        sharded = self.trained if parallel.is_sharded(self.trained) else None
         start = checkpoint.load_checkpoint(self.checkpoint, optimizer, sharded)["step"] if self.checkpoint else 0
         self.state = checkpoint.load_state(self.checkpoint) if self.checkpoint else {}
         self.totals = {name: self.state.get(name, 0) for name in totals}
@@ -213,11 +217,11 @@ class Run:
         # Every process stops at the same step, whichever of them got the signal.
         stop = self.dist.any(self._stop.requested)
         if stop or (self.cfg.save_every and step % self.cfg.save_every == 0) or done:
-            if parallel.is_sharded(self.model):  # every process writes its shards
+            if parallel.is_sharded(self.trained):  # every process writes its shards
                 checkpoint.save_sharded_checkpoint(self.cfg.output, step, self.model, self.tokenizer, self.optimizer,
                                                    self.dist, extra={**self.totals, **(state or {})},
                                                    keep=self.cfg.save_total_limit, save_extra=save_extra,
-                                                   run=self.fingerprint)
+                                                   run=self.fingerprint, trained=self.trained)
             elif self.is_main:
                 checkpoint.save_checkpoint(self.cfg.output, step, self.model, self.tokenizer, self.optimizer,
                                            extra={**self.totals, **(state or {})}, keep=self.cfg.save_total_limit,

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from alignkit.bench.cli import alignkit_steps, peer_steps, run_process, throughput
+from alignkit.bench.cli import alignkit_steps, drop_weights, peer_steps, run_process, throughput
 from helpers import run_cli
 
 
@@ -37,13 +37,31 @@ def test_failed_run_is_named(tmp_path):
                                               "sys.exit(3)"], tmp_path / "run")
 
 
+def test_drop_weights_keeps_logs_metrics_and_config(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000002").mkdir(parents=True)
+    for name in ("stdout.txt", "stderr.txt", "metrics.jsonl", "config.yaml", "model.safetensors", "tokenizer.json"):
+        (run / name).write_text("x")
+    drop_weights(run)
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl", "stderr.txt", "stdout.txt"]
+
+
+@pytest.mark.parametrize("flag", ["--sft-batch-size", "--dpo-batch-size"])
+def test_batch_size_below_one_is_refused(tmp_path, flag):
+    r = run_cli("bench", "--fixture", str(tmp_path / "fx"), "--output", str(tmp_path / "out"), flag, "0")
+    assert r.returncode != 0 and f"{flag} must be >= 1, got 0" in r.stderr
+    assert not (tmp_path / "fx").exists() and not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow  # 69 s of a suite at its 10-minute budget; `python -m pytest -m slow` runs it
 def test_bench_end_to_end(tmp_path):
     out = tmp_path / "bench"
     r = run_cli("bench", "--fixture", str(tmp_path / "fx"), "--output", str(out), "--repeats", "1", "--no-compile",
                 "--matmul-size", "1024", "--sft-warmup", "1", "--sft-steps", "2", "--dpo-warmup", "1",
-                "--dpo-steps", "2", "--grpo-warmup", "1", "--grpo-steps", "1", timeout=240)
+                "--dpo-steps", "2", "--grpo-warmup", "1", "--grpo-steps", "1", "--sft-batch-size", "4", timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "\nbatch_size: 4\n" in (out / "runs" / "sft-alignkit-1" / "config.yaml").read_text()
+    assert not list((out / "runs").glob("*/*.safetensors")) and not list((out / "runs").glob("*/checkpoints"))
     assert "building the benchmark fixture" in r.stdout
     report = json.loads((out / "bench.json").read_text())
     assert report["matmul_peak"]["flops_per_s"] > 0 and report["machine"]["torch"]

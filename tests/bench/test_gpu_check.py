@@ -35,7 +35,7 @@ def test_plan_covers_every_training_command(tmp_path):
     plan = gpu_check.runs(tmp_path / "fx", tmp_path / "runs", n_gpus=2, has_vllm=True)
     labels = [label for label, _, _ in plan]
     assert training == {label for label, procs, _ in plan if procs == 1 and " " not in label}
-    assert {"sft ddp x2", "grpo ddp x2", "sft fsdp x2", "dpo fsdp x2", "grpo fsdp x2", "grpo vllm",
+    assert {"sft ddp x2", "grpo ddp x2", "sft fsdp x2", "dpo fsdp x2", "grpo fsdp x2", "ppo fsdp x2", "grpo vllm",
             "sft +grad-ckpt"} <= set(labels)
     assert all("--autocast" in argv and argv[argv.index("--device") + 1] == "cuda" for _, _, argv in plan)
     assert labels.index("reward") < labels.index("ppo")  # ppo scores with the reward run's model

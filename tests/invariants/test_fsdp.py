@@ -1,6 +1,6 @@
 """Invariants of --fsdp (FSDP2): 2 processes on CPU (gloo) follow the loss trajectory of 1 process with
---grad-accum 2 and end at its weights (sft, dpo, grpo, LoRA SFT); a resumed sharded run equals an
-uninterrupted one; the saved model is a consolidated save_pretrained directory."""
+--grad-accum 2 and end at its weights (sft, dpo, grpo, LoRA SFT), and ppo's that of 2 DDP processes; a
+resumed sharded run equals an uninterrupted one; the saved model is a consolidated save_pretrained directory."""
 
 import json
 import shutil
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from helpers import read_metrics, run_cli, toy_preferences, run_torchrun
+from helpers import make_reward_model, read_metrics, run_cli, toy_preferences, run_torchrun
 
 TIMING = ("elapsed", "seconds")
 
@@ -44,13 +44,13 @@ def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def data(assets, tmp_path_factory):
+def data(tiny_model, assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     rows = [{"prompt": [{"role": "user", "content": f"Tell me about item {i}."}]} for i in range(8)]
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "rw.py").write_text("def low_ids(prompts, completions, completion_ids, **kw):\n"
                                 "    return [sum(t < 128 for t in ids) / max(1, len(ids)) for ids in completion_ids]\n")
-    return {"sft": assets / "instructions.jsonl", "pairs": toy_preferences(assets, root / "pairs.jsonl", slice(0, 32)),
+    return {"rm": make_reward_model(tiny_model, root / "rm"), "sft": assets / "instructions.jsonl", "pairs": toy_preferences(assets, root / "pairs.jsonl", slice(0, 32)),
             "prompts": root / "prompts.jsonl", "reward": f"{root / 'rw.py'}:low_ids"}
 
 
@@ -58,17 +58,22 @@ def args_for(kind, model, data) -> list[str]:
     common = ["--model", str(model), "--max-length", "64", "--no-progress", "--max-steps", "3"]
     if kind == "sft":
         return ["sft", "--data", str(data["sft"]), *common, "--lr", "3e-3", "--batch-size", "4", "--no-group-by-length"]
-    if kind == "lora":
-        return [*args_for("sft", model, data), "--lora-r", "4", "--lr", "1e-2"]
+    if kind in ("lora", "grpo-lora"):  # LoRA SFT, LoRA GRPO
+        return [*args_for("sft" if kind == "lora" else "grpo", model, data), "--lora-r", "4", "--lr", "1e-2"]
     if kind == "dpo":
         return ["dpo", "--data", str(data["pairs"]), *common, "--lr", "3e-3", "--batch-size", "2", "--no-group-by-length"]
     if kind == "grpo":
         return ["grpo", "--data", str(data["prompts"]), *common, "--reward", data["reward"], "--batch-size", "2",
                 "--group-size", "4", "--max-new-tokens", "8", "--lr", "1e-2", "--mini-batch-size", "8"]
+    if kind == "ppo":
+        return ["ppo", "--data", str(data["prompts"]), *common, "--reward-model", str(data["rm"]), "--batch-size", "2",
+                "--group-size", "2", "--max-new-tokens", "4", "--mini-batch-size", "2", "--ppo-epochs", "2",
+                "--lr", "3e-3", "--kl-coef", "0.01"]
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["sft", "lora", *(pytest.param(k, marks=pytest.mark.slow) for k in ("dpo", "grpo"))])
+@pytest.mark.parametrize("kind", ["sft", "lora", *(pytest.param(k, marks=pytest.mark.slow)
+                                                   for k in ("dpo", "grpo", "grpo-lora"))])
 def test_two_process_fsdp_matches_one_process(tiny_model, data, tmp_path, kind):
     """1 process with --grad-accum 2 (no sharding) and 2 FSDP processes: same losses, same saved weights
     (the consolidated model, or a LoRA run's adapter directory)."""
@@ -80,11 +85,11 @@ def test_two_process_fsdp_matches_one_process(tiny_model, data, tmp_path, kind):
     a, b = losses(one), losses(two)
     assert len(a) == 3 and a == pytest.approx(b, abs=1e-5)
     assert_same_weights(weights(one), weights(two), atol=1e-5)
-    if kind == "grpo":
+    if kind.startswith("grpo"):
         ra, rb = [x["reward_mean"] for x in trajectory(one)], [x["reward_mean"] for x in trajectory(two)]
         assert ra == pytest.approx(rb, abs=1e-6)  # the generation copy sampled what the unsharded policy did
         assert ra[0] != ra[-1]  # the policy moved between rollouts, so equal rewards mean it was refreshed
-    if kind == "lora":
+    if kind.endswith("lora"):
         assert (two / "adapter_config.json").is_file() and not (two / "config.json").exists()
     else:
         trained = AutoModelForCausalLM.from_pretrained(two).state_dict()
@@ -94,15 +99,45 @@ def test_two_process_fsdp_matches_one_process(tiny_model, data, tmp_path, kind):
         assert any(not torch.allclose(trained[k], start[k], atol=1e-4) for k in saved)  # it trained
 
 
-def test_fsdp_resume_matches_uninterrupted(tiny_model, data, tmp_path):
+@pytest.mark.parametrize("value", ["model", *(pytest.param(v, marks=pytest.mark.slow) for v in ("head", "lora"))])
+def test_two_process_fsdp_ppo_matches_ddp(tiny_model, data, tmp_path, value):
+    """ppo samples per process with its own seed and whitens per process, so its single-process twin is not
+    --grad-accum 2 but the same 2 processes under DDP: same metrics rows, same policy and value function."""
+    args = [*args_for("ppo", tiny_model, data), *{"head": ["--value-head"], "lora": ["--lora-r", "4"]}.get(value, [])]
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    torchrun(*args, "--output", str(ddp))
+    torchrun(*args, "--fsdp", "--output", str(fsdp))
+    a, b = trajectory(ddp), trajectory(fsdp)
+    assert len(a) == 3 and a[0]["approx_kl_per_update"][0] == 0.0
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys(), ra["step"]
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], abs=1e-5), (ra["step"], k)
+    assert a[0]["reward_mean"] != a[-1]["reward_mean"]  # the policy moved, and the generation copy followed it
+    assert_same_weights(weights(ddp), weights(fsdp), atol=1e-5)
+    value_dir = "" if value == "head" else "value_model"
+    assert_same_weights(weights(ddp / value_dir), weights(fsdp / value_dir), atol=1e-5)
+    if value != "lora":  # a LoRA run saves its adapters (compared above), not a model to load
+        start = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+        trained = AutoModelForCausalLM.from_pretrained(fsdp).state_dict()
+        assert any(not torch.allclose(trained[k], start[k], atol=1e-4) for k in start)
+
+
+@pytest.mark.parametrize("kind", ["sft", pytest.param("ppo", marks=pytest.mark.slow)])
+def test_fsdp_resume_matches_uninterrupted(tiny_model, data, tmp_path, kind):
     """A 2-process FSDP run resumed from its sharded step-2 checkpoint ends as the uninterrupted run:
-    every metrics row and the final weights."""
-    args = [*args_for("sft", tiny_model, data), "--max-steps", "4", "--save-every", "2", "--fsdp"]
+    every metrics row and the final weights (ppo: its value function too, and its adaptive KL state)."""
+    args = [*args_for(kind, tiny_model, data), "--max-steps", "4", "--save-every", "2", "--fsdp",
+            *(["--target-kl", "0.01"] if kind == "ppo" else [])]
     out = tmp_path / "run"
     torchrun(*args, "--output", str(out))
     ref_rows, ref_weights = trajectory(out), weights(out)
     ckpt = out / "checkpoints" / "step-00000002"
     assert (ckpt / "dcp").is_dir() and (ckpt / "model.safetensors").is_file()
+    if kind == "ppo":
+        assert (ckpt / "value" / "model.safetensors").is_file()
+        ref_value = weights(out / "value_model")
+        shutil.rmtree(out / "value_model")
     # The state a SIGKILL during step 4 leaves: checkpoint 2, rows up to step 3, no final weights.
     shutil.rmtree(out / "checkpoints" / "step-00000004")
     for f in out.glob("*.safetensors"):
@@ -117,6 +152,9 @@ def test_fsdp_resume_matches_uninterrupted(tiny_model, data, tmp_path):
         assert ra.keys() == rb.keys() and all(ra[k] == pytest.approx(rb[k], abs=1e-6) for k in ra), ra["step"]
     assert_same_weights(weights(out), ref_weights, atol=1e-6)
     assert any(not torch.allclose(at_two[k], ref_weights[k], atol=1e-4) for k in at_two)  # steps 3-4 moved them
+    if kind == "ppo":
+        assert_same_weights(weights(out / "value_model"), ref_value, atol=1e-6)
+        assert len({r["kl_coef"] for r in rows}) > 1  # the adaptive coefficient moved, and resumed where it was
 
 
 def test_one_process_fsdp_mesh_and_merged_lora(tiny_model, data, tmp_path):
