@@ -1,7 +1,9 @@
-"""train/parallel.py helpers that need no process group: the generation copy of an FSDP policy."""
+"""train/parallel.py helpers that need no process group: the generation copy of an FSDP policy, and a torch
+without FSDP2."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from alignkit.models import forward_token_logps, load_causal_lm, prepare
@@ -24,3 +26,15 @@ def test_generation_copy_runs_its_own_weights_after_prepare(tiny_model):
     logps = forward_token_logps(copy, input_ids=ids, token_labels=ids[:, 1:], token_positions=torch.arange(4)[None])
     assert logps.logps.shape == (1, 4)  # the copy gets its own token log-probs forward when asked
     assert parallel.generation_copy(model, SimpleNamespace(fsdp=False)) is model
+
+
+def test_a_torch_without_fsdp2_says_so_and_shards_nothing(monkeypatch, tiny_model):
+    import torch.distributed.fsdp as fsdp
+
+    from alignkit.errors import UserError
+
+    monkeypatch.delattr(fsdp, "fully_shard")  # as on torch < 2.6
+    model = load_causal_lm(str(tiny_model), "float32", False, torch.device("cpu"))
+    assert not parallel.is_sharded(model)  # every run asks; only --fsdp needs FSDP2
+    with pytest.raises(UserError, match=r"--fsdp needs torch >= 2\.6 .*this is torch"):
+        parallel.shard(model, torch.device("cpu"))

@@ -10,15 +10,24 @@ import copy
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from alignkit.errors import UserError
+
 
 def _fsdp():
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    try:
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    except ImportError as e:  # public from torch 2.6
+        raise UserError(f"--fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); this is torch "
+                        f"{torch.__version__}: upgrade torch, or train without --fsdp") from e
     return FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
 def is_sharded(model) -> bool:
     """True if `model` (or a module inside it) is FSDP2-sharded: its forward is then a collective."""
-    FSDPModule = _fsdp()[0]
+    try:
+        FSDPModule = _fsdp()[0]
+    except UserError:  # a torch without FSDP2 shards nothing
+        return False
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
