@@ -50,8 +50,9 @@ def data(tiny_model, assets, tmp_path_factory):
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "rw.py").write_text("def low_ids(prompts, completions, completion_ids, **kw):\n"
                                 "    return [sum(t < 128 for t in ids) / max(1, len(ids)) for ids in completion_ids]\n")
-    return {"rm": make_reward_model(tiny_model, root / "rm"), "sft": assets / "instructions.jsonl", "pairs": toy_preferences(assets, root / "pairs.jsonl", slice(0, 32)),
-            "prompts": root / "prompts.jsonl", "reward": f"{root / 'rw.py'}:low_ids"}
+    return {"sft": assets / "instructions.jsonl", "pairs": toy_preferences(assets, root / "pairs.jsonl", slice(0, 32)),
+            "prompts": root / "prompts.jsonl", "reward": f"{root / 'rw.py'}:low_ids",
+            "rm": make_reward_model(tiny_model, root / "rm")}
 
 
 def args_for(kind, model, data) -> list[str]:
