@@ -22,13 +22,18 @@ def _fsdp():
     return FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
-def is_sharded(model) -> bool:
-    """True if `model` (or a module inside it) is FSDP2-sharded: its forward is then a collective."""
+def fsdp_units(model) -> list[torch.nn.Module]:
+    """The FSDP2 units in `model` (itself included), every root among them; none on a torch without FSDP2."""
     try:
         FSDPModule = _fsdp()[0]
-    except UserError:  # a torch without FSDP2 shards nothing
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    except UserError:
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model) -> bool:
+    """True if `model` (or a module inside it) is FSDP2-sharded: its forward is then a collective."""
+    return bool(fsdp_units(model))
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -86,10 +91,8 @@ def no_sync(model):
     import contextlib
     if isinstance(model, DDP):
         return model.no_sync()
-    if is_sharded(model):
-        FSDPModule = _fsdp()[0]
-        units = [m for m in model.modules() if isinstance(m, FSDPModule)]  # every root, when there are several
-
+    units = fsdp_units(model)
+    if units:
         @contextlib.contextmanager
         def off():
             for unit in units:
