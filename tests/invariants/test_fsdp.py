@@ -1,6 +1,7 @@
 """Invariants of --fsdp (FSDP2): 2 processes on CPU (gloo) follow the loss trajectory of 1 process with
---grad-accum 2 and end at its weights (sft, dpo, grpo, LoRA SFT), and ppo's that of 2 DDP processes; a
-resumed sharded run equals an uninterrupted one; the saved model is a consolidated save_pretrained directory."""
+--grad-accum 2 and end at its weights (sft, dpo, grpo, LoRA SFT; with --grad-accum 2 each, 1 process with 4),
+and ppo's that of 2 DDP processes; a resumed sharded run equals an uninterrupted one; the saved model is a
+consolidated save_pretrained directory."""
 
 import json
 import shutil
@@ -98,6 +99,18 @@ def test_two_process_fsdp_matches_one_process(tiny_model, data, tmp_path, kind):
         saved = {k.split(":", 1)[1]: v for k, v in weights(one).items()}
         assert all(torch.allclose(trained[k], saved[k], atol=1e-5) for k in saved)
         assert any(not torch.allclose(trained[k], start[k], atol=1e-4) for k in saved)  # it trained
+
+
+def test_fsdp_grad_accum_matches_one_process(tiny_model, data, tmp_path):
+    """2 FSDP processes with --grad-accum 2 (the first micro-batch under set_requires_gradient_sync(False), its
+    unsharded gradients kept for the second's reduce-scatter) follow 1 process with --grad-accum 4."""
+    args = args_for("sft", tiny_model, data)
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = run_cli(*args, "--grad-accum", "4", "--output", str(one))
+    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun(*args, "--fsdp", "--grad-accum", "2", "--output", str(two))
+    assert losses(one) == pytest.approx(losses(two), abs=1e-5)
+    assert_same_weights(weights(one), weights(two), atol=1e-5)
 
 
 @pytest.mark.parametrize("value", ["model", *(pytest.param(v, marks=pytest.mark.slow) for v in ("head", "lora"))])
