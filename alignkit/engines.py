@@ -139,17 +139,22 @@ class LocalEngine:
         return Samples(completions, ended, logps)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        if not self.owns_copy:
-            return  # the engine samples from the policy itself: nothing to copy
-        own, seen = self.model.state_dict(), set()
-        with torch.no_grad():
-            for name, tensor in weights:  # one tensor at a time: no second full copy in memory
-                if name not in own:
-                    raise KeyError(f"LocalEngine.load_weights: {name!r} is not a weight of the engine's model")
-                own[name].copy_(tensor)
-                seen.add(name)
-        if seen != set(own):
-            raise KeyError(f"LocalEngine.load_weights: no value for {sorted(set(own) - seen)[:5]}")
+        if self.owns_copy:  # else the engine samples from the policy itself: nothing to copy
+            copy_weights(self.model, weights)
+
+
+@torch.no_grad()
+def copy_weights(model, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy (name, tensor) into `model`'s state dict in place, one tensor at a time (no second full copy in
+    memory); every weight must be given, and no other."""
+    own, seen = model.state_dict(), set()
+    for name, tensor in weights:
+        if name not in own:
+            raise KeyError(f"load_weights: {name!r} is not a weight of the engine's model")
+        own[name].copy_(tensor)
+        seen.add(name)
+    if seen != set(own):
+        raise KeyError(f"load_weights: no value for {sorted(set(own) - seen)[:5]}")
 
 
 class VLLMEngine:

@@ -1,5 +1,5 @@
-"""train/parallel.py helpers that need no process group: the generation copy of an FSDP policy, and a torch
-without FSDP2."""
+"""train/parallel.py helpers: the generation copy of an FSDP policy and the weights streamed into it (on a
+1-process mesh), and a torch without FSDP2."""
 
 from types import SimpleNamespace
 
@@ -38,3 +38,52 @@ def test_a_torch_without_fsdp2_says_so_and_shards_nothing(monkeypatch, tiny_mode
     assert not parallel.is_sharded(model)  # every run asks; only --fsdp needs FSDP2
     with pytest.raises(UserError, match=r"--fsdp needs torch >= 2\.6 .*this is torch"):
         parallel.shard(model, torch.device("cpu"))
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_sharded_weights_stream_one_gather_at_a_time_into_the_copy(one_process_group, tiny_model, monkeypatch):
+    """`gathered` (what rollout engines and the generation copy load from) yields the full weights under their
+    names one all-gather at a time, and `refresh` copies them into the plain copy."""
+    from torch.distributed.tensor import DTensor
+
+    cfg = SimpleNamespace(fsdp=True, rollout_engine="local")
+    model = load_causal_lm(str(tiny_model), "float32", False, torch.device("cpu"))
+    copy = parallel.generation_copy(model, cfg)
+    parallel.shard(model, torch.device("cpu"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    names = list(model.state_dict())
+    calls = []
+    full_tensor = DTensor.full_tensor
+    monkeypatch.setattr(DTensor, "full_tensor", lambda self, **kw: calls.append(1) or full_tensor(self, **kw))
+    stream = parallel.gathered(model)
+    first_name, first = next(stream)
+    assert len(calls) == 1 and first_name == names[0] and not isinstance(first, DTensor)
+    rest = dict(stream)
+    assert [first_name, *rest] == names and len(calls) == sum(isinstance(v, DTensor) for v in model.state_dict().values())
+    halved = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    assert not torch.allclose(copy.state_dict()[names[0]], halved[names[0]])
+    parallel.refresh(copy, model)
+    assert all(torch.equal(copy.state_dict()[k], halved[k]) for k in names)
+
+
+def test_vllm_under_fsdp_takes_no_generation_copy_and_refuses_lora(tiny_model):
+    from alignkit import lora
+    from alignkit.errors import UserError
+
+    cfg = SimpleNamespace(fsdp=True, rollout_engine="vllm")
+    model = load_causal_lm(str(tiny_model), "float32", False, torch.device("cpu"))
+    assert parallel.generation_copy(model, cfg) is model  # the engine keeps its own copy
+    peft_cfg = SimpleNamespace(lora_r=4, lora_alpha=8, lora_targets="q_proj", model=str(tiny_model), dtype="float32",
+                               trust_remote_code=False, gradient_checkpointing=False, autocast="none", compile=False)
+    with pytest.raises(UserError, match="--rollout-engine vllm with --fsdp and LoRA"):
+        parallel.generation_copy(lora.load_trainable(peft_cfg, None, torch.device("cpu")), cfg)

@@ -193,7 +193,7 @@ def save_value(value_model, value_head, tokenizer, out: Path, is_main: bool = Tr
     """The value function as OUT/value_head.safetensors (head) or an HF model directory OUT (separate model),
     written by process 0. Under --fsdp every process calls it: gathering the sharded weights is a collective."""
     if value_head is not None:
-        state = parallel.full_state_dict(value_head, rank0_only=True)
+        state = parallel.full_state_dict(value_head)
         if is_main:
             out.mkdir(parents=True, exist_ok=True)
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / "value_head.safetensors"))

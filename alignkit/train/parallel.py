@@ -6,6 +6,7 @@ gathering the full weights (exports, the generation copy of RL recipes) and the 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -106,21 +107,28 @@ def no_sync(model):
     return contextlib.nullcontext()
 
 
-def full_state_dict(model, rank0_only: bool = False) -> dict[str, torch.Tensor]:
-    """The model's full (unsharded) state dict on CPU, on every process (or on process 0 only, empty
-    elsewhere); a collective under FSDP, so every process calls it. The model's own state dict otherwise."""
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded) state dict on CPU on process 0 (empty elsewhere); a collective under FSDP,
+    so every process calls it. The model's own state dict otherwise."""
     if not is_sharded(model):
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    if rank0_only:
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return _gather_all(model)
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def gathered(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) of each parameter and buffer of an FSDP-sharded `model`, on its device, one
+    all-gather at a time: a consumer that copies each tensor away holds one full weight, not the model. A
+    collective: every process must consume the whole iterator, in this order."""
+    from torch.distributed.tensor import DTensor
+    for name, value in model.state_dict().items():
+        yield name, (value.full_tensor() if isinstance(value, DTensor) else value).detach()
 
 
 def export_state_dict(model) -> dict[str, torch.Tensor]:
     """The full weights to save_pretrained, on process 0 (empty elsewhere): `full_state_dict` less the second
     name of each tied parameter (e.g. lm_head.weight tied to the embeddings), which save_pretrained leaves out."""
-    state = full_state_dict(model, rank0_only=True)
+    state = full_state_dict(model)
     first_name = {}
     tied = set()
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -131,18 +139,18 @@ def export_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k not in tied}
 
 
-def _gather_all(model) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer in full on every process (DTensor.full_tensor is an all-gather)."""
-    from torch.distributed.tensor import DTensor
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in model.state_dict().items()}
-
-
 def generation_copy(model, cfg):
     """A plain (unsharded, eval, no-grad) copy of the policy for rollouts under --fsdp, taken before
     sharding: generation runs per process with its own number of forwards, which a sharded model cannot
     (its forward is a collective). Without --fsdp, the model itself."""
     if not getattr(cfg, "fsdp", False):
         return model
+    if getattr(cfg, "rollout_engine", "local") == "vllm":
+        from alignkit.lora import is_peft
+        if is_peft(model):  # vLLM takes merged weights, which a sharded adapter model does not give one by one
+            raise UserError("--rollout-engine vllm with --fsdp and LoRA (--lora-r) is not supported: drop --fsdp (the "
+                            "frozen base needs no sharded optimizer state) or train without LoRA")
+        return model  # the engine holds its own copy, loaded from `rollout_weights` before each rollout
     plain = copy.deepcopy(model).eval().requires_grad_(False)
     for m in plain.modules():
         # `models.prepare`'s forward wrappers (token log-probs, autocast, checkpointing, compile) close over the
@@ -155,19 +163,17 @@ def generation_copy(model, cfg):
     return plain
 
 
-@torch.no_grad()
 def refresh(gen_model, model) -> None:
-    """Load the trained weights into the generation copy (before each rollout); nothing when they are one model."""
-    if gen_model is model:
-        return
-    state = full_state_dict(model)
-    device = next(gen_model.parameters()).device
-    gen_model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+    """Load the trained weights into the generation copy (before each rollout), one tensor at a time; nothing
+    when they are one model."""
+    from alignkit.engines import copy_weights
+    if gen_model is not model:
+        copy_weights(gen_model, gathered(model) if is_sharded(model) else model.state_dict().items())
 
 
 def rollout_weights(model):
-    """(name, tensor) of the policy for a rollout engine's load_weights: gathered in full under --fsdp, else
-    `engines.policy_weights` (lazy; LoRA adapters merged in)."""
+    """(name, tensor) of the policy for a rollout engine's load_weights, lazily: gathered one tensor at a time
+    under --fsdp (`gathered`), else `engines.policy_weights` (LoRA adapters merged in)."""
     from alignkit.engines import policy_weights
 
-    return full_state_dict(model).items() if is_sharded(model) else policy_weights(model)
+    return gathered(model) if is_sharded(model) else policy_weights(model)

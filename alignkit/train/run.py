@@ -249,7 +249,7 @@ class Run:
             self.optimizer.zero_grad(set_to_none=True)
             self.optimizer.state.clear()
             merging = merge and lora.is_peft(self.model)
-            state = parallel.full_state_dict(self.model, rank0_only=True) if merging else \
+            state = parallel.full_state_dict(self.model) if merging else \
                 parallel.export_state_dict(self.model)
             if self.is_main:
                 model = self.model
