@@ -24,7 +24,7 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
-def load_trainable(cfg, checkpoint: Path | None, device, loader=load_causal_lm, **loader_kwargs):
+def load_trainable(cfg, checkpoint: Path | None, device, loader=load_causal_lm, meta: bool = False, **loader_kwargs):
     """The model a recipe trains: from the checkpoint when resuming, else from --model; wrapped with
     fresh LoRA adapters when --lora-r > 0 (or with the checkpoint's adapters when resuming);
     with --autocast and --compile applied (models.prepare).
@@ -39,7 +39,7 @@ def load_trainable(cfg, checkpoint: Path | None, device, loader=load_causal_lm, 
     loads, and chains on, the same way."""
     adapter_ckpt = checkpoint is not None and (checkpoint / "adapter_config.json").is_file()
     path = checkpoint if checkpoint is not None and not adapter_ckpt else cfg.model
-    model = loader(path, cfg.dtype, cfg.trust_remote_code, device, **loader_kwargs)
+    model = loader(path, cfg.dtype, cfg.trust_remote_code, device, meta=meta, **loader_kwargs)
     if cfg.lora_r <= 0:
         return prepare(model, cfg)
     peft = _peft()

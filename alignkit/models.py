@@ -155,10 +155,17 @@ def _quiet_transformers():
         hf_logging.set_verbosity(verbosity)
 
 
-def _load(path, auto_class, dtype: str, trust_remote_code: bool, **kwargs):
+def _load(path, auto_class, dtype: str, trust_remote_code: bool, meta: bool = False, **kwargs):
     """`auto_class.from_pretrained` on a model directory; on an adapter directory, its base loaded the
-    same way (recursively: an adapter may adapt another run's adapter) with the adapters merged in."""
+    same way (recursively: an adapter may adapt another run's adapter) with the adapters merged in.
+    `meta`: the same model without its weights, on the meta device (`parallel.shard_from_main` fills it)."""
     p = _check_model_dir(path)
+    if meta:
+        config = config_of(p)
+        for k, v in kwargs.items():  # e.g. num_labels of a reward model
+            setattr(config, k, v)
+        with torch.device("meta"):
+            return auto_class.from_config(config, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     if not is_adapter_dir(p):
         return auto_class.from_pretrained(
             str(p), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs)
@@ -191,15 +198,15 @@ def _load(path, auto_class, dtype: str, trust_remote_code: bool, **kwargs):
 
 
 def load_causal_lm(path: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False,
-                   device: str | torch.device = "cpu"):
+                   device: str | torch.device = "cpu", meta: bool = False):
     """A causal LM from a model directory, or from a PEFT adapter directory as its base with the adapters
-    merged in. Safetensors only; no remote code unless asked."""
-    model = _load(path, AutoModelForCausalLM, dtype, trust_remote_code)
-    return model.to(device)
+    merged in. Safetensors only; no remote code unless asked. `meta`: its structure only, on the meta device."""
+    model = _load(path, AutoModelForCausalLM, dtype, trust_remote_code, meta=meta)
+    return model if meta else model.to(device)
 
 
 def load_reward_model(path, dtype: str = "float32", trust_remote_code: bool = False, device="cpu", *,
-                      pad_token_id: int | None = None, task_type: str | None = None):
+                      pad_token_id: int | None = None, task_type: str | None = None, meta: bool = False):
     """A causal LM directory (or a saved reward model) as a sequence classifier with one output.
 
     Same contract as `models.load_causal_lm`, adapter directories included: a reward model saved as a
@@ -212,16 +219,16 @@ def load_reward_model(path, dtype: str = "float32", trust_remote_code: bool = Fa
     try:
         # transformers' load report would list the expected new head as MISSING: say it once, plainly
         with _quiet_transformers() if new_head else nullcontext():
-            model = _load(path, AutoModelForSequenceClassification, dtype, trust_remote_code, num_labels=1)
+            model = _load(path, AutoModelForSequenceClassification, dtype, trust_remote_code, meta=meta, num_labels=1)
     except ValueError as e:  # an architecture without a ...ForSequenceClassification class
         raise UserError(f"{path} cannot be loaded as a reward model (sequence classifier): {e}") from None
-    if new_head and int(os.environ.get("RANK", "0")) == 0:
+    if new_head and not meta and int(os.environ.get("RANK", "0")) == 0:
         print(f"{path} is a causal LM: its score head is new (one output), initialised here")
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if model.config.pad_token_id is None:
         raise UserError(f"{path}: no pad_token_id; a reward model needs one to find each row's last token")
-    return model.to(device)
+    return model if meta else model.to(device)
 
 
 def _holds_a_causal_lm(p: Path) -> bool:
@@ -329,11 +336,11 @@ def prepare(model, cfg):
     if classifier is None:
         install_token_logps(model)
     if getattr(cfg, "autocast", "none") == "bf16":
-        device_type = next(model.parameters()).device.type
         forward = target.forward
 
         def autocast_forward(*args, **kwargs):
-            with torch.autocast(device_type, dtype=torch.bfloat16):
+            # the device at call time: a model built on the meta device is materialised after `prepare`
+            with torch.autocast(next(target.parameters()).device.type, dtype=torch.bfloat16):
                 out = forward(*args, **kwargs)
             for name in ("logits", "last_hidden_state"):  # losses, log-probs and scores stay float32
                 if getattr(out, name, None) is not None:

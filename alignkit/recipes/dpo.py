@@ -186,7 +186,7 @@ def main(cfg: DPOConfig) -> dict:
         stats.warn()
     row_tokens = [2 * len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids) for ex in examples]
 
-    model = lora.load_trainable(cfg, run.checkpoint, run.device)
+    model = lora.load_trainable(cfg, run.checkpoint, run.device, meta=parallel.builds_on_meta(run, cfg))
     model.eval()  # dropout off (see the module docstring); gradients still flow
     ddp_model = parallel.wrap(model, run, cfg)  # before the optimizer: FSDP replaces the parameters
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)

@@ -183,7 +183,7 @@ def main(cfg: KTOConfig) -> dict:
         stats.warn()
         warn_label_balance(cfg, examples)
 
-    model = lora.load_trainable(cfg, run.checkpoint, run.device)
+    model = lora.load_trainable(cfg, run.checkpoint, run.device, meta=parallel.builds_on_meta(run, cfg))
     model.eval()  # dropout off, as in TRL: policy and reference log-probs must be computed alike
     ddp_model = parallel.wrap(model, run, cfg)  # before the optimizer: FSDP replaces the parameters
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)

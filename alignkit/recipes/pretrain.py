@@ -176,7 +176,7 @@ def main(cfg: PretrainConfig) -> dict:
     plan = MixturePlan(n_main, len(rows) - n_main, per_step, cfg.batch_size, run.world_size, cfg.seed,
                        decay_start, cfg.mid_ratio)
 
-    model = lora.load_trainable(cfg, run.checkpoint, run.device)
+    model = lora.load_trainable(cfg, run.checkpoint, run.device, meta=parallel.builds_on_meta(run, cfg))
     model.train()
     ddp_model = parallel.wrap(model, run, cfg)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)

@@ -168,7 +168,7 @@ def main(cfg: RewardConfig) -> dict:
     # The LM head is replaced by a fresh scalar head; with LoRA, peft's SEQ_CLS task keeps that head
     # fully trainable (and saved with the adapter) through modules_to_save.
     model = lora.load_trainable(cfg, run.checkpoint, run.device, loader=load_reward_model, pad_token_id=pad_id,
-                                task_type="SEQ_CLS")
+                                task_type="SEQ_CLS", meta=parallel.builds_on_meta(run, cfg))
     model.train()
     reward = LastTokenReward(model)
     ddp_model = parallel.wrap(reward, run, cfg)

@@ -61,7 +61,7 @@ def main(cfg: SFTConfig) -> dict:
     lengths = [len(ex.input_ids) for ex in examples]
     n_labels = [sum(ex.loss_mask[1:]) for ex in examples]  # tokens that are trained on, as next-token labels
 
-    model = lora.load_trainable(cfg, run.checkpoint, run.device)
+    model = lora.load_trainable(cfg, run.checkpoint, run.device, meta=parallel.builds_on_meta(run, cfg))
     model.train()
     ddp_model = parallel.wrap(model, run, cfg)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)

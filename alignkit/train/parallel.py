@@ -77,11 +77,38 @@ def shard(model, device: torch.device, roots: list[torch.nn.Module] | None = Non
     return model
 
 
+def builds_on_meta(run, cfg) -> bool:
+    """Whether this process builds the trained model without its weights (on the meta device): under --fsdp
+    on several processes, all but process 0, which reads them and sends each process its shards (`wrap`).
+    For recipes whose every process needs the full weights anyway (a local generation copy), pass False."""
+    return bool(getattr(cfg, "fsdp", False)) and run.world_size > 1 and not run.is_main
+
+
+def shard_from_main(model, device: torch.device, is_main: bool):
+    """`shard` a model that only process 0 holds with its weights (the others built it on the meta device):
+    the others allocate their shards, process 0 broadcasts its full state dict (each process keeps its
+    shards of it) and its buffers (non-persistent ones, e.g. rotary frequencies, are in no state dict)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = model.state_dict() if is_main else {}
+    shard(model, device)
+    if not is_main:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+    return model
+
+
 def wrap(model, run, cfg):
     """What the training loop calls: the FSDP2-sharded model with --fsdp (also in one process: a 1-process
-    mesh), DDP under torchrun, else the model. Build the optimizer afterwards: sharding replaces the
-    parameters with DTensors."""
+    mesh; filled from process 0 when the others built it on the meta device, `builds_on_meta`), DDP under
+    torchrun, else the model. Build the optimizer afterwards: sharding replaces the parameters with DTensors."""
     if getattr(cfg, "fsdp", False):
+        if run.world_size > 1 and run.dist.any(any(p.is_meta for p in model.parameters())):
+            return shard_from_main(model, run.device, run.is_main)
         return shard(model, run.device)
     return DDP(model) if run.world_size > 1 else model
 

@@ -1,18 +1,21 @@
 """Invariants of --fsdp (FSDP2): 2 processes on CPU (gloo) follow the loss trajectory of 1 process with
---grad-accum 2 and end at its weights (sft, dpo, grpo, LoRA SFT; with --grad-accum 2 each, 1 process with 4),
-and ppo's that of 2 DDP processes; a resumed sharded run equals an uninterrupted one; the saved model is a
-consolidated save_pretrained directory."""
+--grad-accum 2 and end at its weights (sft, pretrain, dpo, kto, reward, grpo, LoRA SFT and GRPO; with
+--grad-accum 2 each, 1 process with 4), and ppo's that of 2 DDP processes; process 1 builds the model on the
+meta device and gets its shards from process 0; a resumed sharded run equals an uninterrupted one; the saved
+model is a consolidated save_pretrained directory."""
 
 import json
+import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from helpers import make_reward_model, read_metrics, run_cli, toy_preferences, run_torchrun
+from helpers import make_reward_model, read_metrics, run_cli, run_torchrun, toy_preferences, torchrun_cmd
 
 TIMING = ("elapsed", "seconds")
 
@@ -51,7 +54,7 @@ def data(tiny_model, assets, tmp_path_factory):
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "rw.py").write_text("def low_ids(prompts, completions, completion_ids, **kw):\n"
                                 "    return [sum(t < 128 for t in ids) / max(1, len(ids)) for ids in completion_ids]\n")
-    return {"sft": assets / "instructions.jsonl", "pairs": toy_preferences(assets, root / "pairs.jsonl", slice(0, 32)),
+    return {"sft": assets / "instructions.jsonl", "corpus": assets / "corpus.jsonl", "pairs": toy_preferences(assets, root / "pairs.jsonl", slice(0, 32)),
             "prompts": root / "prompts.jsonl", "reward": f"{root / 'rw.py'}:low_ids",
             "rm": make_reward_model(tiny_model, root / "rm")}
 
@@ -64,6 +67,11 @@ def args_for(kind, model, data) -> list[str]:
         return [*args_for("sft" if kind == "lora" else "grpo", model, data), "--lora-r", "4", "--lr", "1e-2"]
     if kind == "dpo":
         return ["dpo", "--data", str(data["pairs"]), *common, "--lr", "3e-3", "--batch-size", "2", "--no-group-by-length"]
+    if kind in ("reward", "kto"):  # kto splits each pair into a desirable and an undesirable example
+        return [kind, "--data", str(data["pairs"]), *common, "--lr", "3e-3", "--batch-size", "2" if kind == "reward" else "4",
+                "--no-group-by-length"]
+    if kind == "pretrain":
+        return ["pretrain", "--data", str(data["corpus"]), *common, "--lr", "3e-3", "--batch-size", "4"]
     if kind == "grpo":
         return ["grpo", "--data", str(data["prompts"]), *common, "--reward", data["reward"], "--batch-size", "2",
                 "--group-size", "4", "--max-new-tokens", "8", "--lr", "1e-2", "--mini-batch-size", "8"]
@@ -74,8 +82,8 @@ def args_for(kind, model, data) -> list[str]:
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["sft", "lora", *(pytest.param(k, marks=pytest.mark.slow)
-                                                   for k in ("dpo", "grpo", "grpo-lora"))])
+@pytest.mark.parametrize("kind", ["sft", "lora", "reward", *(pytest.param(k, marks=pytest.mark.slow)
+                                                             for k in ("dpo", "kto", "pretrain", "grpo", "grpo-lora"))])
 def test_two_process_fsdp_matches_one_process(tiny_model, data, tmp_path, kind):
     """1 process with --grad-accum 2 (no sharding) and 2 FSDP processes: same losses, same saved weights
     (the consolidated model, or a LoRA run's adapter directory)."""
@@ -94,11 +102,25 @@ def test_two_process_fsdp_matches_one_process(tiny_model, data, tmp_path, kind):
     if kind.endswith("lora"):
         assert (two / "adapter_config.json").is_file() and not (two / "config.json").exists()
     else:
-        trained = AutoModelForCausalLM.from_pretrained(two).state_dict()
-        start = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+        auto = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
+        trained = auto.from_pretrained(two).state_dict()
+        start = auto.from_pretrained(tiny_model).state_dict()
         saved = {k.split(":", 1)[1]: v for k, v in weights(one).items()}
         assert all(torch.allclose(trained[k], saved[k], atol=1e-5) for k in saved)
-        assert any(not torch.allclose(trained[k], start[k], atol=1e-4) for k in saved)  # it trained
+        # it trained (a reward model's score head is new, so it moved from any start)
+        assert any(not torch.allclose(trained[k], start[k], atol=1e-4) for k in saved if not k.startswith("score."))
+
+
+@pytest.mark.parametrize("kind", ["causal", "lora", "reward"])
+def test_only_process_0_reads_the_weights(tiny_model, tmp_path, kind):
+    """Under --fsdp on 2 processes the trained model's weights are read by process 0 alone: process 1 builds
+    it on the meta device and gets its shards, and its buffers, from process 0 (fsdp_meta_worker.py)."""
+    worker = Path(__file__).with_name("fsdp_meta_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*torchrun_cmd(2), str(worker), str(tiny_model), kind, str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 0 ok" in r.stdout and "rank 1 ok" in r.stdout
 
 
 def test_fsdp_grad_accum_matches_one_process(tiny_model, data, tmp_path):
