@@ -528,22 +528,30 @@ def save_kwargs(model) -> dict:
     return dict(save_embedding_layers=False) if hasattr(unwrap(model), "peft_config") else {}
 
 
-def save_model(model, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None = None) -> None:
+def save_model(model, tokenizer, out_dir: str | os.PathLike, write=None) -> None:
     """save_pretrained (safetensors) + tokenizer into `out_dir`, atomically per file: a kill during the
-    save leaves either the previous files or the new ones, never a half-written weight file. `state_dict`:
-    the weights to write instead of the model's own (the gathered full weights of a sharded model)."""
+    save leaves either the previous files or the new ones, never a half-written weight file. `write(dir)`:
+    what writes the model's files instead of its save_pretrained (`parallel.write_pretrained` of a sharded
+    model); weight files of an earlier save that this one did not write are removed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".tmp-save"
     if tmp.exists():
         shutil.rmtree(tmp)
     model = unwrap(model)
-    extra = {"state_dict": state_dict} if state_dict is not None else {}
-    model.save_pretrained(tmp, safe_serialization=True, **save_kwargs(model), **extra)
+    if write is None:
+        model.save_pretrained(tmp, safe_serialization=True, **save_kwargs(model))
+    else:
+        tmp.mkdir()
+        write(tmp)
     tokenizer.save_pretrained(tmp)
+    written = {f.name for f in tmp.iterdir()}
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()
+    for stale in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
+        if stale.name not in written:  # e.g. one model.safetensors where this save wrote several files
+            stale.unlink()
 
 
 def config_of(path: str | os.PathLike):

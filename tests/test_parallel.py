@@ -87,3 +87,45 @@ def test_vllm_under_fsdp_takes_no_generation_copy_and_refuses_lora(tiny_model):
                                trust_remote_code=False, gradient_checkpointing=False, autocast="none", compile=False)
     with pytest.raises(UserError, match="--rollout-engine vllm with --fsdp and LoRA"):
         parallel.generation_copy(lora.load_trainable(peft_cfg, None, torch.device("cpu")), cfg)
+
+
+@pytest.mark.parametrize("shard_bytes", [1 << 30, 40_000])
+def test_sharded_save_writes_what_save_pretrained_writes(one_process_group, tiny_model, tmp_path, monkeypatch,
+                                                         shard_bytes):
+    """`parallel.save_sharded` (one file's worth gathered at a time) writes save_pretrained's config files and
+    weights: one model.safetensors, or, with files smaller than the model, shards and their index; from_pretrained
+    loads either as the unsharded model, and a later save leaves no file of the earlier one's behind."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.models import load_tokenizer, save_model
+
+    tok = load_tokenizer(tiny_model)
+    plain = load_causal_lm(str(tiny_model), "float32", False, torch.device("cpu"))
+    save_model(plain, tok, tmp_path / "plain")
+    model = parallel.shard(load_causal_lm(str(tiny_model), "float32", False, torch.device("cpu")), torch.device("cpu"))
+    monkeypatch.setattr(parallel, "SHARD_BYTES", shard_bytes)
+    out = tmp_path / "sharded"
+    save_model(plain, tok, out)  # an earlier save, as one file
+    parallel.save_sharded(model, tok, out, is_main=True)
+    files = sorted(p.name for p in out.iterdir())
+    expected = sorted(p.name for p in (tmp_path / "plain").iterdir())
+    if shard_bytes > 1 << 20:
+        assert files == expected
+    else:
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        shards = sorted(set(index["weight_map"].values()))
+        assert len(shards) > 2 and files == sorted([*(set(expected) - {"model.safetensors"}),
+                                                    "model.safetensors.index.json", *shards])
+        assert all(s.startswith("model-") and s.endswith(f"-of-{len(shards):05d}.safetensors") for s in shards)
+        contents = {s: load_file(str(out / s)) for s in shards}
+        sizes = {s: sum(t.numel() * t.element_size() for t in c.values()) for s, c in contents.items()}
+        assert index["metadata"]["total_size"] == sum(sizes.values())
+        assert all(sizes[s] <= shard_bytes for s in shards if len(contents[s]) > 1)  # else one tensor above the size
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((out / name).read_text()) == json.loads((tmp_path / "plain" / name).read_text())
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -197,10 +197,10 @@ def save_value(value_model, value_head, tokenizer, out: Path, is_main: bool = Tr
         if is_main:
             out.mkdir(parents=True, exist_ok=True)
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(out / "value_head.safetensors"))
-    else:
-        state = parallel.export_state_dict(value_model) if parallel.is_sharded(value_model) else None
-        if is_main:
-            save_model(value_model, tokenizer, out, state_dict=state)
+    elif parallel.is_sharded(value_model):
+        parallel.save_sharded(value_model, tokenizer, out, is_main)
+    elif is_main:
+        save_model(value_model, tokenizer, out)
 
 
 def shard_actor_critic(actor_critic: ActorCritic, device) -> ActorCritic:

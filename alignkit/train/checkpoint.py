@@ -229,7 +229,7 @@ def save_sharded_checkpoint(out_dir: str | Path, step: int, model, tokenizer, op
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from alignkit.train.parallel import export_state_dict
+    from alignkit.train.parallel import write_pretrained
 
     root = Path(out_dir) / "checkpoints"
     final = root / f"step-{step:08d}"
@@ -248,18 +248,16 @@ def save_sharded_checkpoint(out_dir: str | Path, step: int, model, tokenizer, op
         raise failure or UserError(f"checkpoint {final}: process 0 could not create {tmp}")
     model_state, optim_state = get_state_dict(trained or model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
-    full = export_state_dict(model)
-    if dist.is_main:
-        try:
-            with writing(final, "checkpoint"):
-                unwrap(model).save_pretrained(tmp, state_dict=full, safe_serialization=True, **save_kwargs(model))
+    try:
+        with writing(final, "checkpoint"):
+            write_pretrained(model, tmp if dist.is_main else None, dist.is_main)  # gathered one file at a time
+            if dist.is_main:
                 tokenizer.save_pretrained(tmp)
                 state = {"step": step, "rng": rng_state(), "extra": extra or {}, "run": run,
                          "sharded": {"processes": dist.world_size}}
                 (tmp / "trainer_state.json").write_text(json.dumps(state))
-        except UserError as e:
-            failure = e
-    del full
+    except UserError as e:
+        failure = e
     if save_extra is not None:
         try:
             with writing(final, "checkpoint"):

@@ -54,7 +54,7 @@ def mixed_precision(device: torch.device):
     return MixedPrecisionPolicy()
 
 
-def shard(model, device: torch.device, roots: list[torch.nn.Module] | None = None):
+def shard(model, device: torch.device, roots: list[torch.nn.Module] | None = None, mesh=None):
     """fully_shard each decoder layer, then each root (default: the model itself), in place (modules keep
     their names). Each root is called on its own (its forward unshards what the layers leave it); several
     roots suit a model whose parts are called separately, such as PPO's value backbone and head. Every
@@ -68,9 +68,9 @@ def shard(model, device: torch.device, roots: list[torch.nn.Module] | None = Non
                          "(its model class names none in _no_split_modules)")
     mp = mixed_precision(device)
     for layer in layers:
-        fully_shard(layer, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
     for root in roots or [model]:
-        fully_shard(root, mp_policy=mp)
+        fully_shard(root, mesh=mesh, mp_policy=mp)
     left = [n for n, p in model.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
     if left:
         raise RuntimeError(f"--fsdp: parameters outside every FSDP unit: {left[:5]}")
@@ -85,18 +85,37 @@ def builds_on_meta(run, cfg) -> bool:
 
 
 def shard_from_main(model, device: torch.device, is_main: bool):
-    """`shard` a model that only process 0 holds with its weights (the others built it on the meta device):
-    the others allocate their shards, process 0 broadcasts its full state dict (each process keeps its
-    shards of it) and its buffers (non-persistent ones, e.g. rotary frequencies, are in no state dict)."""
+    """`shard` a model that only process 0 holds with its weights (the others built it on the meta device).
+    The others shard first and allocate their shards; process 0 then scatters each parameter's rows (each process
+    receives its own shard only) and shards its own copy, which frees each full weight as its unit is sharded, as
+    `shard` alone does; then it broadcasts the buffers (non-persistent ones, e.g. rotary frequencies, are in no
+    state dict). No process holds more than the full model process 0 loaded, or its shards and one weight's."""
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
 
-    full = model.state_dict() if is_main else {}
-    shard(model, device)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mesh = init_device_mesh(device.type, (world,))  # once, on every process, before they part ways
     if not is_main:
+        shard(model, device, mesh=mesh)
         model.to_empty(device=device)
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del full
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # the same order, sharded or not
+            rows = -(-param.shape[0] // world)  # FSDP2 gives process r rows [r * rows, (r + 1) * rows)
+            received = torch.empty((rows, *param.shape[1:]), dtype=param.dtype, device=device)
+            chunks = None
+            if is_main:
+                chunks = [c if c.shape[0] == rows else torch.cat([c, c.new_zeros((rows - c.shape[0], *c.shape[1:]))])
+                          for c in param.detach().split(rows)]
+                chunks += [param.new_zeros((rows, *param.shape[1:]))] * (world - len(chunks))
+            dist.scatter(received, chunks, src=0)
+            if not is_main:
+                if not (isinstance(param, DTensor) and param.placements == (Shard(0),)):
+                    raise RuntimeError(f"--fsdp: {name} is not sharded by rows ({type(param).__name__})")
+                local = param.to_local()
+                local.copy_(received[:local.shape[0]])
+    if is_main:
+        shard(model, device, mesh=mesh)
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
     return model
@@ -152,18 +171,131 @@ def gathered(model) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, (value.full_tensor() if isinstance(value, DTensor) else value).detach()
 
 
-def export_state_dict(model) -> dict[str, torch.Tensor]:
-    """The full weights to save_pretrained, on process 0 (empty elsewhere): `full_state_dict` less the second
-    name of each tied parameter (e.g. lm_head.weight tied to the embeddings), which save_pretrained leaves out."""
-    state = full_state_dict(model)
-    first_name = {}
-    tied = set()
+def tied_names(model) -> set[str]:
+    """The second and later names of each tied parameter (e.g. lm_head.weight tied to the embeddings), which
+    save_pretrained leaves out."""
+    first_name, tied = {}, set()
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in first_name:
             tied.add(name)
         else:
             first_name[id(param)] = name
-    return {k: v for k, v in state.items() if k not in tied}
+    return tied
+
+
+def export_state_dict(model) -> dict[str, torch.Tensor]:
+    """The full weights to save_pretrained, on process 0 (empty elsewhere): `full_state_dict` less `tied_names`."""
+    tied = tied_names(model)
+    return {k: v for k, v in full_state_dict(model).items() if k not in tied}
+
+
+SHARD_BYTES = 1 << 30  # save_pretrained's max_shard_size for sharded models: the most process 0 holds gathered
+
+
+def shard_plan(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Names in order, cut into files of at most `max_bytes` (a larger tensor gets a file of its own)."""
+    files, size = [[]], 0
+    for name, n in sizes:
+        if files[-1] and size + n > max_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(name)
+        size += n
+    return files if files[0] else []
+
+
+def _renames_on_save(hf, is_main: bool, device) -> bool:
+    """Whether transformers would rename or convert weights when saving `hf` (e.g. fused MoE experts), which it
+    does over the whole state dict at once: process 0's answer (its model came from from_pretrained, the others'
+    maybe from the meta device), from a probe of empty tensors, an error counting as yes."""
+    import torch.distributed as dist
+
+    answer = True
+    if is_main:
+        try:
+            from transformers.core_model_loading import revert_weight_conversion
+            probe = {k: torch.empty(0) for k in hf.state_dict()}
+            answer = set(revert_weight_conversion(hf, dict(probe))) != set(probe)
+        except Exception:
+            pass
+    flag = torch.tensor([float(answer)], device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def write_pretrained(model, directory, is_main: bool) -> None:
+    """save_pretrained of an FSDP-sharded `model` into `directory` (process 0's), gathering one weights file at a
+    time: config and generation config as save_pretrained writes them, then safetensors files of at most
+    SHARD_BYTES (`model.safetensors`, or `model-0000k-of-0000n.safetensors` and their index), so process 0 holds
+    one file's worth of gathered weights, not the model. A PEFT model's adapter directory is written from its
+    trainable weights alone (what it holds); a model transformers converts on saving, from the full gather.
+    Every process calls it (each gather is a collective); only process 0 writes, and an OSError of its writes
+    is raised after the last gather, so the others are not left waiting."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
+
+    from alignkit.models import save_kwargs, unwrap
+
+    def full(v):  # a collective: every process gathers, process 0 keeps the result
+        v = v.full_tensor() if isinstance(v, DTensor) else v
+        return v.detach().cpu().contiguous() if is_main else None
+
+    hf = unwrap(model)
+    state = None
+    if hasattr(hf, "peft_config"):  # an adapter directory holds the adapters and modules_to_save: the trainable weights
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        state = {k: full(v) for k, v in model.state_dict().items() if k in trainable}
+    elif _renames_on_save(hf, is_main, next(model.parameters()).device):
+        state = export_state_dict(model)
+    if state is not None:
+        if is_main:
+            hf.save_pretrained(directory, state_dict=state, safe_serialization=True, **save_kwargs(hf))
+        return
+    tied = tied_names(model)
+    values = {k: v for k, v in model.state_dict().items() if k not in tied}
+    files = shard_plan([(k, v.numel() * v.element_size()) for k, v in values.items()], SHARD_BYTES)
+    names = ["model.safetensors"] if len(files) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    failure = None
+    if is_main:
+        try:
+            hf.save_pretrained(directory, state_dict={}, safe_serialization=True)  # config.json, generation_config.json
+        except OSError as e:
+            failure = e
+    for name, keys in zip(names, files):
+        tensors = {k: full(values[k]) for k in keys} if is_main else [full(values[k]) for k in keys]
+        if is_main and failure is None:
+            try:
+                save_file(tensors, str(Path(directory) / name), metadata={"format": "pt"})
+            except OSError as e:
+                failure = e
+        del tensors
+    if is_main and failure is None and len(files) > 1:
+        index = {"metadata": {"total_parameters": hf.num_parameters(),
+                              "total_size": sum(v.numel() * v.element_size() for v in values.values())},
+                 "weight_map": {k: name for name, keys in zip(names, files) for k in keys}}
+        try:
+            (Path(directory) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        except OSError as e:
+            failure = e
+    if failure is not None:
+        raise failure
+
+
+def save_sharded(model, tokenizer, out, is_main: bool) -> None:
+    """`models.save_model` of an FSDP-sharded model into `out`: every process calls it (`write_pretrained`
+    gathers), process 0 writes."""
+    from alignkit.errors import writing
+    from alignkit.models import save_model
+
+    if not is_main:
+        write_pretrained(model, None, False)
+        return
+    with writing(out, "the model to"):
+        save_model(model, tokenizer, out, write=lambda tmp: write_pretrained(model, tmp, True))
 
 
 def generation_copy(model, cfg):

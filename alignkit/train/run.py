@@ -248,18 +248,16 @@ class Run:
             # training is over: drop gradients and optimizer state so the gathered copy does not add to them
             self.optimizer.zero_grad(set_to_none=True)
             self.optimizer.state.clear()
-            merging = merge and lora.is_peft(self.model)
-            state = parallel.full_state_dict(self.model) if merging else \
-                parallel.export_state_dict(self.model)
-            if self.is_main:
-                model = self.model
-                if merging:  # peft merges a plain model: rebuild one on the CPU
+            if merge and lora.is_peft(self.model):  # peft merges a plain model: rebuild one on the CPU
+                state = parallel.full_state_dict(self.model)
+                if self.is_main:
                     model = lora.load_trainable(self.cfg, None, torch.device("cpu"))
                     model.load_state_dict(state)
-                    model, state = lora.merged(model), None
-                with writing(self.out, "the model to"):
-                    save_model(model, self.tokenizer, self.cfg.output, state_dict=state)
-            del state
+                    with writing(self.out, "the model to"):
+                        save_model(lora.merged(model), self.tokenizer, self.cfg.output)
+                del state
+            else:
+                parallel.save_sharded(self.model, self.tokenizer, self.out, self.is_main)
         elif self.is_main:
             model = lora.merged(self.model) if merge else self.model
             with writing(self.out, "the model to"):
