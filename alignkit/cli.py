@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import sys
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(argv)
+        # free the command's models while the interpreter is whole: FSDP's reference cycles otherwise keep process
+        # groups (and gloo's worker threads) alive into interpreter shutdown, where their destruction can abort
+        gc.collect()
     except UserError as e:
         if os.environ.get("ALIGNKIT_DEBUG"):
             raise
