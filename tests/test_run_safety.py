@@ -250,6 +250,23 @@ def test_a_cuda_index_that_does_not_exist_is_a_user_error(monkeypatch):
         dist.setup("gpu")
 
 
+def test_one_gpu_for_several_processes_is_a_user_error(monkeypatch):
+    """Under torchrun, --device cuda:N would put every process of the machine on GPU N (nccl then fails or
+    hangs); it is refused before any process group exists."""
+    import torch
+
+    from alignkit.errors import UserError
+    from alignkit.train import dist
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"--device cuda:1 would put every process .* use --device cuda"):
+        dist.setup("cuda:1")
+    assert not torch.distributed.is_initialized()
+
+
 # The command line itself.
 def test_world_help_lists_its_commands(capsys):
     assert main(["world", "--help"]) == 0

@@ -71,6 +71,9 @@ def setup(device: str = "auto", fsdp: bool = False) -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda:") and int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) > 1:
+        raise UserError(f"--device {device} would put every process on this machine on one GPU; under torchrun use "
+                        "--device cuda (process k takes cuda:LOCAL_RANK), and CUDA_VISIBLE_DEVICES to choose the GPUs")
     dev = pick_device(device, local_rank)
     use_cuda = dev.type == "cuda"
     if use_cuda:
