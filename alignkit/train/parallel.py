@@ -94,7 +94,7 @@ def shard_from_main(model, device: torch.device, is_main: bool):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
 
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world = dist.get_world_size()
     mesh = init_device_mesh(device.type, (world,))  # once, on every process, before they part ways
     if not is_main:
         shard(model, device, mesh=mesh)
