@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import importlib
 import os
 import sys
@@ -99,6 +98,8 @@ def run(argv: list[str] | None = None):
         # A command that stopped with an error still frees its --output for the next command of this process.
         if "alignkit.train.run" in sys.modules:
             sys.modules["alignkit.train.run"].release_outputs()
+        if "alignkit.train.dist" in sys.modules:  # the command's models are freed by now: the group can go
+            sys.modules["alignkit.train.dist"].teardown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,9 +109,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(argv)
-        # free the command's models while the interpreter is whole: FSDP's reference cycles otherwise keep process
-        # groups (and gloo's worker threads) alive into interpreter shutdown, where their destruction can abort
-        gc.collect()
     except UserError as e:
         if os.environ.get("ALIGNKIT_DEBUG"):
             raise

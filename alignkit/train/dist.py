@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 
@@ -78,11 +80,13 @@ def setup(device: str = "auto", fsdp: bool = False) -> Dist:
     use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(dev)
-    if world_size > 1 and not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    elif fsdp and not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=torch_dist.HashStore(),
-                                      rank=0, world_size=1)
+    if not torch_dist.is_initialized() and (world_size > 1 or fsdp):
+        if world_size > 1:
+            torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        else:
+            torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=torch_dist.HashStore(),
+                                          rank=0, world_size=1)
+        atexit.register(teardown)  # for commands run from Python rather than `cli`, before the interpreter winds down
     if world_size > 1 and not use_cuda:
         # Each process gets its share of the cores instead of all of them fighting over every core.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
@@ -105,5 +109,9 @@ def keep_group():
 
 
 def teardown() -> None:
+    """Destroy the process group, after collecting garbage: DDP/FSDP objects (reference cycles among them) that
+    still hold it and are freed after it is destroyed, or at interpreter shutdown, can hang or abort in gloo's
+    threads. `cli` calls it once the command has returned and its models are gone."""
     if torch_dist.is_initialized() and not _keep_group:
+        gc.collect()
         torch_dist.destroy_process_group()

@@ -233,7 +233,6 @@ class Run:
             self.bar.close()
             print(f"stopped at step {step}; continue with --resume", file=sys.stderr)
             release_outputs()
-            distributed.teardown()
             raise SystemExit(0)  # a requested stop that saved its checkpoint is not a failure
 
     def finish(self, final: dict) -> dict:
@@ -264,5 +263,4 @@ class Run:
                 save_model(model, self.tokenizer, self.cfg.output)
         self.dist.barrier()
         release_outputs()
-        distributed.teardown()
         return final

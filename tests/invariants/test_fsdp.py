@@ -111,7 +111,7 @@ def test_two_process_fsdp_matches_one_process(tiny_model, data, tmp_path, kind):
         assert any(not torch.allclose(trained[k], start[k], atol=1e-4) for k in saved if not k.startswith("score."))
 
 
-@pytest.mark.parametrize("kind", ["causal", "lora", "reward"])
+@pytest.mark.parametrize("kind", ["causal", *(pytest.param(k, marks=pytest.mark.slow) for k in ("lora", "reward"))])
 def test_only_process_0_reads_the_weights(tiny_model, tmp_path, kind):
     """Under --fsdp on 2 processes the trained model's weights are read by process 0 alone: process 1 builds
     it on the meta device and gets its shards, and its buffers, from process 0 (fsdp_meta_worker.py)."""
