@@ -69,7 +69,8 @@ def test_sharded_weights_stream_one_gather_at_a_time_into_the_copy(one_process_g
     first_name, first = next(stream)
     assert len(calls) == 1 and first_name == names[0] and not isinstance(first, DTensor)
     rest = dict(stream)
-    assert [first_name, *rest] == names and len(calls) == sum(isinstance(v, DTensor) for v in model.state_dict().values())
+    assert [first_name, *rest] == names
+    assert len(calls) == sum(isinstance(v, DTensor) for v in model.state_dict().values())
     halved = {k: v.full_tensor() for k, v in model.state_dict().items()}
     assert not torch.allclose(copy.state_dict()[names[0]], halved[names[0]])
     parallel.refresh(copy, model)

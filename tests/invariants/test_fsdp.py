@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from helpers import make_reward_model, read_metrics, run_cli, run_torchrun, toy_preferences, torchrun_cmd
+from helpers import (make_reward_model, one_multiprocess_run, read_metrics, run_cli, run_torchrun, toy_preferences,
+                     torchrun_cmd)
 
 TIMING = ("elapsed", "seconds")
 
@@ -54,8 +55,8 @@ def data(tiny_model, assets, tmp_path_factory):
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "rw.py").write_text("def low_ids(prompts, completions, completion_ids, **kw):\n"
                                 "    return [sum(t < 128 for t in ids) / max(1, len(ids)) for ids in completion_ids]\n")
-    return {"sft": assets / "instructions.jsonl", "corpus": assets / "corpus.jsonl", "pairs": toy_preferences(assets, root / "pairs.jsonl", slice(0, 32)),
-            "prompts": root / "prompts.jsonl", "reward": f"{root / 'rw.py'}:low_ids",
+    return {"sft": assets / "instructions.jsonl", "corpus": assets / "corpus.jsonl",
+            "pairs": toy_preferences(assets, root / "pairs.jsonl", slice(0, 32)), "prompts": root / "prompts.jsonl", "reward": f"{root / 'rw.py'}:low_ids",
             "rm": make_reward_model(tiny_model, root / "rm")}
 
 
@@ -68,8 +69,8 @@ def args_for(kind, model, data) -> list[str]:
     if kind == "dpo":
         return ["dpo", "--data", str(data["pairs"]), *common, "--lr", "3e-3", "--batch-size", "2", "--no-group-by-length"]
     if kind in ("reward", "kto"):  # kto splits each pair into a desirable and an undesirable example
-        return [kind, "--data", str(data["pairs"]), *common, "--lr", "3e-3", "--batch-size", "2" if kind == "reward" else "4",
-                "--no-group-by-length"]
+        return [kind, "--data", str(data["pairs"]), *common, "--lr", "3e-3",
+                "--batch-size", "2" if kind == "reward" else "4", "--no-group-by-length"]
     if kind == "pretrain":
         return ["pretrain", "--data", str(data["corpus"]), *common, "--lr", "3e-3", "--batch-size", "4"]
     if kind == "grpo":
@@ -117,8 +118,9 @@ def test_only_process_0_reads_the_weights(tiny_model, tmp_path, kind):
     it on the meta device and gets its shards, and its buffers, from process 0 (fsdp_meta_worker.py)."""
     worker = Path(__file__).with_name("fsdp_meta_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([*torchrun_cmd(2), str(worker), str(tiny_model), kind, str(tmp_path)], env=env,
-                       capture_output=True, text=True, timeout=300)
+    with one_multiprocess_run():
+        r = subprocess.run([*torchrun_cmd(2), str(worker), str(tiny_model), kind, str(tmp_path)], env=env,
+                           capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 0 ok" in r.stdout and "rank 1 ok" in r.stdout
 
