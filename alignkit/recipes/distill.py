@@ -208,7 +208,9 @@ def main(cfg: DistillConfig) -> dict:
         stats.warn()
     lengths = [len(ex.input_ids) for ex in examples]
 
-    model = lora.load_trainable(cfg, run.checkpoint, run.device)
+    # on-policy steps sample from a full copy on every process, so only off-policy runs build on the meta device
+    model = lora.load_trainable(cfg, run.checkpoint, run.device,
+                                meta=parallel.builds_on_meta(run, cfg) and cfg.on_policy_fraction == 0)
     check_vocab_rows(model, n_vocab, "--model", cfg.model)
     model.train()
     teacher = load_teacher(cfg, run.device, n_vocab)

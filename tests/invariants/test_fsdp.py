@@ -1,5 +1,5 @@
 """Invariants of --fsdp (FSDP2): 2 processes on CPU (gloo) follow the loss trajectory of 1 process with
---grad-accum 2 and end at its weights (sft, pretrain, dpo, kto, reward, grpo, LoRA SFT and GRPO; with
+--grad-accum 2 and end at its weights (sft, pretrain, dpo, kto, reward, distill, grpo, LoRA SFT and GRPO; with
 --grad-accum 2 each, 1 process with 4), and ppo's that of 2 DDP processes; process 1 builds the model on the
 meta device and gets its shards from process 0; a resumed sharded run equals an uninterrupted one; the saved
 model is a consolidated save_pretrained directory."""
@@ -56,8 +56,19 @@ def data(tiny_model, assets, tmp_path_factory):
     (root / "rw.py").write_text("def low_ids(prompts, completions, completion_ids, **kw):\n"
                                 "    return [sum(t < 128 for t in ids) / max(1, len(ids)) for ids in completion_ids]\n")
     return {"sft": assets / "instructions.jsonl", "corpus": assets / "corpus.jsonl",
-            "pairs": toy_preferences(assets, root / "pairs.jsonl", slice(0, 32)), "prompts": root / "prompts.jsonl", "reward": f"{root / 'rw.py'}:low_ids",
-            "rm": make_reward_model(tiny_model, root / "rm")}
+            "pairs": toy_preferences(assets, root / "pairs.jsonl", slice(0, 32)), "prompts": root / "prompts.jsonl",
+            "reward": f"{root / 'rw.py'}:low_ids", "rm": make_reward_model(tiny_model, root / "rm"),
+            "teacher": lambda: teacher(tiny_model, assets, root)}
+
+
+def teacher(tiny_model, assets, root):
+    """A distillation teacher: the tiny model after a little SFT (built on first use)."""
+    out = root / "teacher"
+    if not (out / "config.json").is_file():
+        r = run_cli("sft", "--model", str(tiny_model), "--data", str(assets / "instructions.jsonl"), "--output", str(out),
+                    "--max-steps", "20", "--batch-size", "8", "--max-length", "64", "--lr", "3e-3", "--no-progress")
+        assert r.returncode == 0, r.stderr[-3000:]
+    return out
 
 
 def args_for(kind, model, data) -> list[str]:
@@ -71,6 +82,9 @@ def args_for(kind, model, data) -> list[str]:
     if kind in ("reward", "kto"):  # kto splits each pair into a desirable and an undesirable example
         return [kind, "--data", str(data["pairs"]), *common, "--lr", "3e-3",
                 "--batch-size", "2" if kind == "reward" else "4", "--no-group-by-length"]
+    if kind == "distill":  # off-policy (the default --on-policy-fraction 0): process 1 builds the student on meta
+        return ["distill", "--data", str(data["sft"]), "--teacher", str(data["teacher"]()), *common, "--lr", "3e-3",
+                "--batch-size", "4", "--no-group-by-length"]
     if kind == "pretrain":
         return ["pretrain", "--data", str(data["corpus"]), *common, "--lr", "3e-3", "--batch-size", "4"]
     if kind == "grpo":
@@ -83,8 +97,8 @@ def args_for(kind, model, data) -> list[str]:
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["sft", "lora", "reward", *(pytest.param(k, marks=pytest.mark.slow)
-                                                             for k in ("dpo", "kto", "pretrain", "grpo", "grpo-lora"))])
+@pytest.mark.parametrize("kind", ["sft", "lora", "reward", *(
+    pytest.param(k, marks=pytest.mark.slow) for k in ("dpo", "kto", "pretrain", "distill", "grpo", "grpo-lora"))])
 def test_two_process_fsdp_matches_one_process(tiny_model, data, tmp_path, kind):
     """1 process with --grad-accum 2 (no sharding) and 2 FSDP processes: same losses, same saved weights
     (the consolidated model, or a LoRA run's adapter directory)."""
