@@ -87,9 +87,8 @@ def builds_on_meta(run, cfg) -> bool:
 def shard_from_main(model, device: torch.device, is_main: bool):
     """`shard` a model that only process 0 holds with its weights (the others built it on the meta device).
     The others shard first and allocate their shards; process 0 then scatters each parameter's rows (each process
-    receives its own shard only) and shards its own copy, which frees each full weight as its unit is sharded, as
-    `shard` alone does; then it broadcasts the buffers (non-persistent ones, e.g. rotary frequencies, are in no
-    state dict). No process holds more than the full model process 0 loaded, or its shards and one weight's."""
+    receives its own shard only, so it holds its shards and one weight's rows) and shards its own copy; then it
+    broadcasts the buffers (non-persistent ones, e.g. rotary frequencies, are in no state dict)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
@@ -166,9 +165,14 @@ def gathered(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) of each parameter and buffer of an FSDP-sharded `model`, on its device, one
     all-gather at a time: a consumer that copies each tensor away holds one full weight, not the model. A
     collective: every process must consume the whole iterator, in this order."""
-    from torch.distributed.tensor import DTensor
     for name, value in model.state_dict().items():
-        yield name, (value.full_tensor() if isinstance(value, DTensor) else value).detach()
+        yield name, _full(value)
+
+
+def _full(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered in full (a collective), or a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+    return (value.full_tensor() if isinstance(value, DTensor) else value).detach()
 
 
 def tied_names(model) -> set[str]:
@@ -235,13 +239,12 @@ def write_pretrained(model, directory, is_main: bool) -> None:
     from pathlib import Path
 
     from safetensors.torch import save_file
-    from torch.distributed.tensor import DTensor
 
     from alignkit.models import save_kwargs, unwrap
 
     def full(v):  # a collective: every process gathers, process 0 keeps the result
-        v = v.full_tensor() if isinstance(v, DTensor) else v
-        return v.detach().cpu().contiguous() if is_main else None
+        v = _full(v)
+        return v.cpu().contiguous() if is_main else None
 
     hf = unwrap(model)
     state = None
